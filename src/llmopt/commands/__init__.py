@@ -1,0 +1,1 @@
+"""Subcommands of ``llmopt``; each module is discovered by ``llmopt.cli``."""
