@@ -1,0 +1,82 @@
+#version 450
+// Decode matrix-vector product y[m, row0 + r] = sum_j W[r, j] x[m, j] (+ bias[r]) for packed int2/3/4/8 or
+// float32 weights (BITS). One workgroup owns ROWS rows; its invocations stride over the row in chunks of 32
+// codes (BITS words, so one scale per chunk when the group is a multiple of 32), reusing each x chunk for all
+// ROWS rows; grid z walks the M input vectors. Dispatch: ceil(N / ROWS) workgroups (folded into x, y), M in z.
+#include "common.glsl"
+
+layout(constant_id = 1) const uint ROWS = 4;
+layout(constant_id = 2) const uint BITS = 4;
+layout(constant_id = 3) const uint SCALE_BF16 = 0;
+layout(constant_id = 4) const uint HAS_ZEROS = 0;
+layout(constant_id = 5) const uint HAS_BIAS = 0;
+
+layout(std430, binding = 0) readonly buffer XBuf { float x[]; };
+layout(std430, binding = 1) readonly buffer WBuf { uint w[]; };
+layout(std430, binding = 2) readonly buffer SBuf { uint sc[]; };
+layout(std430, binding = 3) readonly buffer ZBuf { uint zp[]; };
+layout(std430, binding = 4) readonly buffer BBuf { float bias[]; };
+layout(std430, binding = 5) writeonly buffer YBuf { float y[]; };
+
+layout(push_constant) uniform Params {
+    uint K;       // input features
+    uint N;       // rows in this weight piece
+    uint n_out;   // features of y (all pieces)
+    uint row0;    // first output feature of this piece
+    uint group;   // codes per scale
+    uint x_step;  // input vector m is row m * x_step + x_off of x
+    uint x_off;
+} p;
+
+#include "packed.glsl"
+
+void main() {
+    const uint tid = gl_LocalInvocationID.x;
+    const uint first = group_index() * ROWS;
+    const uint m = gl_WorkGroupID.z;
+    const uint xbase = (m * p.x_step + p.x_off) * p.K;
+    const uint n_chunks = p.K / 32u;
+    const uint row_words = p.K * BITS / 32u;
+    const uint groups = p.K / p.group;
+
+    float acc[ROWS];
+    [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] = 0.0;
+
+    for (uint c = tid; c < n_chunks; c += WG) {
+        float xv[32];
+        float xsum = 0.0;
+        [[unroll]] for (uint e = 0; e < 32u; ++e) { xv[e] = x[xbase + c * 32u + e]; xsum += xv[e]; }
+        [[unroll]] for (uint r = 0; r < ROWS; ++r) {
+            const uint row = min(first + r, p.N - 1u);  // clamped rows are computed and discarded
+            if (BITS == 32) {
+                float d = 0.0;
+                [[unroll]] for (uint e = 0; e < 32u; ++e) d += uintBitsToFloat(w[row * p.K + c * 32u + e]) * xv[e];
+                acc[r] += d;
+            } else {
+                uint words[8];
+                const uint wb = row * row_words + c * BITS;
+                [[unroll]] for (uint i = 0; i < BITS; ++i) words[i] = w[wb + i];
+                float d = 0.0;
+                [[unroll]] for (uint e = 0; e < 32u; ++e) {
+                    const uint bit = e * BITS, wi = bit >> 5, sh = bit & 31u;
+                    uint q = words[wi] >> sh;
+                    if (sh + BITS > 32u) q |= words[wi + 1u] << (32u - sh);
+                    d += float(q & CODE_MASK) * xv[e];
+                }
+                const uint g = row * groups + (c * 32u) / p.group;
+                acc[r] += scale_at(g) * (d - zero_at(g) * xsum);
+            }
+        }
+    }
+    // Tail of a row that is not a multiple of 32 codes (only 2-, 4- and 8-bit rows can have one).
+    for (uint j = n_chunks * 32u + tid; j < p.K; j += WG) {
+        const float xj = x[xbase + j];
+        [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] += weight_at(min(first + r, p.N - 1u), j, p.K, p.group) * xj;
+    }
+
+    [[unroll]] for (uint r = 0; r < ROWS; ++r) {
+        const float s = wg_sum(acc[r]);
+        const uint row = first + r;
+        if (tid == 0 && row < p.N) y[m * p.n_out + p.row0 + row] = s + (HAS_BIAS != 0 ? bias[p.row0 + row] : 0.0);
+    }
+}

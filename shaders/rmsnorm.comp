@@ -1,0 +1,20 @@
+#version 450
+// RMSNorm over each chunk of `group` features (group == F: the whole row; group == head_dim: per-head QK-norm):
+// y = x / sqrt(mean(x^2) + eps) * (w + offset), offset 1 for Gemma's stored (1 + w). One workgroup a chunk.
+// Dispatch: rows * F / group workgroups (folded).
+#include "common.glsl"
+
+layout(std430, binding = 0) readonly buffer XBuf { float x[]; };
+layout(std430, binding = 1) readonly buffer WBuf { float wt[]; };
+layout(std430, binding = 2) writeonly buffer YBuf { float y[]; };
+layout(push_constant) uniform Params { uint group; float eps; float offset; uint n_chunks; } p;
+
+void main() {
+    const uint tid = gl_LocalInvocationID.x;
+    if (group_index() >= p.n_chunks) return;  // a folded grid overshoots
+    const uint base = group_index() * p.group;
+    float ss = 0.0;
+    for (uint i = tid; i < p.group; i += WG) { const float v = x[base + i]; ss += v * v; }
+    const float inv = inversesqrt(wg_sum(ss) / float(p.group) + p.eps);
+    for (uint i = tid; i < p.group; i += WG) y[base + i] = x[base + i] * inv * (wt[i] + p.offset);
+}

@@ -1,0 +1,24 @@
+#version 450
+// Rotary position embedding, rotate-half convention, from host cos/sin tables [rows, D] (covers default,
+// scaled and multimodal M-RoPE positions, which differ only in the tables). Each invocation rotates one pair
+// (i, i + D/2) of one head of one row. Dispatch: ceil(rows * F / 2 / WG) workgroups (folded).
+#include "common.glsl"
+
+layout(std430, binding = 0) readonly buffer XBuf { float x[]; };
+layout(std430, binding = 1) readonly buffer CBuf { float cs[]; };
+layout(std430, binding = 2) readonly buffer SBuf { float sn[]; };
+layout(std430, binding = 3) writeonly buffer YBuf { float y[]; };
+layout(push_constant) uniform Params { uint F; uint D; uint total; } p;  // total = rows * F / 2
+
+void main() {
+    const uint i = flat_index();
+    if (i >= p.total) return;
+    const uint half_d = p.D / 2u;
+    const uint row = i / (p.F / 2u), rem = i % (p.F / 2u);
+    const uint head = rem / half_d, j = rem % half_d;
+    const uint a = row * p.F + head * p.D + j, b = a + half_d;
+    const uint t = row * p.D + j;
+    const float xa = x[a], xb = x[b];
+    y[a] = xa * cs[t] - xb * sn[t];
+    y[b] = xb * cs[t + half_d] + xa * sn[t + half_d];
+}

@@ -1,0 +1,80 @@
+"""CudaBackend: the CPU backend's torch ops on an NVIDIA GPU, with torch's CUDA int4 kernel for 4-bit weights.
+
+Same contract and code as ``llmopt.backends.cpu.CpuBackend`` (float32 activations, float reference mode), with
+two differences: 4-bit weights are repacked into the tensor-core layout of ``aten._convert_weight_to_int4pack``
+and multiplied by ``aten._weight_int4pack_mm`` (bfloat16 activations inside the kernel, as it requires), and
+low-bit fallbacks stay bfloat16 on the device. ``probe()`` reports the GPU, or why there is none.
+
+    python -m llmopt.backends.cuda    # prints probe()
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from llmopt.backends.cpu import CpuBackend, QLinear
+from llmopt.errors import LlmoptError
+
+_INNER_K_TILES = 8  # the kernel's K tiling (2, 4 or 8); 8 reads the most bytes per load
+
+
+class CudaBackend(CpuBackend):
+    name = "cuda"
+
+    def __init__(self, quant: str = "fast", lowbit_dtype: torch.dtype | str = torch.bfloat16, device: str = "cuda"):
+        rec = probe()
+        if not rec["present"]:
+            raise LlmoptError(f"cuda backend: {rec['reason']}")
+        super().__init__(quant=quant, lowbit_dtype=lowbit_dtype, device=device)
+
+    def linear_weight(self, name, weight, bias=None):
+        lin = super().linear_weight(name, weight, bias)
+        if lin.kind == "int8pack":  # no CUDA int8pack kernel in torch: dequantize to bf16 instead
+            w = (lin.weight.float() * lin.aux[:, None]).to(self.lowbit_dtype)
+            lin = QLinear("dense-bfloat16", lin.out_features, w, lin.bias)
+        return lin
+
+    def _int4_linear(self, qt, bias):
+        group = self._int4_group(qt)
+        n_in = qt.shape[1]
+        if qt.shape[0] % 8 or n_in % (_INNER_K_TILES * 16):
+            w = self._dense(qt, self.lowbit_dtype)
+            return QLinear("dense-bfloat16", qt.shape[0], w, bias)
+        codes = qt.unpacked().to(torch.int32)
+        nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # the kernel wants element 2k in the high nibble
+        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.to(self.device), _INNER_K_TILES)
+        sz = self._int4_scales_zeros(qt, group).to(self.device, torch.bfloat16)
+        return QLinear("int4pack", qt.shape[0], packed, bias, group, sz)
+
+    def _int4_mm(self, x2, w):
+        return torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), w.weight, w.group, w.aux).to(self.dtype)
+
+    def synchronize(self):
+        torch.cuda.synchronize(self.device)
+
+
+def probe() -> dict:
+    """Present when torch sees a CUDA device; the reason names what is missing otherwise."""
+    if not torch.backends.cuda.is_built():
+        return {"present": False, "reason": f"torch {torch.__version__} is built without CUDA",
+                "device": {}, "features": {"torch": torch.__version__}}
+    if not torch.cuda.is_available():
+        return {"present": False, "reason": "no CUDA device visible to torch (driver or GPU absent)",
+                "device": {}, "features": {"torch": torch.__version__, "cuda": torch.version.cuda}}
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "present": True,
+        "reason": f"CUDA device {props.name}",
+        "device": {"name": props.name, "memory_bytes": props.total_memory, "sm": f"{props.major}.{props.minor}",
+                   "multiprocessors": props.multi_processor_count, "count": torch.cuda.device_count()},
+        "features": {"torch": torch.__version__, "cuda": torch.version.cuda,
+                     "bf16": torch.cuda.is_bf16_supported(), "int4pack_mm": props.major >= 8},
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(probe(), indent=2))
+    sys.exit(0)

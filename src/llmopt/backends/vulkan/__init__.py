@@ -1,0 +1,15 @@
+"""The Vulkan target: our GLSL compute shaders (``shaders/``) through the ``vulkan`` Python package.
+
+    from llmopt.backends.vulkan import VulkanBackend, probe
+    probe()              # {"present", "reason", "device": {name, driver, memory, subgroup size, limits}, "features"}
+    be = VulkanBackend() # every op of llmopt.backends.base.Backend on the first Vulkan device
+
+Modules: ``compile`` (glslc to SPIR-V, per-device variants, the compile stage), ``device`` (probe, buffers,
+pipelines, command recording, timestamps), ``backend`` (the ops). Set ``LLMOPT_VULKAN_DEVICE`` to pick another
+physical device than the first.
+"""
+
+from llmopt.backends.vulkan.backend import VulkanBackend
+from llmopt.backends.vulkan.device import probe
+
+__all__ = ["VulkanBackend", "probe"]

@@ -1,0 +1,450 @@
+"""VulkanBackend: llmopt's Backend ops as our GLSL compute shaders (``shaders/``), on any Vulkan 1.1 device.
+
+    from llmopt.backends.vulkan import VulkanBackend
+    be = VulkanBackend()                      # compiles changed shaders into ~/.cache/llmopt/vulkan/<device>/
+    be = VulkanBackend(kernel_dir="results/kernels/vulkan")   # SPIR-V from the compile stage (checked fresh)
+
+Activations (``VkAct``) are float32 device buffers ``[B, T, F]`` from a size-keyed pool: a handle's buffer
+returns to the pool when Python drops the handle, and since every recorded command is followed by a full
+barrier, reusing it later in the same command buffer is safe. Ops only record; ``to_host``, ``logits``,
+``argmax`` and ``synchronize`` submit, so a whole decode step is one command buffer. Weights stay in the packed
+format on the device (int2/3/4/8 codes as 32-bit words, fp16/bf16 scales); a weight or table larger than the
+device's storage-buffer range is split into row pieces, one dispatch each. The KV cache lives on the device
+(``kv_store`` writes each step's keys and values; sliding-window layers keep every slot and attend to the last
+``window``). Host tables (RoPE cos/sin, masks, token ids) are uploaded once per submission and reused by every
+layer that passes the same tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmopt.backends.base import AttnSpec, Backend, KVCache
+from llmopt.backends.vulkan import compile as vk_compile
+from llmopt.backends.vulkan.device import Buffer, Device, pack_push, probe
+from llmopt.errors import LlmoptError
+from llmopt.quant.format import QuantizedTensor
+
+MAX_GROUPS = 65535  # workgroups per grid dimension every device supports; wider grids fold into y
+MATVEC_MAX_M = 8  # up to this many input rows the weights are streamed once per row (decode); beyond, tiled matmul
+ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "quick_gelu": 3}
+MAX_HEAD_DIM = 256  # attention.comp's shared query buffer
+
+
+class VkAct:
+    """A float32 activation ``shape`` on the device; its buffer goes back to the pool when dropped."""
+
+    __slots__ = ("backend", "buf", "shape")
+
+    def __init__(self, backend: "VulkanBackend", buf: Buffer, shape: tuple[int, ...]):
+        self.backend, self.buf, self.shape = backend, buf, tuple(int(s) for s in shape)
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[:-1])
+
+    @property
+    def features(self) -> int:
+        return self.shape[-1]
+
+    def __del__(self):
+        self.backend._release(self.buf)
+
+    def __repr__(self) -> str:
+        return f"VkAct{list(self.shape)}"
+
+
+@dataclass
+class Piece:
+    """Rows ``row0 .. row0+rows-1`` of a weight, in one buffer: codes (or floats), then scales, then zeros."""
+
+    row0: int
+    rows: int
+    buf: Buffer
+    w: tuple
+    s: tuple | None
+    z: tuple | None
+
+
+@dataclass
+class VkWeight:
+    """An uploaded matrix ``[n_out, k]``: packed (bits 2/3/4/8) or float32 (bits 32), in row pieces."""
+
+    name: str
+    n_out: int
+    k: int
+    bits: int
+    group: int
+    scale_bf16: bool
+    has_zeros: bool
+    pieces: list[Piece]
+    bias: Buffer | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.buf.nbytes for p in self.pieces) + (self.bias.nbytes if self.bias else 0)
+
+
+@dataclass
+class VkKVCache(KVCache):
+    """Per-layer key and value buffers ``[B, max_len, n_kv * head_dim]`` on the device."""
+
+    batch: int
+    max_len: int
+    n_kv: int
+    head_dim: int
+    windows: list
+    k: list = field(default_factory=list)
+    v: list = field(default_factory=list)
+
+
+class VulkanBackend(Backend):
+    name = "vulkan"
+
+    def __init__(self, kernel_dir: str | Path | None = None, profile: bool = False):
+        info = probe()
+        if not info["present"]:
+            raise LlmoptError(f"vulkan backend unavailable: {info['reason']}")
+        if kernel_dir is None:
+            tag = hashlib.sha256(repr(sorted(info["device"].items())).encode()).hexdigest()[:12]
+            cache = Path(os.environ.get("LLMOPT_CACHE", Path.home() / ".cache" / "llmopt")) / "vulkan" / tag
+            manifest = vk_compile.compile_shaders(vk_compile.REPO_SHADERS, cache, info)
+            kernel_dir = cache
+        else:
+            manifest = vk_compile.check_manifest(Path(kernel_dir))
+        spec = manifest["spec"]
+        self.wg, self.rows_per_wg, self.tile = int(spec["wg"]), int(spec["rows"]), int(spec["tile"])
+        self.dev = Device(Path(kernel_dir), spec, profile=profile)
+        self.probe = info
+        self._pool: dict[int, list[Buffer]] = {}
+        self._uploads: dict = {}  # host tensor identity -> (device buffer, tensor) for this submission
+        self.dummy = self.dev.buffer(16, name="dummy")
+        self.weight_bytes = 0
+
+    # --- buffers ---------------------------------------------------------------------------------------
+    def _alloc(self, nbytes: int, name: str = "activation") -> Buffer:
+        nbytes = max(16, (int(nbytes) + 15) // 16 * 16)
+        free = self._pool.get(nbytes)
+        return free.pop() if free else self.dev.buffer(nbytes, name=name)
+
+    def _release(self, buf: Buffer) -> None:
+        if getattr(self, "dev", None) is not None and self.dev.device is not None:
+            self._pool.setdefault(buf.nbytes, []).append(buf)
+
+    def _new(self, shape) -> VkAct:
+        return VkAct(self, self._alloc(4 * math.prod(shape)), shape)
+
+    def _upload_host(self, t: torch.Tensor, dtype) -> Buffer:
+        """A device copy of a small host tensor, shared by every call in this submission that passes it."""
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t._version, str(dtype))
+        hit = self._uploads.get(key)
+        if hit is not None:
+            return hit[0]
+        arr = t.detach().cpu().contiguous().numpy().astype(dtype, copy=False)
+        buf = self._alloc(arr.nbytes, "host table")
+        self.dev.upload(buf, arr)
+        self._uploads[key] = (buf, t)  # keep t alive so its address is not reused within the submission
+        return buf
+
+    def _submitted(self) -> None:
+        for buf, _ in self._uploads.values():
+            self._release(buf)
+        self._uploads.clear()
+
+    def _flush(self) -> None:
+        self.dev.flush()
+        self._submitted()
+
+    def _grid(self, n_groups: int) -> tuple[int, int, int]:
+        if n_groups <= MAX_GROUPS:
+            return (n_groups, 1, 1)
+        return (MAX_GROUPS, -(-n_groups // MAX_GROUPS), 1)
+
+    def _run(self, shader: str, n_bindings: int, spec: tuple, bindings: list, push: bytes, groups) -> None:
+        pipe = self.dev.pipeline(shader, n_bindings, (self.wg, *spec))
+        self.dev.dispatch(pipe, [(b, o, r) for b, o, r in bindings], push, groups)
+
+    @staticmethod
+    def _whole(buf: Buffer) -> tuple:
+        return (buf, 0, None)
+
+    # --- weights ---------------------------------------------------------------------------------------
+    def param(self, name, tensor):
+        arr = tensor.detach().to(torch.float32).contiguous().numpy()
+        buf = self.dev.buffer(arr.nbytes, name=name)
+        self.dev.upload(buf, arr)
+        self.weight_bytes += buf.nbytes
+        return buf
+
+    def linear_weight(self, name, weight, bias=None):
+        w = self._matrix(name, weight)
+        if bias is not None:
+            if bias.numel() != w.n_out:
+                raise LlmoptError(f"{name}: bias has {bias.numel()} values for {w.n_out} output features")
+            w.bias = self.param(name + ".bias", bias.reshape(-1))
+        return w
+
+    def embedding_table(self, name, weight):
+        return self._matrix(name, weight)
+
+    def _matrix(self, name: str, weight) -> VkWeight:
+        if isinstance(weight, QuantizedTensor):
+            n_out, k = weight.shape
+            per_word = 32 // math.gcd(32, weight.bits)  # codes per word boundary period
+            if weight.group % per_word and weight.group != k:
+                raise LlmoptError(f"{name}: group {weight.group} is not a multiple of {per_word} codes "
+                                  f"(the Vulkan kernels need whole words per group for int{weight.bits})")
+            if weight.group % 32 and weight.group != k:
+                raise LlmoptError(f"{name}: group {weight.group} must be a multiple of 32 (or the whole row) "
+                                  "for the Vulkan kernels")
+            codes = weight.qweight.contiguous().numpy().view(np.uint32).reshape(n_out, -1)
+            scales = weight.scales.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(n_out, -1)
+            zeros = None if weight.zeros is None else weight.zeros.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(n_out, -1)
+            bits, group, bf16 = weight.bits, weight.group, weight.scales.dtype == torch.bfloat16
+        elif isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            n_out, k = weight.shape
+            codes = weight.detach().to(torch.float32).contiguous().numpy().view(np.uint32)
+            scales = zeros = None
+            bits, group, bf16 = 32, k, False
+        else:
+            raise LlmoptError(f"{name}: expected a QuantizedTensor or a 2-D float tensor, got {type(weight).__name__}")
+        row_bytes = codes.shape[1] * 4
+        rows_per_piece = max(1, min(n_out, self.dev.max_range // row_bytes))
+        pieces = []
+        for row0 in range(0, n_out, rows_per_piece):
+            sl = slice(row0, min(n_out, row0 + rows_per_piece))
+            parts = [codes[sl]] + [a[sl] for a in (scales, zeros) if a is not None]
+            offsets, total = [], 0
+            for a in parts:
+                offsets.append(total)
+                total += -(-a.nbytes // self.dev.align) * self.dev.align
+            buf = self.dev.buffer(total, name=name)
+            for a, off in zip(parts, offsets):
+                self.dev.upload(buf, a, off)
+            ranges = [(buf, off, max(4, -(-a.nbytes // 4) * 4)) for a, off in zip(parts, offsets)]
+            pieces.append(Piece(row0, sl.stop - row0, buf, ranges[0],
+                                ranges[1] if scales is not None else None, ranges[2] if zeros is not None else None))
+            self.weight_bytes += buf.nbytes
+        self._flush()
+        return VkWeight(name, n_out, k, bits, group, bf16, zeros is not None, pieces)
+
+    # --- activations -----------------------------------------------------------------------------------
+    def from_host(self, x):
+        arr = x.detach().to(torch.float32).contiguous().numpy()
+        act = self._new(arr.shape)
+        self.dev.upload(act.buf, arr)
+        return act
+
+    def to_host(self, x):
+        out = self.dev.download(x.buf, 4 * math.prod(x.shape))
+        self._submitted()
+        return torch.from_numpy(out).view(x.shape)
+
+    def synchronize(self):
+        self._flush()
+
+    def kv_cache(self, n_layers, batch, max_len, n_kv_heads, head_dim, windows):
+        nbytes = 4 * batch * max_len * n_kv_heads * head_dim
+        if nbytes > self.dev.max_range:
+            raise LlmoptError(f"KV cache layer of {nbytes / 2**20:.0f} MiB (batch {batch} x {max_len} slots) exceeds the "
+                              f"device's storage-buffer range {self.dev.max_range / 2**20:.0f} MiB; lower max_len or batch")
+        cache = VkKVCache(batch, max_len, n_kv_heads, head_dim, list(windows))
+        for i in range(n_layers):
+            cache.k.append(self.dev.buffer(nbytes, name=f"kv cache layer {i}"))
+            cache.v.append(self.dev.buffer(nbytes, name=f"kv cache layer {i}"))
+        return cache
+
+    # --- ops -------------------------------------------------------------------------------------------
+    def embedding(self, ids, table: VkWeight, scale=1.0):
+        ids = torch.as_tensor(ids)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.n_out):
+            raise LlmoptError(f"embedding {table.name}: token ids must lie in 0..{table.n_out - 1}, "
+                              f"got {int(ids.min())}..{int(ids.max())}")
+        out = self._new((*ids.shape, table.k))
+        id_buf = self._upload_host(ids.to(torch.int64), np.uint32)
+        total = ids.numel() * table.k
+        for pc in table.pieces:
+            push = pack_push("IIIIIf", table.k, pc.rows, pc.row0, table.group, total, float(scale))
+            self._run("embedding", 5, (table.bits, int(table.scale_bf16), int(table.has_zeros)),
+                      [self._whole(id_buf), pc.w, pc.s or self._whole(self.dummy), pc.z or self._whole(self.dummy),
+                       self._whole(out.buf)], push, self._grid(-(-total // self.wg)))
+        return out
+
+    def linear(self, x: VkAct, w: VkWeight):
+        if x.features != w.k:
+            raise LlmoptError(f"linear {w.name}: input has {x.features} features, weight expects {w.k}")
+        out = self._new((*x.shape[:-1], w.n_out))
+        self._matmul(x, w, out, x.rows, 1, 0)
+        return out
+
+    def _matmul(self, x: VkAct, w: VkWeight, out: VkAct, m: int, x_step: int, x_off: int) -> None:
+        bias = self._whole(w.bias) if w.bias is not None else self._whole(self.dummy)
+        spec_tail = (w.bits, int(w.scale_bf16), int(w.has_zeros), int(w.bias is not None))
+        for pc in w.pieces:
+            bindings = [self._whole(x.buf), pc.w, pc.s or self._whole(self.dummy), pc.z or self._whole(self.dummy),
+                        bias, self._whole(out.buf)]
+            if m <= MATVEC_MAX_M:
+                gx, gy, _ = self._grid(-(-pc.rows // self.rows_per_wg))
+                push = pack_push("IIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off)
+                self._run("matvec_quant", 6, (self.rows_per_wg, *spec_tail), bindings, push, (gx, gy, m))
+            else:
+                push = pack_push("IIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m)
+                self._run("matmul_quant", 6, (self.tile, *spec_tail), bindings, push,
+                          (-(-pc.rows // self.tile), -(-m // self.tile), 1))
+
+    def rmsnorm(self, x, weight, eps, unit_offset, group=None):
+        group = group or x.features
+        if x.features % group:
+            raise LlmoptError(f"rmsnorm: {x.features} features are not a multiple of the group {group}")
+        out = self._new(x.shape)
+        n_chunks = x.rows * (x.features // group)
+        push = pack_push("IffI", group, float(eps), 1.0 if unit_offset else 0.0, n_chunks)
+        self._run("rmsnorm", 3, (), [self._whole(x.buf), self._whole(weight), self._whole(out.buf)], push,
+                  self._grid(n_chunks))
+        return out
+
+    def layernorm(self, x, weight, bias, eps):
+        out = self._new(x.shape)
+        push = pack_push("IfI", x.features, float(eps), x.rows)
+        self._run("layernorm", 4, (), [self._whole(x.buf), self._whole(weight), self._whole(bias), self._whole(out.buf)],
+                  push, self._grid(x.rows))
+        return out
+
+    def add(self, a, b):
+        if a.shape != b.shape:
+            raise LlmoptError(f"add: shapes {list(a.shape)} and {list(b.shape)} differ")
+        out = self._new(a.shape)
+        n = math.prod(a.shape)
+        self._run("add", 3, (), [self._whole(a.buf), self._whole(b.buf), self._whole(out.buf)], pack_push("I", n),
+                  self._grid(-(-n // self.wg)))
+        return out
+
+    def rope(self, x, cos, sin, head_dim):
+        if x.features % head_dim or head_dim % 2 or tuple(cos.shape) != (*x.shape[:-1], head_dim) or cos.shape != sin.shape:
+            raise LlmoptError(f"rope: tables {list(cos.shape)}/{list(sin.shape)} do not fit x {list(x.shape)} "
+                              f"with head_dim {head_dim}")
+        out = self._new(x.shape)
+        total = x.rows * x.features // 2
+        cbuf, sbuf = self._upload_host(cos, np.float32), self._upload_host(sin, np.float32)
+        self._run("rope", 4, (), [self._whole(x.buf), self._whole(cbuf), self._whole(sbuf), self._whole(out.buf)],
+                  pack_push("III", x.features, head_dim, total), self._grid(-(-total // self.wg)))
+        return out
+
+    def attention(self, q, k, v, cache: VkKVCache, layer, start, valid, spec: AttnSpec):
+        B, T, _ = q.shape
+        self._check_attn(q, k, v, spec)
+        if start + T > cache.max_len:
+            raise LlmoptError(f"attention: positions {start}..{start + T - 1} exceed the KV cache of {cache.max_len}")
+        kv_f = spec.n_kv_heads * spec.head_dim
+        total = B * T * kv_f
+        self._run("kv_store", 4, (), [self._whole(k.buf), self._whole(v.buf), self._whole(cache.k[layer]),
+                                      self._whole(cache.v[layer])],
+                  pack_push("IIIII", T, kv_f, cache.max_len, start, total), self._grid(-(-total // self.wg)))
+        mask_len = start + T
+        mask = self._upload_host(valid[:, :mask_len].to(torch.int32), np.uint32) if valid is not None else self.dummy
+        window = spec.window if spec.window is not None and spec.window < cache.max_len else 0
+        return self._attend(q, cache.k[layer], cache.v[layer], mask, spec, cache.max_len, start, window, 0,
+                            int(valid is not None), mask_len, mask_len)
+
+    def attention_full(self, q, k, v, segments, spec):
+        B, T, _ = q.shape
+        self._check_attn(q, k, v, spec)
+        bounds = torch.zeros(T, 2, dtype=torch.int64)
+        covered = 0
+        for s, e in segments:
+            if not 0 <= s < e <= T:
+                raise LlmoptError(f"attention_full: segment ({s}, {e}) outside 0..{T}")
+            bounds[s:e, 0], bounds[s:e, 1] = s, e
+            covered += e - s
+        if covered != T:
+            raise LlmoptError(f"attention_full: segments cover {covered} of {T} tokens (they must tile the sequence)")
+        seg = self._upload_host(bounds, np.uint32)
+        return self._attend(q, k.buf, v.buf, seg, spec, T, 0, 0, 1, 0, 0, T)
+
+    def _check_attn(self, q, k, v, spec: AttnSpec) -> None:
+        if spec.head_dim > MAX_HEAD_DIM or spec.n_heads % spec.n_kv_heads:
+            raise LlmoptError(f"attention: head_dim {spec.head_dim} (max {MAX_HEAD_DIM}) with {spec.n_heads} heads "
+                              f"over {spec.n_kv_heads} kv heads is not supported")
+        if q.features != spec.n_heads * spec.head_dim or k.shape != v.shape or k.features != spec.n_kv_heads * spec.head_dim:
+            raise LlmoptError(f"attention: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not match {spec}")
+
+    def _attend(self, q, kbuf, vbuf, aux, spec, L, start, window, mode, has_mask, mask_len, scratch_len):
+        B, T, _ = q.shape
+        out = self._new(q.shape)
+        scratch = self._alloc(4 * B * T * spec.n_heads * scratch_len, "attention scratch")
+        push = pack_push("IIIIIIIIIIIff", T, spec.n_heads, spec.n_kv_heads, spec.head_dim, L, start, window, mode,
+                         has_mask, mask_len, scratch_len, float(spec.scale), float(spec.softcap or 0.0))
+        self._run("attention", 6, (), [self._whole(q.buf), self._whole(kbuf), self._whole(vbuf), self._whole(aux),
+                                       self._whole(scratch), self._whole(out.buf)], push, (spec.n_heads, T, B))
+        self._release(scratch)
+        return out
+
+    def gated_act(self, gate, up, kind):
+        if gate.shape != up.shape:
+            raise LlmoptError(f"gated_act: gate {list(gate.shape)} and up {list(up.shape)} differ")
+        out = self._new(gate.shape)
+        n = math.prod(gate.shape)
+        self._run("gated_act", 3, (), [self._whole(gate.buf), self._whole(up.buf), self._whole(out.buf)],
+                  pack_push("II", n, self._kind(kind)), self._grid(-(-n // self.wg)))
+        return out
+
+    def act(self, x, kind):
+        out = self._new(x.shape)
+        n = math.prod(x.shape)
+        self._run("act", 2, (), [self._whole(x.buf), self._whole(out.buf)], pack_push("II", n, self._kind(kind)),
+                  self._grid(-(-n // self.wg)))
+        return out
+
+    @staticmethod
+    def _kind(kind: str) -> int:
+        if kind not in ACT_KINDS:
+            raise LlmoptError(f"vulkan backend: activation {kind!r} is not supported (expected one of {', '.join(ACT_KINDS)})")
+        return ACT_KINDS[kind]
+
+    def logits_device(self, x: VkAct, head: VkWeight, softcap: float | None = None) -> VkAct:
+        """The last token's logits ``[B, vocab]`` left on the device (final softcap applied)."""
+        B, T = x.shape[0], x.rows // x.shape[0]
+        if x.features != head.k:
+            raise LlmoptError(f"logits: input has {x.features} features, head {head.name} expects {head.k}")
+        out = self._new((B, head.n_out))
+        self._matmul(x, head, out, B, T, T - 1)
+        if softcap:
+            n = B * head.n_out
+            self._run("logits_softcap", 1, (), [self._whole(out.buf)], pack_push("If", n, float(softcap)),
+                      self._grid(-(-n // self.wg)))
+        return out
+
+    def logits(self, x, head, softcap=None):
+        return self.to_host(self.logits_device(x, head, softcap))
+
+    def argmax(self, logits: VkAct) -> torch.Tensor:
+        """Greedy ids ``[B]`` (int64) of device logits ``[B, vocab]``: 4 bytes per sequence come back."""
+        rows, n = logits.rows, logits.features
+        idx = self._alloc(4 * rows, "argmax")
+        self._run("argmax", 2, (), [self._whole(logits.buf), self._whole(idx)], pack_push("II", n, rows),
+                  self._grid(rows))
+        out = self.dev.download(idx, 4 * rows, np.uint32)
+        self._release(idx)
+        self._submitted()
+        return torch.from_numpy(out.astype(np.int64))
+
+    def kernel_times(self) -> dict[str, tuple[float, int]]:
+        """Per-kernel GPU time (ms) and dispatch count since construction (``profile=True`` only)."""
+        return {k: (v, self.dev.kernel_counts[k]) for k, v in sorted(self.dev.kernel_times.items(), key=lambda kv: -kv[1])}
+
+    def close(self) -> None:
+        """Free every device object; the backend is unusable afterwards."""
+        if self.dev.device is not None:
+            self._flush()
+            for bufs in self._pool.values():
+                for buf in bufs:
+                    self.dev.free(buf)
+            self._pool.clear()
+            self.dev.close()

@@ -1,0 +1,159 @@
+"""The Vulkan compile stage: GLSL compute shaders (``shaders/*.comp``) to SPIR-V with glslc, per target device.
+
+    python -m llmopt.backends.vulkan.compile shaders/ results/kernels/vulkan [--probe results/targets/vulkan.json]
+
+Naming rule (the workflow's outputs): one SPIR-V file per shader, ``{out_dir}/{stem}.spv`` for
+``shaders/{stem}.comp`` (e.g. ``results/kernels/vulkan/matvec_quant.spv``), plus ``{out_dir}/manifest.json``.
+The device variant is chosen here from the probe: the define ``USE_SUBGROUP`` (subgroup arithmetic in compute
+shaders, else shared-memory reductions) is compiled in, and the sizes the runtime passes as specialization
+constants (workgroup size, rows per workgroup, matmul tile) are written to the manifest's ``spec``. A shader is
+rebuilt only when its source, an included header, its defines or glslc's version changed (the manifest keeps a
+hash of each); ``check_manifest`` makes the runtime refuse missing or stale SPIR-V with the shader's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from llmopt.errors import LlmoptError
+from llmopt.fsutil import atomic_path, read_json, sha256_file, write_json
+
+MANIFEST = "manifest.json"
+REPO_SHADERS = Path(__file__).resolve().parents[4] / "shaders"
+
+
+def device_config(probe: dict) -> dict:
+    """Per-device variant: defines and specialization-constant sizes, from the probe's device facts.
+
+    CPU devices (lavapipe) run one invocation per SIMD lane group and pay for every barrier, so small workgroups
+    (16 invocations, 8 rows each) win there by about 5x (FACTS §6); GPUs want 64-256 invocations a workgroup.
+    """
+    device = probe.get("device", {})
+    features = probe.get("features", {})
+    subgroup = int(device.get("subgroup_size") or 0)
+    max_wg = int(device.get("max_workgroup_invocations") or 128)
+    if device.get("type") == "cpu":
+        wg, rows, tile = 16, 8, 16
+    else:
+        wg, rows, tile = 128, 2, 32
+    wg = min(wg, max_wg)
+    return {
+        "defines": {"USE_SUBGROUP": int(bool(features.get("subgroup_arithmetic")) and subgroup > 0)},
+        "spec": {"wg": wg, "rows": rows, "tile": tile},
+    }
+
+
+def glslc_version() -> str:
+    exe = shutil.which("glslc")
+    if exe is None:
+        raise LlmoptError("glslc not found on PATH (install Debian/Ubuntu package 'glslc' or the Vulkan SDK)")
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False).stdout
+    return out.splitlines()[0].strip() if out else "unknown"
+
+
+def source_hash(comp: Path, defines: dict) -> str:
+    """Hash of what a SPIR-V file is built from: the .comp, every header beside it, and the defines."""
+    digest = hashlib.sha256(comp.read_bytes())
+    for header in sorted(comp.parent.glob("*.glsl")):
+        digest.update(header.name.encode() + header.read_bytes())
+    digest.update(repr(sorted(defines.items())).encode())
+    return digest.hexdigest()
+
+
+def compile_shaders(shader_dir: Path, out_dir: Path, probe: dict) -> dict:
+    """Build ``{out_dir}/{stem}.spv`` for every ``{shader_dir}/*.comp`` that changed; write and return the manifest."""
+    shader_dir, out_dir = Path(shader_dir), Path(out_dir)
+    if not probe.get("present", False):
+        raise LlmoptError(f"vulkan target absent, nothing to compile: {probe.get('reason', 'no reason recorded')}")
+    comps = sorted(shader_dir.glob("*.comp"))
+    if not comps:
+        raise LlmoptError(f"{shader_dir}: no .comp shaders found")
+    config = device_config(probe)
+    version = glslc_version()
+    defines = config["defines"]
+    old = _read_manifest(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for comp in comps:
+        stem = comp.stem
+        want = source_hash(comp, defines)
+        spv = out_dir / f"{stem}.spv"
+        prev = old.get("shaders", {}).get(stem, {})
+        fresh = (prev.get("source_sha256") == want and old.get("glslc") == version and spv.exists()
+                 and sha256_file(spv) == prev.get("spv_sha256"))
+        if not fresh:
+            _glslc(comp, spv, defines)
+        entries[stem] = {"spv": spv.name, "source": str(comp), "source_sha256": want,
+                         "spv_sha256": sha256_file(spv), "rebuilt": not fresh}
+    manifest = {"target": "vulkan", "glslc": version, "defines": defines, "spec": config["spec"],
+                "device": probe.get("device", {}).get("name"), "shaders": entries}
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def check_manifest(spv_dir: Path, shader_dir: Path = REPO_SHADERS) -> dict:
+    """The manifest of ``spv_dir`` after checking every shader's SPIR-V exists and matches its current source."""
+    spv_dir, shader_dir = Path(spv_dir), Path(shader_dir)
+    manifest = _read_manifest(spv_dir)
+    if not manifest:
+        raise LlmoptError(f"{spv_dir / MANIFEST}: missing; run the compile stage (llmopt.backends.vulkan.compile)")
+    for comp in sorted(shader_dir.glob("*.comp")):
+        entry = manifest["shaders"].get(comp.stem)
+        spv = spv_dir / f"{comp.stem}.spv"
+        if entry is None or not spv.exists():
+            raise LlmoptError(f"{spv}: SPIR-V for shader '{comp.stem}' is missing; rerun the compile stage")
+        if entry["source_sha256"] != source_hash(comp, manifest["defines"]):
+            raise LlmoptError(f"{spv}: stale, {comp} (or a header) changed since it was compiled; rerun the compile stage")
+        if sha256_file(spv) != entry["spv_sha256"]:
+            raise LlmoptError(f"{spv}: contents differ from the manifest's hash (edited or truncated); rerun the compile stage")
+    return manifest
+
+
+def _read_manifest(out_dir: Path) -> dict:
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        return {}
+    manifest = read_json(path)
+    if not isinstance(manifest.get("shaders"), dict) or "defines" not in manifest:
+        raise LlmoptError(f"{path}: not a vulkan shader manifest (expected keys 'shaders' and 'defines')")
+    return manifest
+
+
+def _glslc(comp: Path, spv: Path, defines: dict) -> None:
+    args = [f"-D{k}={v}" for k, v in sorted(defines.items())]
+    with atomic_path(spv) as tmp:
+        cmd = ["glslc", "--target-env=vulkan1.1", "-O", *args, str(comp), "-o", str(tmp)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise LlmoptError(f"{comp}: glslc failed: {' '.join(res.stderr.split())[:400]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shader_dir", type=Path, help="folder of .comp/.glsl sources (the repository's shaders/)")
+    parser.add_argument("out_dir", type=Path, help="where {stem}.spv and manifest.json go")
+    parser.add_argument("--probe", type=Path, help="probe JSON of the target (default: probe this machine now)")
+    args = parser.parse_args(argv)
+    try:
+        if args.probe:
+            probe = read_json(args.probe)
+        else:
+            from llmopt.backends.vulkan.device import probe as probe_now
+
+            probe = probe_now()
+        manifest = compile_shaders(args.shader_dir, args.out_dir, probe)
+    except LlmoptError as err:
+        print(f"llmopt: error: {err}", file=sys.stderr)
+        return 2
+    rebuilt = [k for k, v in manifest["shaders"].items() if v["rebuilt"]]
+    print(f"{len(manifest['shaders'])} shaders for {manifest['device']}, rebuilt: {', '.join(rebuilt) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Baselines measured in the same run as our engine, with the same prompt/decode lengths and prompt ids.
+
+- ``hf``: Hugging Face transformers on the float source folder (``AutoModelForCausalLM``; the multimodal
+  families through ``AutoModelForImageTextToText``), prefill then greedy decode with its KV cache, on the CPU
+  (or the CUDA device for target ``cuda``).
+- ``llama.cpp``: llama-cpp-python on the model's GGUF, where one exists (the real Gemma 3 270M ships one), with
+  the same thread count as torch; all layers on the GPU for target ``cuda`` when the build has CUDA.
+
+Each returns the same timing dict as ``measure.time_engine`` or raises LlmoptError saying why it cannot run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from llmopt.bench.measure import prompt_ids, stats
+from llmopt.errors import LlmoptError
+from llmopt.fsutil import read_json
+
+
+def _load_hf(source_dir: Path, dtype: torch.dtype, device: str):
+    import transformers
+
+    errors = []
+    for auto in ("AutoModelForCausalLM", "AutoModelForImageTextToText"):
+        try:
+            model = getattr(transformers, auto).from_pretrained(str(source_dir), dtype=dtype)
+            return model.to(device).eval()
+        except (ValueError, KeyError, OSError) as err:
+            errors.append(f"{auto}: {str(err).splitlines()[0]}")
+    raise LlmoptError(f"{source_dir}: transformers cannot load it ({'; '.join(errors)})")
+
+
+def hf_baseline(source_dir: Path, prompt: int, gen: int, batch: int, warmup: int, repeats: int,
+                device: str = "cpu", dtype: str = "float32") -> dict:
+    """Transformers, float weights, eager, prefill + greedy decode with the model's own KV cache."""
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = _load_hf(source_dir, torch_dtype, device)
+    vocab = model.config.get_text_config().vocab_size
+    ids = prompt_ids(vocab, batch, prompt).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    pre, dec, ttft = [], [], []
+    with torch.inference_mode():
+        for run in range(warmup + repeats):
+            sync()
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            t1 = time.perf_counter()
+            cache = out.cache  # transformers 5 names the KV cache `cache` (past_key_values is deprecated)
+            for _ in range(gen):
+                out = model(input_ids=tok, cache=cache, use_cache=True)
+                cache = out.cache
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            t2 = time.perf_counter()
+            if run >= warmup:
+                pre.append(batch * prompt / (t1 - t0))
+                dec.append(batch * gen / (t2 - t1))
+                ttft.append(t1 - t0)
+    import transformers
+
+    return {"name": "hf", "engine": f"transformers {transformers.__version__} eager {dtype} on {device}",
+            "batch": batch, "prompt": prompt, "gen": gen, "prefill_tok_s": stats(pre), "decode_tok_s": stats(dec),
+            "ttft_s": stats(ttft)}
+
+
+def find_gguf(source_dir: Path) -> Path | None:
+    """The model's GGUF: a ``*.gguf`` in the source folder, or the pip package's for ``source: pip-gguf``."""
+    found = sorted(Path(source_dir).glob("*.gguf"))
+    if found:
+        return found[0]
+    manifest = Path(source_dir) / "manifest.json"
+    if manifest.is_file() and read_json(manifest).get("source") == "pip-gguf":
+        from llmopt.download.pip_gguf import assemble_gguf
+
+        return assemble_gguf()
+    return None
+
+
+def llama_cpp_baseline(gguf: Path, prompt: int, gen: int, warmup: int, repeats: int, device: str = "cpu") -> dict:
+    """llama.cpp through llama-cpp-python, batch 1: ``eval`` of the prompt (pp), then one token at a time (tg)."""
+    try:
+        import llama_cpp
+        import numpy as np
+    except ImportError:
+        raise LlmoptError("llama-cpp-python is not installed (pip install llama-cpp-python)") from None
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=prompt + gen + 8, n_batch=max(prompt, 8),
+                          n_threads=torch.get_num_threads(), n_gpu_layers=-1 if device == "cuda" else 0,
+                          verbose=False)
+    ids = prompt_ids(llm.n_vocab(), 1, prompt)[0].tolist()
+    pre, dec, ttft = [], [], []
+    for run in range(warmup + repeats):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t1 = time.perf_counter()
+        for _ in range(gen):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t2 = time.perf_counter()
+        if run >= warmup:
+            pre.append(prompt / (t1 - t0))
+            dec.append(gen / (t2 - t1))
+            ttft.append(t1 - t0)
+    return {"name": "llama.cpp", "engine": f"llama-cpp-python {llama_cpp.__version__} ({gguf.name}, "
+            f"{torch.get_num_threads()} threads, {'GPU' if device == 'cuda' else 'CPU'})", "batch": 1,
+            "prompt": prompt, "gen": gen, "prefill_tok_s": stats(pre), "decode_tok_s": stats(dec),
+            "ttft_s": stats(ttft)}

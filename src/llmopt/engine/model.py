@@ -1,0 +1,295 @@
+"""The decoder: Gemma 2, Gemma 3, Qwen2.5 (and QwQ) and Qwen2.5-VL in one forward pass over backend ops.
+
+Every op goes through ``llmopt.backends.base.Backend``, so the model never branches on device: a partition plan
+maps layer ranges (and the embedding and head) to backends, and activations cross between them with
+``to_host``/``from_host``. Family differences are data in ``ModelArgs`` (norm offset, sandwich norms, QK-norm,
+softcaps, windows, RoPE per layer), not code paths.
+
+    from llmopt.engine import load_model
+    model = load_model("results/gemma-2-2b-it/w4g128/quant", backend="cpu")
+    print(model.generate("The capital of France is", max_new_tokens=16).texts[0])
+
+Lower level: ``prefill(ids, attention_mask) -> (logits [B, vocab], State)``, ``decode_step(state, ids [B])``,
+``forward_logits(ids) -> [B, T, vocab]`` (every position; for perplexity and parity checks).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmopt.backends.base import AttnSpec, Backend
+from llmopt.engine.config import ModelArgs
+from llmopt.engine.rope import rope_tables
+from llmopt.engine.weights import check_tensors, expected_shapes, load_tensors
+from llmopt.errors import LlmoptError
+
+
+@dataclass
+class State:
+    """Generation state of one batch: per-backend KV caches, the next cache slot, masks and positions."""
+
+    caches: dict  # backend name -> KVCache
+    start: int  # next cache slot (the same for every sequence: prompts are left-padded)
+    valid: torch.Tensor  # bool [B, max_len]: slots holding real tokens
+    next_pos: torch.Tensor  # int64 [B]: RoPE position of the next token of each sequence
+    max_len: int
+    timings: dict = field(default_factory=dict)
+
+
+class Model:
+    """A loaded decoder (and vision tower, for Qwen2.5-VL) bound to one backend or a partition of several."""
+
+    def __init__(self, args: ModelArgs, tensors: dict, folder: Path, backend: str | Backend = "cpu",
+                 plan: dict | None = None):
+        self.args, self.folder = args, Path(folder)
+        self._setup_devices(backend, plan)
+        t0 = time.perf_counter()
+        self._upload(tensors)
+        self.load_seconds = time.perf_counter() - t0
+        self.vision = None
+        if args.vision is not None and any(k.startswith("visual.") for k in tensors):
+            from llmopt.engine.vision import VisionTower
+
+            self.vision = VisionTower(args.vision, tensors, self.backends[self.embed_dev], self.folder)
+        self._tokenizer = None
+
+    # --- devices -------------------------------------------------------------------------------------
+    def _setup_devices(self, backend, plan):
+        from llmopt.backends import get_backend
+
+        n = self.args.n_layers
+        given = {backend.name: backend} if isinstance(backend, Backend) else {}
+        default = backend.name if isinstance(backend, Backend) else backend
+        if plan is None:
+            plan = {"segments": [{"layers": [0, n - 1], "device": default}]}
+        segments = plan.get("segments")
+        if not isinstance(segments, list) or not segments:
+            raise LlmoptError("partition plan: 'segments' must be a non-empty list")
+        self.layer_dev: list[str | None] = [None] * n
+        for seg in segments:
+            try:
+                first, last = (int(v) for v in seg["layers"])
+                dev = str(seg["device"])
+            except (KeyError, TypeError, ValueError):
+                raise LlmoptError(f"partition plan: segment {seg!r} needs 'layers': [first, last] and 'device'") from None
+            if not 0 <= first <= last < n:
+                raise LlmoptError(f"partition plan: layers [{first}, {last}] outside 0..{n - 1}")
+            for i in range(first, last + 1):
+                if self.layer_dev[i] is not None:
+                    raise LlmoptError(f"partition plan: layer {i} is assigned twice")
+                self.layer_dev[i] = dev
+        if None in self.layer_dev:
+            raise LlmoptError(f"partition plan: layer {self.layer_dev.index(None)} has no device")
+        self.embed_dev = str(plan.get("embedding") or self.layer_dev[0])
+        self.head_dev = str(plan.get("head") or self.layer_dev[-1])
+        self.backends: dict[str, Backend] = {}
+        for dev in dict.fromkeys([self.embed_dev, *self.layer_dev, self.head_dev]):
+            self.backends[dev] = given.get(dev) or get_backend(dev)
+
+    # --- weights -------------------------------------------------------------------------------------
+    def _upload(self, tensors):
+        a = self.args
+        check_tensors(tensors, expected_shapes(a), self.folder)
+        emb = self.backends[self.embed_dev]
+        self.embed = emb.embedding_table("embed_tokens.weight", tensors["embed_tokens.weight"])
+        head = self.backends[self.head_dev]
+        self.final_norm = head.param("norm.weight", tensors["norm.weight"])
+        head_name = "embed_tokens.weight" if a.tie_embeddings else "lm_head.weight"
+        self.head = head.linear_weight("lm_head.weight", tensors[head_name])
+        self.layers = []
+        for i in range(a.n_layers):
+            be = self.backends[self.layer_dev[i]]
+            p = f"layers.{i}."
+
+            def lin(name, bias=False):
+                b = tensors.get(p + name + ".bias") if bias else None
+                return be.linear_weight(p + name + ".weight", tensors[p + name + ".weight"], b)
+
+            def norm(name):
+                return be.param(p + name + ".weight", tensors[p + name + ".weight"])
+
+            layer = {
+                "q": lin("self_attn.q_proj", a.qkv_bias), "k": lin("self_attn.k_proj", a.qkv_bias),
+                "v": lin("self_attn.v_proj", a.qkv_bias), "o": lin("self_attn.o_proj"),
+                "gate": lin("mlp.gate_proj"), "up": lin("mlp.up_proj"), "down": lin("mlp.down_proj"),
+                "attn_norm": norm("input_layernorm"),
+            }
+            if a.sandwich_norm:  # Gemma: post-attention norm, then a separate pre-FFN norm
+                layer["post_attn_norm"] = norm("post_attention_layernorm")
+                layer["ffn_norm"] = norm("pre_feedforward_layernorm")
+                layer["post_ffn_norm"] = norm("post_feedforward_layernorm")
+            else:  # Qwen: "post_attention_layernorm" is the pre-FFN norm
+                layer["ffn_norm"] = norm("post_attention_layernorm")
+            if a.qk_norm:
+                layer["q_norm"] = norm("self_attn.q_norm")
+                layer["k_norm"] = norm("self_attn.k_norm")
+            self.layers.append(layer)
+        self.specs = [AttnSpec(a.n_heads, a.n_kv_heads, a.head_dim, a.attn_scale, a.windows[i], a.attn_softcap)
+                      for i in range(a.n_layers)]
+        # KV caches are per backend; a layer indexes its backend's cache by its local number.
+        self.local_index, counts = [], {}
+        for dev in self.layer_dev:
+            self.local_index.append(counts.get(dev, 0))
+            counts[dev] = counts.get(dev, 0) + 1
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from llmopt.engine.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer(self.folder, self.args)
+        return self._tokenizer
+
+    # --- forward -------------------------------------------------------------------------------------
+    def new_state(self, batch: int, max_len: int) -> State:
+        a = self.args
+        if max_len > a.max_position:
+            raise LlmoptError(f"{self.folder}: {max_len} tokens exceed the model context of {a.max_position} "
+                              f"(max_position_embeddings)")
+        caches = {}
+        for dev, be in self.backends.items():
+            layers = [i for i in range(a.n_layers) if self.layer_dev[i] == dev]
+            if layers:
+                caches[dev] = be.kv_cache(len(layers), batch, max_len, a.n_kv_heads, a.head_dim,
+                                          [a.windows[i] for i in layers])
+        return State(caches, 0, torch.zeros(batch, max_len, dtype=torch.bool), torch.zeros(batch, dtype=torch.int64),
+                     max_len)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, state: State, all_logits: bool = False,
+                 embeds: dict | None = None) -> torch.Tensor:
+        """Run ``ids [B, T]`` at cache slots ``state.start..``; host float32 logits (last or all positions)."""
+        a = self.args
+        B, T = ids.shape
+        if state.start + T > state.max_len:
+            raise LlmoptError(f"{state.start + T} tokens exceed the KV cache of {state.max_len} tokens")
+        cur = self.backends[self.embed_dev]
+        x = cur.embedding(ids, self.embed, a.embed_scale)
+        if embeds is not None:  # image features replace the placeholder tokens' embeddings
+            host = cur.to_host(x)
+            host[embeds["mask"]] = embeds["features"].to(host.dtype)
+            x = cur.from_host(host)
+        valid = state.valid[:, :state.start + T]
+        tables = {r: rope_tables(r, positions, a.head_dim) for r in set(a.rope_layers)}
+        for i, layer in enumerate(self.layers):
+            be = self.backends[self.layer_dev[i]]
+            if be is not cur:
+                x, cur = be.from_host(cur.to_host(x)), be
+            x = self._block(be, layer, x, tables[a.rope_layers[i]], state, i, valid)
+        head = self.backends[self.head_dev]
+        if head is not cur:
+            x = head.from_host(cur.to_host(x))
+        x = head.rmsnorm(x, self.final_norm, a.norm_eps, a.norm_unit_offset)
+        if not all_logits:
+            return head.logits(x, self.head, a.final_softcap)
+        y = head.to_host(head.linear(x, self.head))
+        return a.final_softcap * torch.tanh(y / a.final_softcap) if a.final_softcap else y
+
+    def _block(self, be: Backend, w: dict, x, rope, state: State, i: int, valid):
+        a, spec = self.args, self.specs[i]
+        h = be.rmsnorm(x, w["attn_norm"], a.norm_eps, a.norm_unit_offset)
+        q, k, v = be.linear(h, w["q"]), be.linear(h, w["k"]), be.linear(h, w["v"])
+        if a.qk_norm:
+            q = be.rmsnorm(q, w["q_norm"], a.norm_eps, a.norm_unit_offset, group=a.head_dim)
+            k = be.rmsnorm(k, w["k_norm"], a.norm_eps, a.norm_unit_offset, group=a.head_dim)
+        q, k = be.rope(q, *rope, a.head_dim), be.rope(k, *rope, a.head_dim)
+        cache = state.caches[self.layer_dev[i]]
+        attn = be.attention(q, k, v, cache, self.local_index[i], state.start, valid, spec)
+        h = be.linear(attn, w["o"])
+        if a.sandwich_norm:
+            h = be.rmsnorm(h, w["post_attn_norm"], a.norm_eps, a.norm_unit_offset)
+        x = be.add(x, h)
+        h = be.rmsnorm(x, w["ffn_norm"], a.norm_eps, a.norm_unit_offset)
+        h = be.linear(be.gated_act(be.linear(h, w["gate"]), be.linear(h, w["up"]), a.act), w["down"])
+        if a.sandwich_norm:
+            h = be.rmsnorm(h, w["post_ffn_norm"], a.norm_eps, a.norm_unit_offset)
+        return be.add(x, h)
+
+    # --- public steps --------------------------------------------------------------------------------
+    def prefill(self, ids, attention_mask: torch.Tensor | None = None, max_len: int | None = None,
+                images: list | None = None, all_logits: bool = False) -> tuple[torch.Tensor, State]:
+        """Process left-padded prompts ``ids [B, T]`` (``attention_mask`` 1 = real token).
+
+        Returns the last position's logits ``[B, vocab]`` (``[B, T, vocab]`` with ``all_logits``) and the state
+        for ``decode_step``. ``max_len`` sizes the KV cache (default: the prompt). ``images``: preprocessed
+        ``llmopt.engine.vision.ImageInput`` list, in the order of the prompt's image placeholders."""
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        B, T = ids.shape
+        if T == 0:
+            raise LlmoptError("prefill: the prompt is empty")
+        mask = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else torch.as_tensor(attention_mask).bool()
+        if mask.shape != ids.shape:
+            raise LlmoptError(f"prefill: attention_mask shape {list(mask.shape)} differs from ids {list(ids.shape)}")
+        if int(ids.max()) >= self.args.vocab_size or int(ids.min()) < 0:
+            raise LlmoptError(f"prefill: token ids must lie in 0..{self.args.vocab_size - 1}")
+        max_len = max_len or T
+        if T > self.args.max_position:
+            raise LlmoptError(f"prompt of {T} tokens is longer than the model context of {self.args.max_position}")
+        state = self.new_state(B, max_len)
+        state.valid[:, :T] = mask
+        embeds = None
+        if images:
+            positions, embeds = self._image_inputs(ids, mask, images)
+        else:
+            if self._has_image_tokens(ids):
+                raise LlmoptError("prefill: the prompt holds image placeholder tokens but no images were given")
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        state.next_pos = positions.reshape(-1, B, T).amax(dim=(0, 2)) + 1
+        t0 = time.perf_counter()
+        logits = self._forward(ids, positions, state, all_logits, embeds)
+        state.timings["prefill_s"] = time.perf_counter() - t0
+        state.start = T
+        return logits, state
+
+    def decode_step(self, state: State, ids) -> torch.Tensor:
+        """Append one token per sequence (``ids [B]``) and return the next logits ``[B, vocab]``."""
+        ids = torch.as_tensor(ids, dtype=torch.int64).view(-1, 1)
+        state.valid[:, state.start] = True
+        positions = state.next_pos.view(-1, 1)
+        logits = self._forward(ids, positions, state)
+        state.start += 1
+        state.next_pos = state.next_pos + 1
+        return logits
+
+    def forward_logits(self, ids, attention_mask: torch.Tensor | None = None, images: list | None = None) -> torch.Tensor:
+        """Logits at every position, host float32 ``[B, T, vocab]`` (fresh cache, one prefill pass)."""
+        return self.prefill(ids, attention_mask, images=images, all_logits=True)[0]
+
+    def generate(self, prompt, max_new_tokens: int = 64, **kwargs):
+        """Generate from text, token ids or a batch of either; see ``llmopt.engine.generate.generate``."""
+        from llmopt.engine.generate import generate
+
+        return generate(self, prompt, max_new_tokens=max_new_tokens, **kwargs)
+
+    # --- images (Qwen2.5-VL) -------------------------------------------------------------------------
+    def _has_image_tokens(self, ids) -> bool:
+        return self.args.image_token_id is not None and bool((ids == self.args.image_token_id).any())
+
+    def _image_inputs(self, ids, mask, images):
+        if self.args.vision is None:
+            raise LlmoptError(f"{self.folder}: model_type {self.args.family} takes no images (text-only model)")
+        if self.vision is None:
+            raise LlmoptError(f"{self.folder}: the checkpoint has no vision tower tensors ('visual.*')")
+        from llmopt.engine.vision import mrope_positions
+
+        features = torch.cat([self.vision(img) for img in images], dim=0)
+        image_mask = (ids == self.args.image_token_id) & mask
+        if int(image_mask.sum()) != features.shape[0]:
+            raise LlmoptError(f"prefill: the prompt has {int(image_mask.sum())} image placeholder tokens but the "
+                              f"images give {features.shape[0]} features")
+        positions = mrope_positions(ids, mask, images, self.args)
+        return positions, {"mask": image_mask, "features": features}
+
+
+def load_model(folder: str | Path, backend: str | Backend = "cpu", plan: dict | None = None) -> Model:
+    """Load a model folder (config.json + float or packed safetensors) onto ``backend`` or a partition ``plan``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LlmoptError(f"{folder}: not a model folder (directory not found)")
+    args = ModelArgs.from_folder(folder)
+    return Model(args, load_tensors(folder), folder, backend, plan)

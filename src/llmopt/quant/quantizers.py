@@ -1,0 +1,231 @@
+"""Weight quantizers: round-to-nearest, an error-minimizing scale/clip search, and GPTQ, one interface.
+
+Each takes a float weight ``[out, in]`` and a ``Spec`` (bits, group, symmetric, scale dtype) and returns a
+``QuantizedTensor`` in the packed format of ``llmopt.quant.format``:
+
+- ``rtn``: scale from each group's range. Symmetric groups map the element of largest magnitude to code 0
+  (``q - z = -2**(bits-1)``, the llama.cpp Q4_0 rule, so the scale may be negative); asymmetric groups map
+  min..max onto 0..2**bits-1 with a float zero point.
+- ``mse``: per group, a grid search over clip ratios of the range followed by alternating least-squares refits of
+  scale (and zero) to the codes, minimizing the (optionally importance-weighted) squared error. With importance
+  weights ``E[x_j**2]`` of the layer's inputs (llama.cpp's "imatrix") it minimizes the expected output error.
+- ``gptq``: GPTQ (Frantar et al. 2022) with a calibration Hessian ``H = sum x x^T`` of the layer's inputs:
+  columns are quantized left to right and each column's error is spread over the columns not yet quantized
+  (lazy batch updates, Cholesky of the damped inverse Hessian). Group parameters come from the ``mse`` search on
+  the error-updated weights at each group's first column.
+
+Scales and zero points are rounded to their storage dtype before codes are chosen, so the stored tensor decodes
+to exactly the weight that was optimized. Rows are processed in chunks, bounding peak memory for huge tensors
+(a 152064 x 3584 embedding).
+
+    python -m llmopt.quant.quantizers     # quantizes a random 1024x1024 weight with each method, prints errors
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmopt.errors import LlmoptError
+from llmopt.quant.format import QuantizedTensor, check_layout, pack_bits
+
+METHODS = ("rtn", "mse", "gptq")
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+_CLIP_GRID = torch.linspace(1.0, 0.5, 21)  # fractions of the group range tried by the mse search
+_ROW_CHUNK_ELEMS = 1 << 22  # rows per chunk chosen so one chunk holds about 4M weights
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one tensor is stored: ``group == 0`` means one group per row (per output channel)."""
+
+    bits: int
+    group: int
+    sym: bool = True
+    scale_dtype: str = "float16"
+
+    def group_for(self, n_in: int) -> int:
+        return n_in if self.group == 0 else self.group
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        """Stored size of a ``shape`` weight in this format (codes + scales + zeros)."""
+        out, n_in = shape
+        groups = out * (n_in // self.group_for(n_in))
+        return out * n_in * self.bits // 8 + groups * 2 * (1 if self.sym else 2)
+
+    def fits(self, shape: tuple[int, int]) -> bool:
+        try:
+            check_layout(tuple(shape), self.bits, self.group_for(shape[1]))
+        except LlmoptError:
+            return False
+        return True
+
+    @property
+    def label(self) -> str:
+        g = "c" if self.group == 0 else f"g{self.group}"
+        return f"int{self.bits}{g}{'' if self.sym else 'a'}"
+
+
+def quantize(w: torch.Tensor, spec: Spec, method: str = "rtn", *, importance: torch.Tensor | None = None,
+             hessian: torch.Tensor | None = None, name: str = "tensor") -> QuantizedTensor:
+    """Quantize ``w [out, in]`` to ``spec`` with ``method`` (rtn | mse | gptq); see the module docstring."""
+    if method not in METHODS:
+        raise LlmoptError(f"{name}: unknown quantization method '{method}' (expected one of {METHODS})")
+    if spec.scale_dtype not in _SCALE_DTYPES:
+        raise LlmoptError(f"{name}: scale_dtype '{spec.scale_dtype}' is not supported (expected float16 or bfloat16)")
+    out, n_in = w.shape if w.dim() == 2 else (0, 0)
+    group = spec.group_for(n_in) if w.dim() == 2 else spec.group
+    check_layout(tuple(w.shape), spec.bits, group, name)
+    if method == "gptq":
+        if hessian is None:
+            raise LlmoptError(f"{name}: gptq needs a calibration Hessian of the layer inputs")
+        return _gptq(w, spec, group, hessian, name)
+    codes = torch.empty(out, n_in, dtype=torch.uint8)
+    n_groups = n_in // group
+    scales = torch.empty(out, n_groups, dtype=_SCALE_DTYPES[spec.scale_dtype])
+    zeros = None if spec.sym else torch.empty_like(scales)
+    weights = None if importance is None else importance.float().clamp_min(0).view(1, n_groups, group)
+    rows = max(1, _ROW_CHUNK_ELEMS // n_in)
+    for r0 in range(0, out, rows):
+        wg = w[r0:r0 + rows].float().view(-1, n_groups, group)
+        s, z = group_params(wg, spec, search=method == "mse", weights=weights)
+        codes[r0:r0 + rows] = _codes(wg, s, z, spec.bits).view(-1, n_in)
+        scales[r0:r0 + rows] = s.squeeze(-1).to(scales.dtype)
+        if zeros is not None:
+            zeros[r0:r0 + rows] = z.squeeze(-1).to(zeros.dtype)
+    return QuantizedTensor(pack_bits(codes, spec.bits), scales, zeros, spec.bits, group, (out, n_in),
+                           str(w.dtype).removeprefix("torch."))
+
+
+def group_params(wg: torch.Tensor, spec: Spec, search: bool = False,
+                 weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point ``[..., groups, 1]`` (float32, already rounded to storage) for groups ``wg``."""
+    sdt = _SCALE_DTYPES[spec.scale_dtype]
+    if not search:
+        return _range_params(wg, spec, 1.0, sdt)
+    w8 = torch.ones_like(wg) if weights is None else weights.expand_as(wg)
+    best_s, best_z = _range_params(wg, spec, 1.0, sdt)
+    best_err = _group_error(wg, best_s, best_z, spec.bits, w8)
+    for ratio in _CLIP_GRID[1:].tolist():
+        s, z = _range_params(wg, spec, ratio, sdt)
+        err = _group_error(wg, s, z, spec.bits, w8)
+        better = err < best_err
+        best_s, best_z, best_err = best_s.where(~better, s), best_z.where(~better, z), err.where(~better, best_err)
+    for _ in range(2):  # least-squares refit of scale (and zero) to the chosen codes, kept where it helps
+        s, z = _refit(wg, _codes(wg, best_s, best_z, spec.bits), spec, w8, sdt, best_s, best_z)
+        err = _group_error(wg, s, z, spec.bits, w8)
+        better = err < best_err
+        best_s, best_z, best_err = best_s.where(~better, s), best_z.where(~better, z), err.where(~better, best_err)
+    return best_s, best_z
+
+
+def _range_params(wg: torch.Tensor, spec: Spec, ratio: float, sdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if spec.sym:
+        half = 2 ** (spec.bits - 1)
+        idx = wg.abs().argmax(-1, keepdim=True)
+        s = wg.gather(-1, idx) * (ratio / -half)
+        s = torch.where(s == 0, torch.full_like(s, 1.0), s).to(sdt).float()
+        s = torch.where(s == 0, torch.full_like(s, 1.0), s)  # an underflowed scale would divide by zero
+        return s, torch.full_like(s, float(half))
+    lo = wg.amin(-1, keepdim=True).clamp_max(0) * ratio
+    hi = wg.amax(-1, keepdim=True).clamp_min(0) * ratio
+    s = ((hi - lo) / (2 ** spec.bits - 1))
+    s = torch.where(s == 0, torch.full_like(s, 1.0), s).to(sdt).float()
+    s = torch.where(s == 0, torch.full_like(s, 1.0), s)
+    z = (-lo / s).to(sdt).float()
+    return s, z
+
+
+def _refit(wg, q, spec, w8, sdt, s_old, z_old):
+    """Weighted least squares for ``w ~ s*(q - z)`` given codes ``q``: scale only (sym) or scale and offset."""
+    q = q.float()
+    if spec.sym:
+        c = q - s_old.new_tensor(2 ** (spec.bits - 1))
+        den = (w8 * c * c).sum(-1, keepdim=True)
+        s = (w8 * wg * c).sum(-1, keepdim=True) / den.clamp_min(1e-30)
+        s = torch.where((den > 0) & (s != 0), s, s_old).to(sdt).float()
+        return torch.where(s == 0, s_old, s), z_old
+    sw, sq, sww = w8.sum(-1, keepdim=True), (w8 * q).sum(-1, keepdim=True), (w8 * wg).sum(-1, keepdim=True)
+    sqq, sqw = (w8 * q * q).sum(-1, keepdim=True), (w8 * q * wg).sum(-1, keepdim=True)
+    det = sw * sqq - sq * sq
+    ok = det.abs() > 1e-12 * (sw * sqq).clamp_min(1e-30)
+    s = (sw * sqw - sq * sww) / torch.where(ok, det, torch.ones_like(det))
+    b = (sww - s * sq) / sw.clamp_min(1e-30)  # w ~ s*q + b, so z = -b/s
+    ok &= s.abs() > 0
+    s = torch.where(ok, s, s_old).to(sdt).float()
+    s = torch.where(s == 0, s_old, s)
+    z = torch.where(ok, -b / s, z_old).to(sdt).float()
+    return s, z
+
+
+def _codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round(wg / s + z), 0, 2 ** bits - 1).to(torch.uint8)
+
+
+def _group_error(wg, s, z, bits, w8) -> torch.Tensor:
+    deq = (_codes(wg, s, z, bits).float() - z) * s
+    return (w8 * (wg - deq) ** 2).sum(-1, keepdim=True)
+
+
+def _gptq(w: torch.Tensor, spec: Spec, group: int, hessian: torch.Tensor, name: str,
+          damp: float = 0.01, block: int = 128) -> QuantizedTensor:
+    out, n_in = w.shape
+    if tuple(hessian.shape) != (n_in, n_in):
+        raise LlmoptError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match input width {n_in}")
+    W = w.float().clone()
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.diag(H).mean() * torch.eye(n_in, dtype=H.dtype)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    except RuntimeError:
+        raise LlmoptError(f"{name}: calibration Hessian is not positive definite even after damping") from None
+    sdt = _SCALE_DTYPES[spec.scale_dtype]
+    n_groups = n_in // group
+    codes = torch.empty(out, n_in, dtype=torch.uint8)
+    scales = torch.empty(out, n_groups)
+    zeros = torch.empty(out, n_groups)
+    block = max(block, group) if group < n_in else block
+    if group == n_in:  # one group per row: parameters from the whole original row
+        s, z = group_params(W.view(out, 1, n_in), spec, search=True)
+        scales[:], zeros[:] = s.view(out, 1), z.view(out, 1)
+    for b0 in range(0, n_in, block):
+        b1 = min(b0 + block, n_in)
+        W1, err1, hinv1 = W[:, b0:b1].clone(), torch.zeros(out, b1 - b0), hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            g = col // group
+            if group < n_in and col % group == 0:
+                s, z = group_params(W1[:, i:i + group].unsqueeze(1), spec, search=True,
+                                    weights=torch.diag(H)[col:col + group].float().view(1, 1, -1))
+                scales[:, g], zeros[:, g] = s.view(out), z.view(out)
+            s, z = scales[:, g], zeros[:, g]
+            q = torch.clamp(torch.round(W1[:, i] / s + z), 0, 2 ** spec.bits - 1)
+            codes[:, col] = q.to(torch.uint8)
+            e = (W1[:, i] - (q - z) * s) / hinv1[i, i]
+            W1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        W[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+    return QuantizedTensor(pack_bits(codes, spec.bits), scales.to(sdt), None if spec.sym else zeros.to(sdt),
+                           spec.bits, group, (out, n_in), str(w.dtype).removeprefix("torch."))
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(1024, 1024) * 0.02
+    x = torch.randn(4096, 1024) * torch.linspace(0.1, 3.0, 1024)
+    H = x.T @ x
+    for spec in (Spec(4, 128), Spec(4, 128, sym=False), Spec(3, 64, sym=False), Spec(2, 32, sym=False), Spec(8, 0)):
+        row = []
+        for method in METHODS:
+            dq = quantize(w, spec, method, hessian=H).dequantize()
+            out_err = ((x @ (w - dq).T).norm() / (x @ w.T).norm()).item()
+            row.append(f"{method} {out_err:.4f}")
+        print(f"{spec.label:10s} relative output error: " + "  ".join(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Qwen2.5-VL at tiny scale vs Hugging Face: image preprocessing, the vision tower, text+image prompt logits.
+
+The tiny config keeps every feature: window attention with windows that do not tile the image (padding),
+full-attention blocks, the 2x2 merger, M-RoPE sections, text before and after the image. Fresh random weights.
+Tolerances: pixel patches 1e-5 against Qwen2VLImageProcessorPil (same PIL bicubic resize); tower features and
+logits 1e-4 absolute (float32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmopt.engine import load_model
+from llmopt.engine.vision import ImageInput, preprocess_image
+from llmopt.errors import LlmoptError
+
+IMAGE_TOKEN, VSTART, VEND = 300, 301, 302
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6})
+    vision = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, patch_size=14,
+                  window_size=56, fullatt_block_indexes=[1, 3], spatial_merge_size=2, temporal_patch_size=2)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                           vision_start_token_id=VSTART, vision_end_token_id=VEND, video_token_id=303)
+    seed = int(torch.randint(0, 2**30, ()))
+    torch.manual_seed(seed)
+    hf = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape) * 0.1)
+    folder = tmp_path_factory.mktemp("qwen25vl")
+    hf.save_pretrained(folder)
+    return seed, hf, load_model(folder)
+
+
+def random_image(h, w):
+    from PIL import Image
+
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), dtype=torch.uint8).numpy())
+
+
+def test_preprocess_matches_hf_processor(tiny_vl):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    img = random_image(100, 150)
+    ours = preprocess_image(img, tiny_vl[2].args.vision)
+    ref = Qwen2VLImageProcessorPil()(images=[img], return_tensors="pt")
+    assert list(ref["image_grid_thw"][0]) == list(ours.grid_thw)
+    assert (ours.pixel_values - ref["pixel_values"]).abs().max() < 1e-5
+
+
+def test_vision_tower_matches_hf(tiny_vl):
+    seed, hf, model = tiny_vl
+    image = preprocess_image(random_image(112, 252), model.args.vision)  # 8 x 18 patches: windows need padding
+    with torch.no_grad():
+        ref = hf.model.get_image_features(image.pixel_values, torch.tensor([image.grid_thw])).pooler_output[0]
+    got = model.vision(image)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() < 1e-4, f"seed={seed}"
+
+
+def test_text_and_image_prompt_logits_match_hf(tiny_vl):
+    seed, hf, model = tiny_vl
+    image = preprocess_image(random_image(84, 140), model.args.vision)
+    n = image.n_tokens(2)
+    ids = torch.tensor([[5, 6, 7, VSTART] + [IMAGE_TOKEN] * n + [VEND, 8, 9, 10, 11]])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=image.pixel_values, image_grid_thw=torch.tensor([image.grid_thw]),
+                 mm_token_type_ids=(ids == IMAGE_TOKEN).int()).logits
+    got = model.forward_logits(ids, images=[image])
+    assert (got - ref).abs().max() < 1e-4, f"seed={seed}"
+    # decode after an image prompt continues the M-RoPE positions like HF generate
+    with torch.no_grad():
+        hf_tokens = hf.generate(input_ids=ids, pixel_values=image.pixel_values,
+                                image_grid_thw=torch.tensor([image.grid_thw]), mm_token_type_ids=(ids == IMAGE_TOKEN).int(),
+                                max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+    logits, state = model.prefill(ids, images=[image], max_len=ids.shape[1] + 6)
+    ours = []
+    for _ in range(6):
+        tok = logits.argmax(-1)
+        ours.append(int(tok))
+        logits = model.decode_step(state, tok)
+    assert ours == hf_tokens.tolist(), f"seed={seed}"
+
+
+def test_text_only_prompt_on_vl_model_matches_hf(tiny_vl):
+    seed, hf, model = tiny_vl
+    ids = torch.randint(0, 290, (1, 12))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+    assert (model.forward_logits(ids) - ref).abs().max() < 1e-4
+
+
+def test_image_errors(tiny_vl):
+    model = tiny_vl[2]
+    image = preprocess_image(random_image(56, 56), model.args.vision)
+    with pytest.raises(LlmoptError, match="placeholder"):
+        model.forward_logits(torch.tensor([[5, IMAGE_TOKEN, 6]]), images=[image])
+    with pytest.raises(LlmoptError, match="no images"):
+        model.forward_logits(torch.tensor([[5, IMAGE_TOKEN, 6]]))
+    with pytest.raises(LlmoptError, match="pixel_values"):
+        model.vision(ImageInput(torch.zeros(3, 10), (1, 2, 2)))
