@@ -35,12 +35,12 @@ func.func @main(%q: tensor<?x${HQ}x?x${D}xf32>, %k: tensor<?x${HKV}x?x${D}xf32>,
       ins(%sc, %mask : tensor<?x${HQ}x?x?xf32>, tensor<?x?x?xi8>) outs(%sm0 : tensor<?x${HQ}x?x?xf32>) {
   ^bb0(%x: f32, %mv: i8, %o: f32):
     %scale = arith.constant ${SCALE} : f32
-    %xs = arith.mulf %x, %scale : f32
+    %xs = arith.mulf %x, %scale : f32  // @if CAPPED
+    %y = arith.mulf %x, %scale : f32  // @if !CAPPED
     %cap = arith.constant ${SOFTCAP} : f32  // @if CAPPED
     %xc = arith.divf %xs, %cap : f32  // @if CAPPED
     %th = math.tanh %xc : f32  // @if CAPPED
     %y = arith.mulf %th, %cap : f32  // @if CAPPED
-    %y = arith.addf %xs, %zero : f32  // @if !CAPPED
     %z8 = arith.constant 0 : i8
     %keep = arith.cmpi ne, %mv, %z8 : i8
     %ninf = arith.constant 0xFF800000 : f32

@@ -67,8 +67,8 @@ func.func @main(%q: tensor<?x?x${HQ}x${D}xf32>, %k: tensor<?x?x${HKV}x${D}xf32>,
   %sp0 = tensor.empty(%b, %t, %np) : tensor<?x${HQ}x?x?xf32>
   %spz = linalg.fill ins(%zero : f32) outs(%sp0 : tensor<?x${HQ}x?x?xf32>) -> tensor<?x${HQ}x?x?xf32>
   %sp = linalg.generic {
-      indexing_maps = [affine_map<(b, h, t, s, d) -> (b, t, h, d)>, affine_map<(b, h, t, s, d) -> (b, h floordiv ${R}, s, d)>,
-                       affine_map<(b, h, t, s, d) -> (b, h, t, s)>],
+      indexing_maps = [affine_map<(b, h, t, p, d) -> (b, t, h, d)>, affine_map<(b, h, t, p, d) -> (b, h floordiv ${R}, p, d)>,
+                       affine_map<(b, h, t, p, d) -> (b, h, t, p)>],
       iterator_types = ["parallel", "parallel", "parallel", "parallel", "reduction"]}
       ins(%qr, %kpast : tensor<?x?x${HQ}x${D}xf32>, tensor<?x${HKV}x?x${D}xf32>) outs(%spz : tensor<?x${HQ}x?x?xf32>) {
   ^bb0(%qv: f32, %kv: f32, %acc: f32):

@@ -38,12 +38,12 @@ func.func @main(%q: tensor<?x${HQ}x?x${D}xf32>, %k: tensor<?x${HKV}x?x${D}xf32>,
       outs(%sm0 : tensor<?x${HQ}x?x?xf32>) {
   ^bb0(%x: f32, %real: i8, %kp: i64, %qp: i64, %o: f32):
     %scale = arith.constant ${SCALE} : f32
-    %xs = arith.mulf %x, %scale : f32
+    %xs = arith.mulf %x, %scale : f32  // @if CAPPED
+    %y = arith.mulf %x, %scale : f32  // @if !CAPPED
     %cap = arith.constant ${SOFTCAP} : f32  // @if CAPPED
     %xc = arith.divf %xs, %cap : f32  // @if CAPPED
     %th = math.tanh %xc : f32  // @if CAPPED
     %y = arith.mulf %th, %cap : f32  // @if CAPPED
-    %y = arith.addf %xs, %zero : f32  // @if !CAPPED
     %w1 = arith.constant ${WINDOW_M1} : i64
     %z64 = arith.constant 0 : i64
     %causal = arith.cmpi sle, %kp, %qp : i64

@@ -338,7 +338,7 @@ COLORS = {"cpu": "#4c72b0", "vulkan": "#dd8452", "npu": "#55a868", "cuda": "#c44
 
 
 def draw_plan(record: dict, path: Path) -> None:
-    """One bar per plan (optimal and heuristic, here and on the laptop): units coloured by device."""
+    """Plans as bars of units coloured by device: the plans here (top) and the full-scale laptop plans (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,38 +347,44 @@ def draw_plan(record: dict, path: Path) -> None:
 
     from llmopt.fsutil import atomic_path
 
-    rows = []
-    for label, p in [("here: optimal", record), ("here: heuristic", record.get("heuristic") or {})]:
-        if p.get("segments"):
-            rows.append((label, p))
+    here = [(label, p) for label, p in [("optimal", record), ("heuristic", record.get("heuristic") or {})]
+            if p.get("segments")]
+    laptop = []
     for prof in ("phoenix-ddr5", "phoenix-lpddr5x"):
         lp = (record.get("laptop") or {}).get(prof) or {}
-        if lp.get("segments"):
-            rows.append((f"{prof}: optimal", lp))
-        if (lp.get("heuristic") or {}).get("segments"):
-            rows.append((f"{prof}: seed heuristic", lp["heuristic"]))
-    fig, ax = plt.subplots(figsize=(9, 0.7 + 0.55 * max(len(rows), 1)))
-    for y, (label, p) in enumerate(rows):
-        n_layers = p["segments"][-1]["layers"][1] + 1
-        ax.barh(y, 1, left=-1, color=COLORS.get(p["embedding"], "grey"), edgecolor="white")
-        for seg in p["segments"]:
-            a, b = seg["layers"]
-            ax.barh(y, b - a + 1, left=a, color=COLORS.get(seg["device"], "grey"), edgecolor="white")
-        ax.barh(y, 1, left=n_layers, color=COLORS.get(p["head"], "grey"), edgecolor="white")
-        pred = p.get("predicted") or {}
-        note = f"{pred.get('decode_tok_s', math.nan):.1f} tok/s" + ("" if p.get("feasible", True) else " (over budget)")
-        ax.text(n_layers + 1.5, y, note, va="center", fontsize=8)
-    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
-    ax.set_xlabel("embedding | decoder layers | head")
+        laptop += [(f"{prof}: {label}", p) for label, p in [("optimal", lp), ("seed heuristic", lp.get("heuristic") or {})]
+                   if p.get("segments")]
+    groups = [(f"here ({record.get('scale') or 'as built'}): {record.get('target')}", here),
+              ("Phoenix laptop, full scale", laptop)]
+    groups = [g for g in groups if g[1]]
     title = f"{record.get('model')} / {record.get('scheme')} / {record.get('target')}"
     if record.get("skipped") or record.get("error"):
-        title += " — " + ("skipped" if record.get("skipped") else "error") + " here"
-    ax.set_title(title, fontsize=9)
-    used = sorted({d for _, p in rows for d in [p["embedding"], p["head"]] + [s["device"] for s in p["segments"]]})
-    ax.legend(handles=[Patch(color=COLORS.get(d, "grey"), label=d) for d in used], loc="upper right", fontsize=7,
-              bbox_to_anchor=(1.0, 1.35 if rows else 1.0), ncol=max(len(used), 1))
-    ax.margins(x=0.15)
-    fig.tight_layout()
+        title += ": " + ("target absent here" if record.get("skipped") else "no plan here (see error)")
+    heights = [max(len(rows), 1) for _, rows in groups] or [1]
+    fig, axes = plt.subplots(len(heights), 1, figsize=(9, 1.2 + 0.45 * sum(heights) + 0.5 * len(heights)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    used = set()
+    for ax, (gtitle, rows) in zip(axes[:, 0], groups or [("nothing to draw", [])]):
+        for y, (label, p) in enumerate(rows):
+            n_layers = p["segments"][-1]["layers"][1] + 1
+            spans = [(-1, 1, p["embedding"])] + [(s["layers"][0], s["layers"][1] - s["layers"][0] + 1, s["device"])
+                                                  for s in p["segments"]] + [(n_layers, 1, p["head"])]
+            for left, width, dev in spans:
+                ax.barh(y, width, left=left, color=COLORS.get(dev, "grey"), edgecolor="white")
+                used.add(dev)
+            pred = p.get("predicted") or {}
+            note = f"{pred.get('decode_tok_s', math.nan):.1f} tok/s" + ("" if p.get("feasible", True) else ", over budget")
+            ax.text(n_layers + 1.5, y, note, va="center", fontsize=8)
+        ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+        ax.set_title(gtitle, fontsize=9, loc="left")
+        ax.set_xlabel("embedding | decoder layers | head", fontsize=8)
+        ax.margins(x=0.2)
+        if not rows:
+            ax.text(0.5, 0.5, "no plan", ha="center", transform=ax.transAxes)
+    fig.suptitle(title, fontsize=10)
+    fig.legend(handles=[Patch(color=COLORS.get(d, "grey"), label=d) for d in sorted(used)], loc="upper right",
+               fontsize=8, ncol=max(len(used), 1))
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

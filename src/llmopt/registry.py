@@ -66,6 +66,7 @@ class Registry:
     models: dict[str, dict]  # the models the config selects, in config order
     all_models: dict[str, dict]  # every entry of models.yaml
     targets: dict[str, dict]  # the targets the config selects
+    all_targets: dict[str, dict]  # every entry of targets.yaml
     schemes: dict[str, dict]  # the schemes the workflow builds (run_schemes), each with its ``name``
 
     def model(self, model_id: str) -> dict:
@@ -118,6 +119,7 @@ def load(config: dict | str | Path | None = None, base: str | Path = REPO) -> Re
         models={mid: models[mid] for mid in config["models"]},
         all_models=models,
         targets={t: targets[t] for t in config["targets"]},
+        all_targets=targets,
         schemes={name: {"name": name, **config["schemes"][name]} for name in config["run_schemes"]},
     )
 

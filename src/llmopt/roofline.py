@@ -338,3 +338,30 @@ def calibrate(targets: list[str], repeats: int = 5, size: int = 4096, prefill_to
         except Exception as err:  # a backend crashing is recorded, not fatal to the calibration of the others
             result["backends"][target] = {"error": f"{type(err).__name__}: {err}"}
     return result
+
+
+def prediction_table(models: dict, precisions: list, profiles: dict, prompt: int = 512, gen: int = 128,
+                     batches: tuple = (1,)) -> list[dict]:
+    """Predicted and ceiling tok/s for every model (registry entries at full scale), precision and device of
+    every profile, beside the seed's target: the table behind ``llmopt analyze``."""
+    from llmopt.analysis import Arch, analyze, entry_config
+
+    rows = []
+    for model_id, entry in models.items():
+        arch = Arch.from_hf(entry_config(entry, model_id), where=f"models.yaml: {model_id}")
+        seed = entry.get("seed") or {}
+        lo, hi = (seed.get("tok_s") or [None, None])[:2]
+        for prec in precisions:
+            an = analyze(arch, prec)
+            for prof in profiles.values():
+                for dev in prof.devices:
+                    for batch in batches:
+                        p = predict(an, prof, dev, prompt, gen, batch)
+                        rows.append({"model": model_id, "precision": prec.name, "linear_bpw": prec.linear_bpw,
+                                     "weight_gb": an.weight_bytes / GB, "profile": prof.name, "device": dev,
+                                     "batch": batch, "decode_tok_s": p["decode_tok_s"],
+                                     "prefill_tok_s": p["prefill_tok_s"], "ceiling_decode_tok_s": p["ceiling_decode_tok_s"],
+                                     "ceiling_prefill_tok_s": p["ceiling_prefill_tok_s"], "seed_tok_s_low": lo,
+                                     "seed_tok_s_high": hi, "fits_memory": prof.devices[dev].memory is None
+                                     or an.weight_bytes <= prof.devices[dev].memory})
+    return rows

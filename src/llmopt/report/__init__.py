@@ -234,12 +234,24 @@ def summary_rows(data: dict) -> list[dict]:
     return out
 
 
+def _model_entries(config: dict) -> dict:
+    """Registry entries by id: the config's own mapping if it holds one, else the registry it names."""
+    if isinstance(config.get("models"), dict):
+        return config["models"]
+    from llmopt import registry
+
+    try:
+        return registry.load(config or None).all_models
+    except LlmoptError:
+        return {}
+
+
 def build_report(results_dir: Path, config: dict, out_dir: Path) -> None:
     """Write index.html, report.md, summary.csv and figures/ for everything under ``results_dir``."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     if not results_dir.is_dir():
         raise LlmoptError(f"{results_dir}: results folder not found")
-    data = collect(results_dir, config or {})
+    data = collect(results_dir, {**(config or {}), "models": _model_entries(config or {})})
     with atomic_path(out_dir) as tmp:
         figdir = tmp / "figures"
         figdir.mkdir(parents=True)

@@ -36,7 +36,7 @@ def _empty(ax, why: str) -> None:
 def seed_vs_ceiling(laptop: list[dict], path: Path) -> Path:
     """Full-scale models on the Phoenix laptop: the seed's target range, the physical ceiling, our predicted
     batch-1 decode (optimal plan) and the aggregate at batch 16, log scale."""
-    fig, ax = plt.subplots(figsize=(10, 4.8))
+    fig, ax = plt.subplots(figsize=(12, 5))
     rows = [r for r in laptop if r.get("decode_tok_s")]
     if not rows:
         _empty(ax, "no laptop predictions (partition.json files missing)")
@@ -46,7 +46,7 @@ def seed_vs_ceiling(laptop: list[dict], path: Path) -> Path:
         if r.get("seed_lo"):
             ax.add_patch(plt.Rectangle((x - 0.4, r["seed_lo"]), 0.8, r["seed_hi"] - r["seed_lo"], color="#f2c14e",
                                        alpha=0.6, label="seed target" if x == 0 else None))
-    ax.scatter(xs, [r["ceiling_decode_tok_s"] for r in rows], marker="_", s=900, color="black", linewidths=2,
+    ax.scatter(xs, [r["ceiling_decode_tok_s"] for r in rows], marker="_", s=400, color="black", linewidths=2,
                label="physical ceiling, batch 1 (DDR5-5600)", zorder=3)
     ax.scatter(xs, [r["decode_tok_s"] for r in rows], color="#55a868", s=50, zorder=4,
                label="predicted, optimal plan, batch 1")
@@ -55,10 +55,12 @@ def seed_vs_ceiling(laptop: list[dict], path: Path) -> Path:
     ax.scatter(xs, [r.get("batch16_tok_s") or math.nan for r in rows], color="#4c72b0", marker="^", s=50, zorder=4,
                label="predicted aggregate, batch 16")
     ax.set_xticks(list(xs), [f"{r['model']}\n{r['scheme']}" for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_yscale("log")
     ax.set_ylabel("decode tokens/s")
-    ax.set_title("Seed targets vs physics: Phoenix laptop (NPU + Radeon 780M + Zen 4, DDR5-5600), full-scale models")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("Seed targets vs physics: Phoenix laptop (NPU + Radeon 780M + Zen 4, DDR5-5600), full-scale models",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", which="both", alpha=0.3)
     return _save(fig, path)
 

@@ -1,0 +1,265 @@
+"""The quantize stage: a source model folder -> a packed model folder with ``quant.json``.
+
+``quantize_model(source_dir, scheme, out_dir, model_entry)`` streams the source tensor by tensor (each read with
+``safe_open``, quantized, handed to a shard writer), so peak memory is about one tensor plus one output shard
+(plus the float model while calibrating, for calibrated methods, which need a real model). The output folder is
+built under a temporary name and renamed into place only when complete: config.json, tokenizer and generation
+files copied, packed ``model.safetensors`` (or shards + index), ``manifest.json``, and ``quant.json``:
+
+    {"scheme": {...resolved...}, "method", "bytes", "orig_bytes", "params", "quantized_params",
+     "bits_per_weight" (all stored bytes over all parameters), "quantized_bits_per_weight",
+     "compression" (orig_bytes / bytes), "budget": {...} (mixed), "calibration": {...},
+     "tensors": {name: {"format", "bits", "group", "sym", "shape", "bytes", "rel_error", "loss"?} | {"dtype", "bytes"}},
+     "perplexity": {"float": {text: ppl}, "quant": {text: ppl}, "increase_pct": {text: %}, "protocol": {...}}
+                   or {"skipped": reason},
+     "time_s", "peak_rss_mb", "versions"}
+
+``rel_error`` is ``||W - deq(Q(W))||_F / ||W||_F`` per tensor. Scheme keys: ``llmopt.quant.schemes``.
+
+    llmopt quantize SOURCE_DIR OUT_DIR --scheme w4g128      # the same from the command line
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from llmopt.errors import LlmoptError
+from llmopt.fsutil import atomic_path, read_json, sha256_file, write_json
+from llmopt.quant import io, schemes
+from llmopt.quant.format import FORMAT_VERSION, QuantizedTensor
+from llmopt.quant.mixed import knapsack, tensor_loss
+from llmopt.quant.quantizers import Spec, quantize
+
+_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+           "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+           "processor_config.json", "vocab.json", "merges.txt")
+_FLOAT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def quantize_model(source_dir: Path, scheme: dict | str, out_dir: Path, model_entry: dict | None = None) -> dict:
+    """Quantize the model folder ``source_dir`` with ``scheme`` into ``out_dir``; returns quant.json's content."""
+    start = time.time()
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    scheme = schemes.resolve(scheme)
+    if not (source_dir / "config.json").exists():
+        raise LlmoptError(f"{source_dir}: not a model folder (config.json missing)")
+    index = io.tensor_index(source_dir)
+    real = is_real(source_dir)
+    plan = _plan_formats(index, scheme)
+    stats = _calibrate(source_dir, scheme, plan, real)
+    budget = None
+    if scheme["method"] == "mixed":
+        plan, budget = _choose_mixed(index, scheme, plan, stats, model_entry or {})
+    base = scheme.get("base", scheme["method"])
+    report: dict = {"tensors": {}}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for name in _COPIED:
+            if (source_dir / name).exists():
+                shutil.copy2(source_dir / name, tmp / name)
+        writer = io.ShardWriter(tmp, scheme["shard_bytes"], {"llmopt.scheme": scheme["name"]})
+        for name, (path, dtype, shape) in tqdm(index.items(), desc=f"quantize {scheme['name']}", unit="tensor"):
+            w = io.read_tensor(path, name)
+            spec = plan.get(name)
+            if spec is None:
+                t = w.to(_FLOAT[scheme["dtype"]]) if scheme["method"] == "none" and "dtype" in scheme and w.is_floating_point() else w
+                report["tensors"][name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(shape),
+                                           "bytes": t.numel() * t.element_size()}
+            else:
+                t = quantize(w, spec, base, importance=_diag(stats, "hessians", name),
+                             hessian=(stats.get("hessians") or {}).get(name), name=name)
+                deq = t.dequantize()
+                rel = float((w.float() - deq).norm() / w.float().norm().clamp_min(1e-30))
+                report["tensors"][name] = {"format": spec.label, **t.meta(), "bytes": t.nbytes, "rel_error": rel}
+                if budget:
+                    report["tensors"][name]["loss"] = budget["losses"][name]
+                del deq
+            writer.add(name, t)
+            del w, t
+        files = writer.close()
+        report.update(_summary(index, report["tensors"], scheme))
+        report["perplexity"] = _perplexity(source_dir, tmp, scheme, real)
+        if budget:
+            report["budget"] = {k: v for k, v in budget.items() if k != "losses"}
+        report["calibration"] = {k: v for k, v in stats.items() if k not in ("hessians", "fisher")}
+        report["scheme"] = scheme
+        report["method"] = scheme["method"]
+        report["format"] = FORMAT_VERSION
+        report["time_s"] = round(time.time() - start, 2)
+        report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        report["versions"] = {"torch": torch.__version__}
+        write_json(tmp / "quant.json", report)
+        write_json(tmp / "manifest.json", _manifest(source_dir, tmp, files, scheme))
+    return report
+
+
+def is_real(folder: Path) -> bool:
+    """Real (not synthetic) weights with a tokenizer: perplexity and calibration are meaningful."""
+    manifest = folder / "manifest.json"
+    source = read_json(manifest).get("source") if manifest.exists() else None
+    return source != "synthetic" and (folder / "tokenizer.json").exists()
+
+
+def _plan_formats(index: dict, scheme: dict) -> dict[str, Spec | None]:
+    """The format of every quantizable tensor (for mixed: the first option, replaced later); checked up front."""
+    if scheme["method"] == "none":
+        return {}
+    specs = schemes.options(scheme) if scheme["method"] == "mixed" else [schemes.spec(scheme)]
+    plan = {}
+    for name, (path, dtype, shape) in index.items():
+        if not schemes.is_quantizable(name, shape):
+            continue
+        if not any(s.fits(shape) for s in specs):
+            if scheme["on_indivisible"] == "keep":
+                continue
+            s = specs[0]
+            raise LlmoptError(f"{path}: tensor '{name}' {list(shape)}: width {shape[1]} does not fit int{s.bits} "
+                              f"group {s.group_for(shape[1])} (set on_indivisible: keep to store it in float)")
+        plan[name] = specs[0]
+    return plan
+
+
+def _calibrate(source_dir: Path, scheme: dict, plan: dict, real: bool) -> dict:
+    """Hessians (gptq; imatrix for mse) and Fisher (mixed) from calibration text, when the weights are real."""
+    base = scheme.get("base", scheme["method"])
+    sensitivity = scheme.get("sensitivity", "mse")
+    if sensitivity == "auto":
+        sensitivity = "fisher" if real else "mse"
+    need_h = base == "gptq" or (base == "mse" and real) or sensitivity == "output"
+    need_f = sensitivity == "fisher"
+    if not plan or not (need_h or need_f):
+        return {"sensitivity": sensitivity} if scheme["method"] == "mixed" else {}
+    if not real:
+        raise LlmoptError(f"{source_dir}: scheme '{scheme['name']}' needs calibration (gptq, output or fisher "
+                          "sensitivity), which needs real weights and a tokenizer; this folder is synthetic")
+    from llmopt.quant.calibration import calibration_windows, fisher_diagonal, input_hessians
+    from llmopt.quant.perplexity import load_model
+
+    cal = scheme["calibration"]
+    model, tok = load_model(source_dir)
+    windows = calibration_windows(tok, cal["texts"], cal["tokens"])
+    stats: dict = {"texts": cal["texts"], "tokens": sum(len(w) - 1 for w in windows), "sensitivity": sensitivity}
+    if need_h:
+        stats["hessians"] = input_hessians(model, windows)
+    if need_f:
+        stats["fisher"] = fisher_diagonal(model, windows[:8])
+    del model
+    return stats
+
+
+def _diag(stats: dict, key: str, name: str) -> torch.Tensor | None:
+    h = (stats.get(key) or {}).get(name)
+    return None if h is None else torch.diagonal(h).clone()
+
+
+def _choose_mixed(index: dict, scheme: dict, plan: dict, stats: dict, model_entry: dict):
+    """Measure every tensor at every option, then pick formats with the knapsack."""
+    specs = schemes.options(scheme)
+    total_params = sum(_numel(shape) for _, _, shape in index.values())
+    budget_b, bpw = schemes.budget_bytes(scheme, model_entry, total_params)
+    fixed = sum(_numel(shape) * _DTYPE_BYTES.get(dtype, 4) for name, (_, dtype, shape) in index.items() if name not in plan)
+    names, costs, losses = list(plan), [], []
+    kind = stats["sensitivity"]
+    for name in tqdm(names, desc=f"sensitivity ({kind}, {len(specs)} formats)", unit="tensor"):
+        path, _, shape = index[name]
+        w = io.read_tensor(path, name)
+        row_c, row_l = [], []
+        for spec in specs:
+            if not spec.fits(shape):
+                row_c.append(budget_b + 1)  # never affordable
+                row_l.append(float("inf"))
+                continue
+            qt = quantize(w, spec, scheme["base"], importance=_diag(stats, "hessians", name),
+                          hessian=(stats.get("hessians") or {}).get(name), name=name)
+            row_c.append(qt.nbytes)
+            row_l.append(tensor_loss(w, qt.dequantize(), kind, (stats.get("fisher") or {}).get(name),
+                                     _diag(stats, "hessians", name)))
+        costs.append(row_c)
+        losses.append(row_l)
+    floor = fixed + sum(min(c) for c in costs)
+    if budget_b < floor:
+        raise LlmoptError(f"scheme '{scheme['name']}': budget {budget_b} bytes ({bpw:.3f} bpw) is below the floor "
+                          f"{floor} bytes ({8 * floor / total_params:.3f} bpw: every tensor at its smallest format)")
+    picks = knapsack(costs, [[x if x != float("inf") else 1e300 for x in row] for row in losses], budget_b - fixed)
+    chosen = {n: specs[p] for n, p in zip(names, picks)}
+    used = fixed + sum(c[p] for c, p in zip(costs, picks))
+    counts: dict[str, int] = {}
+    for s in chosen.values():
+        counts[s.label] = counts.get(s.label, 0) + 1
+    return chosen, {"bytes": budget_b, "bpw": bpw, "used_bytes": used, "floor_bytes": floor,
+                    "sensitivity": kind, "formats": counts, "total_loss": sum(l[p] for l, p in zip(losses, picks)),
+                    "losses": {n: l[p] for n, l, p in zip(names, losses, picks)}}
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _summary(index: dict, tensors: dict, scheme: dict) -> dict:
+    params = sum(_numel(shape) for _, _, shape in index.values())
+    orig = sum(_numel(shape) * _DTYPE_BYTES.get(dtype, 4) for _, dtype, shape in index.values())
+    stored = sum(t["bytes"] for t in tensors.values())
+    q = [t for t in tensors.values() if "bits" in t]
+    q_params = sum(_numel(t["shape"]) for t in q)
+    return {"params": params, "quantized_params": q_params, "bytes": stored, "orig_bytes": orig,
+            "bits_per_weight": 8 * stored / params, "compression": orig / stored,
+            "quantized_bits_per_weight": (8 * sum(t["bytes"] for t in q) / q_params) if q_params else None,
+            "mean_rel_error": (sum(t["rel_error"] for t in q) / len(q)) if q else 0.0,
+            "max_rel_error": max((t["rel_error"] for t in q), default=0.0)}
+
+
+def _perplexity(source_dir: Path, quant_dir: Path, scheme: dict, real: bool) -> dict:
+    if scheme["perplexity"] is False:
+        return {"skipped": "disabled by the scheme (perplexity: false)"}
+    if not real:
+        return {"skipped": "synthetic weights: perplexity is meaningless"}
+    from llmopt.quant.perplexity import apply_weights, evaluate, load_model
+
+    p = scheme["perplexity"]
+    protocol = {"texts": p["texts"], "tokens": p["tokens"], "window": p["window"], "bos_per_window": True}
+    model, tok = load_model(source_dir)
+    float_ppl = _cached_float_ppl(source_dir, protocol, lambda: evaluate(model, tok, tuple(p["texts"]), p["tokens"], p["window"], "float"))
+    if scheme["method"] == "none" and "dtype" not in scheme:  # an unchanged copy
+        quant_ppl = dict(float_ppl)
+    else:
+        apply_weights(model, io.load_folder(quant_dir))
+        quant_ppl = evaluate(model, tok, tuple(p["texts"]), p["tokens"], p["window"], scheme["name"])
+    return {"float": float_ppl, "quant": quant_ppl, "protocol": protocol,
+            "increase_pct": {k: 100 * (quant_ppl[k] / float_ppl[k] - 1) for k in float_ppl}}
+
+
+def _cached_float_ppl(source_dir: Path, protocol: dict, compute) -> dict:
+    """Float perplexity of a source folder is computed once per protocol and cached beside nothing it owns."""
+    import hashlib
+    import os
+
+    files = sorted(io.weight_files(source_dir))
+    key = hashlib.sha256(json.dumps([protocol] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+                                    sort_keys=True).encode() + str(source_dir.resolve()).encode()).hexdigest()[:24]
+    cache = Path(os.environ.get("LLMOPT_CACHE") or Path.home() / ".cache" / "llmopt") / "ppl" / f"{key}.json"
+    if cache.exists():
+        return read_json(cache)
+    result = compute()
+    write_json(cache, result)
+    return result
+
+
+def _manifest(source_dir: Path, folder: Path, files: list[str], scheme: dict) -> dict:
+    src = read_json(source_dir / "manifest.json") if (source_dir / "manifest.json").exists() else {}
+    return {"model": src.get("model", source_dir.name), "source": src.get("source", "unknown"),
+            "scale": src.get("scale", "unknown"),
+            "provenance": {"quantized_from": str(source_dir), "scheme": scheme["name"], "source_provenance": src.get("provenance")},
+            "files": {f: sha256_file(folder / f) for f in sorted(p.name for p in folder.iterdir() if p.is_file())}}

@@ -1,0 +1,61 @@
+"""Shared by every rule file: the validated registry, wildcard constraints, and helpers for input functions."""
+
+import json
+import re
+from pathlib import Path
+
+from llmopt.partition import DEFAULT_DEVICES
+from llmopt.registry import load as load_registry, rule_safe
+
+REPO = Path(workflow.basedir)
+REG = load_registry(config, base=REPO)  # validates config.yaml, models.yaml, targets.yaml (schemas in ../schemas)
+MODELS = list(REG.models)
+SCHEMES = list(REG.schemes)
+TARGETS = list(REG.targets)
+SHADERS = sorted(p.stem for p in (REPO / "shaders").glob("*.comp"))
+SHADER_HEADERS = sorted(str(p) for p in (REPO / "shaders").glob("*.glsl"))
+KERNEL_SOURCES = sorted(str(p) for p in (REPO / "kernels").glob("*") if p.is_file())
+
+
+def alternatives(names):
+    """A regex matching exactly one of ``names`` (never a path with a slash)."""
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) or "(?!)"
+
+
+# Any model of models.yaml, scheme of config.yaml and target of targets.yaml can be asked for by path.
+wildcard_constraints:
+    model=alternatives(REG.all_models),
+    scheme=alternatives(config["schemes"]),
+    target=alternatives(REG.all_targets),
+    shader=alternatives(SHADERS),
+
+
+def scheme_dict(name):
+    """The scheme dict handed to quantize_model: the config's definition with its name."""
+    return {"name": name, **config["schemes"][name]}
+
+
+def probe_of(target):
+    """The probe record of ``target`` (the probe checkpoint runs first; the DAG is re-evaluated after it)."""
+    with open(checkpoints.probe.get(target=target).output[0]) as f:
+        return json.load(f)
+
+
+def compiled_for(target):
+    """Compile manifests a run on ``target`` needs: its plan's devices that have kernels and are present here."""
+    devices = [d for d in DEFAULT_DEVICES.get(target, [target]) if d in REG.all_targets]
+    return [
+        f"results/kernels/{d}/manifest.json"
+        for d in devices
+        if REG.all_targets[d]["compile"] != "none" and probe_of(d)["present"]
+    ]
+
+
+def bench_outputs(models=None, schemes=None, targets=None):
+    """bench.json paths of models x schemes x targets (default: everything the config selects)."""
+    return expand(
+        "results/{model}/{scheme}/{target}/bench.json",
+        model=models or MODELS,
+        scheme=schemes or SCHEMES,
+        target=targets or TARGETS,
+    )

@@ -1,0 +1,22 @@
+"""Partition: results/{model}/{scheme}/{target}/partition.json, the plan the engine executes on that target."""
+
+
+rule partition:
+    input:
+        quant="results/{model}/{scheme}/quant",
+        probes=expand("results/targets/{target}.json", target=TARGETS),
+        calibration="results/targets/calibration.json",
+    output:
+        "results/{model}/{scheme}/{target}/partition.json",
+    params:
+        entry=lambda wildcards: REG.all_models[wildcards.model],
+        settings={**config["bench"], **config["partition"]},
+    log:
+        "results/logs/partition/{model}/{scheme}/{target}.log",
+    benchmark:
+        "results/logs/partition/{model}/{scheme}/{target}.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    script:
+        "../../scripts/partition.py"
