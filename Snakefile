@@ -10,12 +10,14 @@ Rules live in workflow/rules/ (one file per stage); scripts/ holds one thin entr
 Config: config/config.yaml (schema-checked with config/models.yaml and config/targets.yaml on every run).
 """
 
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+configfile: str(Path(workflow.basedir) / "config" / "config.yaml")
 
 
 include: "workflow/rules/common.smk"

@@ -1,7 +1,8 @@
 """CpuBackend: fast quantized paths vs ``QuantizedTensor.dequantize()`` (float64 reference), fresh random inputs.
 
 Tolerances (relative to the largest |reference| output):
-- int4 via ``_weight_int4pack_mm_for_cpu`` and int8 via ``_weight_int8pack_mm`` (float32 activations): 1e-5;
+- int4 via ``_weight_int4pack_mm_for_cpu`` and int8 via ``_weight_int8pack_mm`` with ``kernel_dtype=float32``: 1e-5;
+- the same kernels with the default bfloat16 kernel input (activations and scales rounded to bf16): 1e-2;
 - dequantized-to-bfloat16 fallbacks (2/3-bit, group-wise 8-bit, N not a multiple of 16): 1e-2 (bf16 rounding);
 - ``quant="reference"``: 1e-6 (plain float32).
 """
@@ -40,7 +41,8 @@ def check_linear(backend, qt, bias, tol, expect_kind=None):
 def test_int4pack_matches_dequantize(group, sym, scale_dtype):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**30, ())))
     qt = random_qt(48, 1280 if group == 256 else 640, 4, group, sym, scale_dtype, gen)
-    check_linear(get_backend("cpu"), qt, torch.randn(48), 1e-5, "int4pack")
+    check_linear(get_backend("cpu", kernel_dtype="float32"), qt, torch.randn(48), 1e-5, "int4pack")
+    check_linear(get_backend("cpu"), qt, torch.randn(48), 1e-2, "int4pack")
 
 
 def test_int4_rows_not_multiple_of_16_fall_back():
@@ -48,7 +50,9 @@ def test_int4_rows_not_multiple_of_16_fall_back():
 
 
 def test_int8_per_channel_uses_int8pack():
-    check_linear(get_backend("cpu"), random_qt(64, 256, 8, 256, True), torch.randn(64), 1e-5, "int8pack")
+    qt = random_qt(64, 256, 8, 256, True)
+    check_linear(get_backend("cpu", kernel_dtype="float32"), qt, torch.randn(64), 1e-5, "int8pack")
+    check_linear(get_backend("cpu"), qt, torch.randn(64), 1e-2, "int8pack")
 
 
 @pytest.mark.parametrize("bits,group,sym", [(8, 64, False), (3, 32, True), (2, 64, False), (3, 128, False)])
@@ -119,7 +123,8 @@ def test_cuda_probe_absent_here_with_reason():
 
 
 def test_quantized_tiny_model_fast_vs_reference(tmp_path):
-    """A whole int4-g32 (asym) Gemma 3 model: fast path logits equal the reference (dequantized float32) path."""
+    """A whole int4-g32 (asym) Gemma 3 model: fast path logits equal the reference (dequantized float32) path
+    (1e-4 relative with float32 kernel input, 2e-2 with the default bfloat16 kernel input)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from llmopt.engine import load_model
@@ -137,8 +142,10 @@ def test_quantized_tiny_model_fast_vs_reference(tmp_path):
             tensors[name] = t
     save_packed(tmp_path / "model.safetensors", tensors)
     ids = torch.randint(0, 320, (2, 9))
+    exact = load_model(tmp_path, backend=get_backend("cpu", kernel_dtype="float32"))
     fast = load_model(tmp_path, backend=get_backend("cpu"))
     ref = load_model(tmp_path, backend=get_backend("cpu", quant="reference"))
     assert fast.backends["cpu"].kinds.get("int4pack", 0) == 14  # 7 linears x 2 layers
-    a, b = fast.forward_logits(ids), ref.forward_logits(ids)
-    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    b = ref.forward_logits(ids)
+    assert (exact.forward_logits(ids) - b).abs().max() <= 1e-4 * b.abs().max()
+    assert (fast.forward_logits(ids) - b).abs().max() <= 2e-2 * b.abs().max()

@@ -109,3 +109,26 @@ def test_npu_probe_names_everything_missing():
 def test_npu_backend_refuses_with_the_probe_reason():
     with pytest.raises(LlmoptError, match="npu: missing: .*pyxrt"):
         get_backend("npu")
+
+
+def test_specs_for_a_model_cover_its_shapes():
+    from llmopt.backends.npu.compile import specs_for_model
+
+    cfg = {"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
+    specs = specs_for_model(cfg, {"bits": 4, "group": 128, "sym": False, "scale_dtype": "bfloat16"})
+    linear = {(s.p["N"], s.p["K"], s.p.get("BIAS")) for s in specs if s.kernel == "qgemv"}
+    assert linear == {(256, 256, True), (128, 256, True), (256, 256, False), (512, 256, False), (256, 512, False)}
+    assert all(s.p["ASYM"] and s.p["SCALE"] == "bfloat16" for s in specs if s.kernel in ("qgemv", "qgemm"))
+    assert [s.kernel for s in specs].count("attention") == 1
+
+
+def test_instruction_stream_reader(tmp_path):
+    import numpy as np
+
+    from llmopt.backends.npu.xrt import _read_insts
+
+    words = np.array([0x06030100, 0x00000105, 0xDEADBEEF], dtype=np.uint32)
+    (tmp_path / "a.npu.txt").write_text("\n".join(f"{w:08x}" for w in words) + "\n")
+    words.tofile(tmp_path / "insts.bin")
+    assert (_read_insts(tmp_path / "a.npu.txt") == words).all() and (_read_insts(tmp_path / "insts.bin") == words).all()

@@ -66,7 +66,7 @@ def test_bytes_match_the_iree_run(spec):
 def test_decode_gemv_is_memory_bound_and_predicted():
     r = predict_kernel("qgemv", {"M": 1, "N": 3584, "K": 3584, "G": 128}, bits=4)
     assert r["predicted"] is True and r["bound"] == "memory"
-    assert r["seconds"] == pytest.approx(PHOENIX.launch_s + r["bytes"] / PHOENIX.dma_bytes_per_s)
+    assert r["seconds"] == pytest.approx(PHOENIX.launch_s + r["bytes"] / (PHOENIX.dma_bytes_per_s * PHOENIX.dma_efficiency))
     big = predict_kernel("qgemv", {"M": 1, "N": 3584, "K": 18944, "G": 128}, bits=4)
     assert big["seconds"] > r["seconds"] and big["bytes"] > 5 * r["bytes"]
 
@@ -94,3 +94,30 @@ def test_constants_follow_facts():
 def test_bad_shapes_are_clear_errors(op, shape, message):
     with pytest.raises(LlmoptError, match=message):
         predict_kernel(op, shape)
+
+
+def test_layer_prediction_sums_its_kernels_and_uses_the_window():
+    from llmopt.engine.config import ModelArgs
+
+    cfg = {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 2,
+           "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 256000,
+           "sliding_window": 4096, "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 256}
+    a = ModelArgs.from_hf(cfg)
+    from llmopt.costmodel import predict_layer
+
+    local, glob = (predict_layer(a, context=32768, layer=i) for i in range(2))
+    assert local["predicted"] and len(local["kernels"]) == 6  # q, k, v, o, attention, gated FFN
+    assert local["seconds"] == pytest.approx(sum(k["seconds"] for k in local["kernels"]))
+    windowed = [k for k in local["kernels"] if "attention" in k["op"]][0]
+    assert windowed["shape"]["S"] == 4096 if windowed["op"] == "sliding_window_attention" else True
+    assert glob["seconds"] != local["seconds"]  # one of the two layers is global, attending over 32768 keys
+    prefill = predict_layer(a, context=512, tokens=512, layer=0)
+    assert {k["op"] for k in prefill["kernels"]} >= {"qgemm"} and len(prefill["kernels"]) == 8
+
+
+def test_roofline_reads_the_npu_ceilings():
+    from llmopt.costmodel import npu_ceilings
+
+    c = npu_ceilings()
+    assert c["predicted"] and c["bandwidth"] == PHOENIX.dma_bytes_per_s and c["flops"] == PHOENIX.peak_bf16_flops
+    assert 0 < c["bw_eff"] <= 1 and 0 < c["flops_eff"] <= 1 and c["op_overhead_s"] == PHOENIX.launch_s

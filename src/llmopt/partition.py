@@ -16,6 +16,7 @@ Beside it, the seed's heuristic: NPU coverage by size class (<= 3B params 100%, 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 from llmopt import roofline
@@ -106,8 +107,8 @@ def solve(cost: list[dict], link: dict, mem: list[float], budgets: dict, tied: f
 
     def build():
         prob = pulp.LpProblem("partition", pulp.LpMinimize)
-        x = {(u, i): pulp.LpVariable(f"x_{u}_{i}", cat="Binary") for u in range(n) for i in range(len(devices))}
-        y = {(u, i, j): pulp.LpVariable(f"y_{u}_{i}_{j}", lowBound=0) for u in range(1, n)
+        x = {(u, i): prob.add_variable(f"x_{u}_{i}", cat="Binary") for u in range(n) for i in range(len(devices))}
+        y = {(u, i, j): prob.add_variable(f"y_{u}_{i}_{j}", lowBound=0) for u in range(1, n)
              for i in range(len(devices)) for j in range(len(devices)) if i != j}
         for u in range(n):
             prob += pulp.lpSum(x[u, i] for i in range(len(devices))) == 1
@@ -118,7 +119,7 @@ def solve(cost: list[dict], link: dict, mem: list[float], budgets: dict, tied: f
                 continue
             used = pulp.lpSum(mem[u] * x[u, i] for u in range(n))
             if tied and n > 1:  # the head's mem includes its own copy of the table; share it when both are here
-                both = pulp.LpVariable(f"both_{i}", lowBound=0)  # = x[0, i] AND x[n-1, i]
+                both = prob.add_variable(f"both_{i}", lowBound=0)  # = x[0, i] AND x[n-1, i]
                 prob += both <= x[0, i]
                 prob += both <= x[n - 1, i]
                 used = used - tied * both
@@ -130,7 +131,9 @@ def solve(cost: list[dict], link: dict, mem: list[float], budgets: dict, tied: f
                 + pulp.lpSum(lk[devices[i], devices[j]] * var for (u, i, j), var in y.items()))
 
     def run(prob):
-        prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit))
+        with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC; the replacement needs a system cbc
+            warnings.simplefilter("ignore", DeprecationWarning)
+            prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit))
         status = pulp.LpStatus[prob.status]
         if status == "Infeasible":
             need = min(mem)

@@ -12,9 +12,11 @@ REG = load_registry(config, base=REPO)  # validates config.yaml, models.yaml, ta
 MODELS = list(REG.models)
 SCHEMES = list(REG.schemes)
 TARGETS = list(REG.targets)
-SHADERS = sorted(p.stem for p in (REPO / "shaders").glob("*.comp"))
-SHADER_HEADERS = sorted(str(p) for p in (REPO / "shaders").glob("*.glsl"))
-KERNEL_SOURCES = sorted(str(p) for p in (REPO / "kernels").glob("*") if p.is_file())
+SHADER_DIR = REPO / config["shaders_dir"]  # relative paths are the repository's
+KERNEL_DIR = REPO / config["kernels_dir"]
+SHADERS = sorted(p.stem for p in SHADER_DIR.glob("*.comp"))
+SHADER_HEADERS = sorted(str(p) for p in SHADER_DIR.glob("*.glsl"))
+KERNEL_SOURCES = sorted(str(p) for p in KERNEL_DIR.glob("*") if p.is_file())
 
 
 def alternatives(names):

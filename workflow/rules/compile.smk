@@ -10,7 +10,7 @@ manifest records the probe's reason.
 
 rule compile_shader:
     input:
-        comp="shaders/{shader}.comp",
+        comp=str(SHADER_DIR / "{shader}.comp"),
         headers=SHADER_HEADERS,
         probe="results/targets/vulkan.json",
     output:
@@ -52,6 +52,8 @@ rule compile_kernels:
         probe="results/targets/{target}.json",
     output:
         "results/kernels/{target}/manifest.json",
+    params:
+        kernel_dir=str(KERNEL_DIR),
     wildcard_constraints:
         target="npu|iree-cpu",
     log:

@@ -15,6 +15,7 @@ checkpoint probe:
     resources:
         mem_mb=2000,
         runtime=10,
+        gpu=lambda wildcards: int(REG.all_targets[wildcards.target]["gpu"]),
     script:
         "../../scripts/probe.py"
 
@@ -27,6 +28,7 @@ rule calibrate:
         "results/targets/calibration.json",
     params:
         targets=TARGETS,
+        settings=config["calibrate"],
     threads: workflow.cores
     log:
         "results/logs/calibrate.log",
@@ -35,5 +37,6 @@ rule calibrate:
     resources:
         mem_mb=4000,
         runtime=30,
+        gpu=int(any(REG.targets[t]["gpu"] for t in TARGETS)),
     script:
         "../../scripts/calibrate.py"

@@ -5,10 +5,13 @@ Two modes, chosen at construction:
 - ``quant="reference"``: every packed weight is dequantized once (``QuantizedTensor.dequantize()``) to float32;
   all ops are plain float32 torch. This is the reference for the Vulkan/NPU/IREE backends.
 - ``quant="fast"`` (default): 4-bit weights are repacked at load into torch's CPU int4 tiling and multiplied by
-  ``aten._weight_int4pack_mm_for_cpu`` (float32 activations, group-wise scales and zero points, exact to
-  float rounding against ``dequantize()``); 8-bit per-channel weights use ``aten._weight_int8pack_mm``; other
-  shapes (2/3-bit, 8-bit group-wise, N not a multiple of 16) are dequantized at load to ``lowbit_dtype``
-  (bfloat16 by default: half the bytes of float32 for a memory-bound decode). Activations stay float32.
+  ``aten._weight_int4pack_mm_for_cpu`` (group-wise scales and zero points); 8-bit per-channel weights use
+  ``aten._weight_int8pack_mm``; other shapes (2/3-bit, 8-bit group-wise, N not a multiple of 16) are dequantized
+  at load to ``lowbit_dtype`` (bfloat16 by default: half the bytes of float32 for a memory-bound decode).
+  The kernels take their input in ``kernel_dtype``: bfloat16 by default, because torch's float32 variants of both
+  kernels are 15-30x slower on AVX-512 (measured, docs/benchmarks.md); ``kernel_dtype=torch.float32`` gives
+  results exact to float rounding against ``dequantize()``. Everything else (norms, attention, residual stream,
+  KV cache) stays float32.
 
 ``bench/engine_cpu.py`` measures the choices. The same class runs on CUDA (``llmopt.backends.cuda``) by
 swapping the device and the int4 kernel.
@@ -76,11 +79,12 @@ class CpuBackend(Backend):
     name = "cpu"
 
     def __init__(self, quant: str = "fast", lowbit_dtype: torch.dtype | str = torch.bfloat16,
-                 device: str = "cpu", threads: int | None = None):
+                 kernel_dtype: torch.dtype | str = torch.bfloat16, device: str = "cpu", threads: int | None = None):
         if quant not in ("fast", "reference"):
             raise LlmoptError(f"{self.name} backend: quant={quant!r} (expected 'fast' or 'reference')")
         self.quant = quant
         self.lowbit_dtype = getattr(torch, lowbit_dtype) if isinstance(lowbit_dtype, str) else lowbit_dtype
+        self.kernel_dtype = getattr(torch, kernel_dtype) if isinstance(kernel_dtype, str) else kernel_dtype
         self.device = torch.device(device)
         self.dtype = torch.float32
         self.repack_seconds = 0.0  # time spent converting packed weights at load (reported by benchmarks)
@@ -108,7 +112,7 @@ class CpuBackend(Backend):
         elif weight.bits == 8 and weight.group == weight.shape[1] and weight.sym:
             codes = (weight.unpacked().to(torch.int16) - 128).to(torch.int8)
             lin = QLinear("int8pack", out, codes.to(self.device).contiguous(), bias,
-                          aux=weight.scales.to(self.device, self.dtype).flatten().contiguous())
+                          aux=weight.scales.to(self.device, self.kernel_dtype).flatten().contiguous())
         else:
             lin = QLinear(f"dense-{str(self.lowbit_dtype).removeprefix('torch.')}", out,
                           self._dense(weight, self.lowbit_dtype), bias)
@@ -138,7 +142,8 @@ class CpuBackend(Backend):
         group = self._int4_group(qt)
         codes = qt.unpacked().to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        return QLinear("int4pack", qt.shape[0], packed, bias, group, self._int4_scales_zeros(qt, group))
+        sz = self._int4_scales_zeros(qt, group).to(self.kernel_dtype)
+        return QLinear("int4pack", qt.shape[0], packed, bias, group, sz)
 
     # --- activations -----------------------------------------------------------------------------
     def from_host(self, x):
@@ -170,9 +175,9 @@ class CpuBackend(Backend):
             y = F.linear(x2, w.weight, w.bias)
         else:
             if w.kind == "int4pack":
-                y = self._int4_mm(x2, w)
+                y = self._int4_mm(x2.to(self.kernel_dtype), w).to(self.dtype)
             elif w.kind == "int8pack":
-                y = torch.ops.aten._weight_int8pack_mm(x2, w.weight, w.aux)
+                y = torch.ops.aten._weight_int8pack_mm(x2.to(self.kernel_dtype), w.weight, w.aux).to(self.dtype)
             else:  # low-precision dense
                 y = F.linear(x2.to(w.weight.dtype), w.weight).to(self.dtype)
             if w.bias is not None:

@@ -28,7 +28,7 @@ class CudaBackend(CpuBackend):
         rec = probe()
         if not rec["present"]:
             raise LlmoptError(f"cuda backend: {rec['reason']}")
-        super().__init__(quant=quant, lowbit_dtype=lowbit_dtype, device=device)
+        super().__init__(quant=quant, lowbit_dtype=lowbit_dtype, kernel_dtype=torch.bfloat16, device=device)
 
     def linear_weight(self, name, weight, bias=None):
         lin = super().linear_weight(name, weight, bias)
@@ -50,7 +50,7 @@ class CudaBackend(CpuBackend):
         return QLinear("int4pack", qt.shape[0], packed, bias, group, sz)
 
     def _int4_mm(self, x2, w):
-        return torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), w.weight, w.group, w.aux).to(self.dtype)
+        return torch.ops.aten._weight_int4pack_mm(x2, w.weight, w.group, w.aux)
 
     def synchronize(self):
         torch.cuda.synchronize(self.device)

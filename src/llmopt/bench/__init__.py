@@ -74,7 +74,7 @@ def _measure(label, quant_dir, backend, plan, reference, vocab, s, target, progr
             run["load_s"] = model.load_seconds
             run["devices"] = list(model.backends)
             run["correctness"] = check_correctness(model, reference, vocab, s["check_tokens"],
-                                                   max(2, s["check_tokens"] // 4), _tolerance(s, target))
+                                                   s["check_tokens"] // 2, _tolerance(s, target))
             if not run["correctness"]["passed"]:
                 c = run["correctness"]
                 run["error"] = (f"correctness check failed: max relative error {c['max_rel_err']:.3g} > "

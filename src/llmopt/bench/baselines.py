@@ -82,7 +82,33 @@ def find_gguf(source_dir: Path) -> Path | None:
     return None
 
 
-def llama_cpp_baseline(gguf: Path, prompt: int, gen: int, warmup: int, repeats: int, device: str = "cpu") -> dict:
+def llama_cpp_baseline(gguf: Path, prompt: int, gen: int, warmup: int, repeats: int, device: str = "cpu",
+                       timeout: float = 1800.0) -> dict:
+    """llama.cpp in a child process (a native crash, e.g. SIGILL from a build for another CPU, must not take the
+    benchmark down with it): ``python -m llmopt.bench.baselines GGUF ...`` prints the timing dict as JSON."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "llmopt.bench.baselines", str(gguf), str(prompt), str(gen), str(warmup),
+           str(repeats), device, str(torch.get_num_threads())]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LlmoptError(f"llama.cpp baseline: no result within {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        if proc.returncode < 0:
+            name = signal.Signals(-proc.returncode).name
+            hint = (" (the llama-cpp-python build uses instructions this CPU or VM does not execute; rebuild it with "
+                    "CMAKE_ARGS=-DGGML_NATIVE=OFF)") if name == "SIGILL" else ""
+            raise LlmoptError(f"llama.cpp baseline crashed with {name}{hint}")
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LlmoptError(f"llama.cpp baseline failed (exit {proc.returncode}): {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _llama_cpp_run(gguf: Path, prompt: int, gen: int, warmup: int, repeats: int, device: str, threads: int) -> dict:
     """llama.cpp through llama-cpp-python, batch 1: ``eval`` of the prompt (pp), then one token at a time (tg)."""
     try:
         import llama_cpp
@@ -90,7 +116,7 @@ def llama_cpp_baseline(gguf: Path, prompt: int, gen: int, warmup: int, repeats: 
     except ImportError:
         raise LlmoptError("llama-cpp-python is not installed (pip install llama-cpp-python)") from None
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=prompt + gen + 8, n_batch=max(prompt, 8),
-                          n_threads=torch.get_num_threads(), n_gpu_layers=-1 if device == "cuda" else 0,
+                          n_threads=threads, n_gpu_layers=-1 if device == "cuda" else 0,
                           verbose=False)
     ids = prompt_ids(llm.n_vocab(), 1, prompt)[0].tolist()
     pre, dec, ttft = [], [], []
@@ -109,6 +135,14 @@ def llama_cpp_baseline(gguf: Path, prompt: int, gen: int, warmup: int, repeats: 
             dec.append(gen / (t2 - t1))
             ttft.append(t1 - t0)
     return {"name": "llama.cpp", "engine": f"llama-cpp-python {llama_cpp.__version__} ({gguf.name}, "
-            f"{torch.get_num_threads()} threads, {'GPU' if device == 'cuda' else 'CPU'})", "batch": 1,
+            f"{threads} threads, {'GPU' if device == 'cuda' else 'CPU'})", "batch": 1,
             "prompt": prompt, "gen": gen, "prefill_tok_s": stats(pre), "decode_tok_s": stats(dec),
             "ttft_s": stats(ttft)}
+
+
+if __name__ == "__main__":  # the child process of llama_cpp_baseline
+    import json
+    import sys
+
+    g, p, n, w, r, dev, th = sys.argv[1:8]
+    print(json.dumps(_llama_cpp_run(Path(g), int(p), int(n), int(w), int(r), dev, int(th))))

@@ -7,7 +7,8 @@ every number it gives is a prediction (``predicted: True``); ``counts``: FLOP an
     python -m llmopt.costmodel     # prints the model's constants and a decode-step table for the seed models
 """
 
-from llmopt.costmodel.aie2 import PHOENIX, Aie2Spec, describe, predict_kernel, tiling
+from llmopt.costmodel.aie2 import PHOENIX, Aie2Spec, describe, npu_ceilings, predict_kernel, predict_layer, tiling
 from llmopt.costmodel.counts import kernel_counts
 
-__all__ = ["PHOENIX", "Aie2Spec", "describe", "kernel_counts", "predict_kernel", "tiling"]
+__all__ = ["PHOENIX", "Aie2Spec", "describe", "kernel_counts", "npu_ceilings", "predict_kernel", "predict_layer",
+           "tiling"]

@@ -44,6 +44,8 @@ class Aie2Spec:
     channel_bytes_per_cycle: int = 4
     dram_bytes_per_s: float = 89.6e9  # DDR5-5600 dual channel, shared with CPU and GPU
     launch_s: float = 30e-6  # per kernel call: XRT submission + completion (order of tens of microseconds)
+    dma_efficiency: float = 0.8  # fraction of the shim DMA peak a streaming kernel sustains
+    mac_efficiency: float = 0.5  # fraction of the bf16 MAC peak a tiled GEMM sustains (hand-tuned IRON-class)
 
     @property
     def tiles(self) -> int:
@@ -77,11 +79,11 @@ def tiling(op: str, shape: dict, bits: int, spec: Aie2Spec = PHOENIX) -> dict:
         raise LlmoptError(f"cost model: {op} {shape}: no block of {m} rows fits {local} bytes of tile memory")
     if op in ("attention", "sliding_window_attention", "rope_attention"):
         d = int(shape["D"])
-        t = min(int(shape.get("T", 1)), 16)
-        for chunk in (256, 128, 64, 32, 16):
-            need = 2 * (2 * chunk * d * 2) + t * d * 4 + t * chunk * 4 + t * d * 4  # K,V chunks x2 buf, q, scores, acc
-            if need <= local:
-                return {"block": {"queries": t, "keys": chunk, "head_dim": d}, "local_bytes": int(need), "fits": True}
+        for t in sorted({min(int(shape.get("T", 1)), q) for q in (16, 8, 4, 1)}, reverse=True):
+            for chunk in (256, 128, 64, 32, 16):
+                need = 2 * (2 * chunk * d * 2) + t * d * 4 + t * chunk * 4 + t * d * 4  # K,V bf16 x2 buf, q, scores, acc
+                if need <= local:
+                    return {"block": {"queries": t, "keys": chunk, "head_dim": d}, "local_bytes": int(need), "fits": True}
         raise LlmoptError(f"cost model: {op} head_dim {d}: no key chunk fits {local} bytes of tile memory")
     raise LlmoptError(f"cost model: unknown op '{op}'")
 
@@ -98,10 +100,10 @@ def predict_kernel(op: str, shape: dict, bits: int = 4, spec: Aie2Spec = PHOENIX
     True, "device"}``; ``bound`` is "memory", "compute" or "launch", whichever dominates."""
     counts = kernel_counts(op, shape, bits, **variant)
     tile = tiling(op, shape, bits, spec)
-    compute = (counts["mac_flops"] / spec.peak_bf16_flops
+    compute = (counts["mac_flops"] / (spec.peak_bf16_flops * spec.mac_efficiency)
                + (counts["vector_flops"] + TRANSCENDENTAL_COST * counts["transcendentals"])
                / (spec.tiles * spec.vector_flops_per_cycle * spec.clock_hz))
-    memory = counts["bytes"] / spec.dma_bytes_per_s
+    memory = counts["bytes"] / (spec.dma_bytes_per_s * spec.dma_efficiency)
     parts = {"compute": compute, "memory": memory, "launch": spec.launch_s}
     return {
         "op": op, "shape": dict(shape), "bits": bits,
@@ -111,6 +113,37 @@ def predict_kernel(op: str, shape: dict, bits: int = 4, spec: Aie2Spec = PHOENIX
         "compute_s": compute, "memory_s": memory, "launch_s": spec.launch_s,
         "tiling": tile, "predicted": True, "device": spec.name,
     }
+
+
+def npu_ceilings(spec: Aie2Spec = PHOENIX) -> dict:
+    """The NPU as one roofline device, for ``llmopt.roofline`` (keys of its Device); all predicted."""
+    return {"bandwidth": spec.dma_bytes_per_s, "flops": spec.peak_bf16_flops, "bw_eff": spec.dma_efficiency,
+            "flops_eff": spec.mac_efficiency, "op_overhead_s": spec.launch_s, "predicted": True}
+
+
+def predict_layer(args, bits: int = 4, group: int = 128, context: int = 1024, tokens: int = 1, batch: int = 1,
+                  layer: int = 0, spec: Aie2Spec = PHOENIX) -> dict:
+    """Predicted time of one decoder layer on the NPU (``args``: ``llmopt.engine.ModelArgs``): q/k/v/o as qgemv
+    (decode) or qgemm, attention over ``context`` keys (the window on sliding layers), the fused gated FFN for
+    decode (three qgemm calls for prefill). Norms, RoPE and residual adds are not NPU kernels: not counted."""
+    rows = tokens * batch
+    lin = "qgemv" if rows < 4 else "qgemm"
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    window = args.windows[layer] if args.windows else None
+    keys = min(context, window) if window else context
+    calls = [predict_kernel(lin, {"M": rows, "N": n, "K": k, "G": min(group, k)}, bits, spec, bias=args.qkv_bias and n != args.hidden)
+             for n, k in ((q, args.hidden), (kv, args.hidden), (kv, args.hidden), (args.hidden, q))]
+    attn = "sliding_window_attention" if window else "attention"
+    calls.append(predict_kernel(attn, {"B": batch, "T": tokens, "S": keys, "HQ": args.n_heads, "HKV": args.n_kv_heads,
+                                       "D": args.head_dim}, bits, spec, softcap=args.attn_softcap))
+    if lin == "qgemv":
+        calls.append(predict_kernel("gated_ffn", {"M": rows, "H": args.hidden, "F": args.ffn, "G": group}, bits, spec,
+                                    act=args.act))
+    else:
+        calls += [predict_kernel("qgemm", {"M": rows, "N": n, "K": k, "G": group}, bits, spec)
+                  for n, k in ((args.ffn, args.hidden), (args.ffn, args.hidden), (args.hidden, args.ffn))]
+    return {"seconds": sum(c["seconds"] for c in calls), "flops": sum(c["flops"] for c in calls),
+            "bytes": sum(c["bytes"] for c in calls), "kernels": calls, "predicted": True, "device": spec.name}
 
 
 def describe(spec: Aie2Spec = PHOENIX) -> dict:

@@ -25,8 +25,8 @@ def _qlinear(m, n, k, g, bits, asym, bias, scale_bytes, gemm):
     ng = k // g
     if gemm:  # dequantize once (sub, mul), then the matmul
         mac, vec = 2 * m * n * k, 2 * n * k + (m * n if bias else 0)
-    else:  # group partial sums (mul, add), sum of x per group, then scale/zero per group (4 ops)
-        mac, vec = 2 * m * n * k, m * k + 4 * m * n * ng + (m * n if bias else 0)
+    else:  # group partial sums of (q - z) * x (sub, mul, add), then the scale per group (mul, add)
+        mac, vec = 2 * m * n * k, m * n * k + 2 * m * n * ng + (m * n if bias else 0)
     bytes_ = 4 * m * k + n * k * bits // 8 + n * ng * scale_bytes * (2 if asym else 1) + (4 * n if bias else 0) + 4 * m * n
     return {"mac_flops": mac, "vector_flops": vec, "transcendentals": 0, "bytes": bytes_}
 
@@ -65,7 +65,7 @@ def kernel_counts(op: str, shape: dict, bits: int = 4, asym: bool = False, bias:
             c = {k: sum(p[k] for p in parts) for k in parts[0]}
             c["vector_flops"] += m * f * (4 if act == "silu" else 9)
             c["transcendentals"] += m * f
-            c["bytes"] -= 2 * (4 * m * h) + 2 * (4 * m * f) + 4 * m * f  # x read once; [M, F] stays inside
+            c["bytes"] -= 4 * m * h + 3 * (4 * m * f)  # x read once, not twice; the [M, F] values stay inside
         elif op == "vl_patch_merger":
             t, cdim, dout, merge = sh["T"], sh["C"], sh["DOUT"], sh.get("MERGE", 4)
             tm, cm = t // merge, cdim * merge

@@ -3,7 +3,8 @@
     HF_TOKEN=... llmopt download qwen2.5-7b-instruct --scale real -o results/qwen2.5-7b-instruct/source
 
 ``huggingface_hub.snapshot_download`` fetches the pinned ``revision`` of ``hf_repo`` (only the files matching
-``allow_patterns``) into the blob cache ``$LLMOPT_CACHE/hub``, which resumes interrupted downloads; the token comes
+``allow_patterns``) into the blob cache ``$LLMOPT_CACHE/hub`` (a file already there is never fetched again; a
+transfer cut off mid-file is continued with a Range request, not restarted); the token comes
 from the environment (``HF_TOKEN``, read by huggingface_hub) and the endpoint from ``HF_ENDPOINT`` (read at call time,
 so tests point it at a local stand-in server). Every LFS file is checked against the sha256 the hub lists for it and
 every safetensors header is parsed; only then is the folder linked into ``out_dir`` (atomically) with its manifest.

@@ -58,9 +58,12 @@ def architecture(entry: dict, scale: str) -> dict:
         raise LlmoptError(f"scale '{scale}': synthetic weights exist at 'full' or 'tiny'")
     if "architecture" not in entry:
         raise LlmoptError("models.yaml: entry has no 'architecture' block (needed for synthetic weights)")
-    if scale == "tiny" and "tiny" not in entry:
+    if scale == "full":
+        return copy.deepcopy(entry["architecture"])
+    if "tiny" not in entry:
         raise LlmoptError("models.yaml: entry has no 'tiny' block (needed for scale: tiny)")
-    return deep_merge(entry["architecture"], entry["tiny"]) if scale == "tiny" else copy.deepcopy(entry["architecture"])
+    # the byte tokenizer's special ids replace the real ones, which lie outside the tiny vocabulary
+    return deep_merge(deep_merge(entry["architecture"], tiny_token_ids(entry.get("family", ""))), entry["tiny"])
 
 
 def build_config(entry: dict, scale: str):
@@ -222,9 +225,6 @@ def write_synthetic(model_id: str, entry: dict, out_dir: Path, scale: str, seed:
 
     from llmopt.download.manifest import folder_manifest
 
-    entry = copy.deepcopy(entry)
-    if scale == "tiny":
-        entry["tiny"] = deep_merge(tiny_token_ids(entry.get("family", "")), entry.get("tiny", {}))
     config = build_config(entry, scale)
     family = entry["family"]
     specs = tensor_specs(config)

@@ -44,9 +44,9 @@ class Model:
     """A loaded decoder (and vision tower, for Qwen2.5-VL) bound to one backend or a partition of several."""
 
     def __init__(self, args: ModelArgs, tensors: dict, folder: Path, backend: str | Backend = "cpu",
-                 plan: dict | None = None):
+                 plan: dict | None = None, backends: dict[str, Backend] | None = None):
         self.args, self.folder = args, Path(folder)
-        self._setup_devices(backend, plan)
+        self._setup_devices(backend, plan, backends or {})
         t0 = time.perf_counter()
         self._upload(tensors)
         self.load_seconds = time.perf_counter() - t0
@@ -58,11 +58,12 @@ class Model:
         self._tokenizer = None
 
     # --- devices -------------------------------------------------------------------------------------
-    def _setup_devices(self, backend, plan):
+    def _setup_devices(self, backend, plan, backends):
         from llmopt.backends import get_backend
 
         n = self.args.n_layers
         given = {backend.name: backend} if isinstance(backend, Backend) else {}
+        given.update(backends)
         default = backend.name if isinstance(backend, Backend) else backend
         if plan is None:
             plan = {"segments": [{"layers": [0, n - 1], "device": default}]}
@@ -286,10 +287,14 @@ class Model:
         return positions, {"mask": image_mask, "features": features}
 
 
-def load_model(folder: str | Path, backend: str | Backend = "cpu", plan: dict | None = None) -> Model:
-    """Load a model folder (config.json + float or packed safetensors) onto ``backend`` or a partition ``plan``."""
+def load_model(folder: str | Path, backend: str | Backend = "cpu", plan: dict | None = None,
+               backends: dict[str, Backend] | None = None) -> Model:
+    """Load a model folder (config.json + float or packed safetensors) onto ``backend`` or a partition ``plan``.
+
+    ``plan`` device names are built with ``llmopt.backends.get_backend`` unless ``backends`` (or ``backend``, when
+    it is an instance) supplies a configured instance for that name."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LlmoptError(f"{folder}: not a model folder (directory not found)")
     args = ModelArgs.from_folder(folder)
-    return Model(args, load_tensors(folder), folder, backend, plan)
+    return Model(args, load_tensors(folder), folder, backend, plan, backends)

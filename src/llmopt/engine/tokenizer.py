@@ -42,7 +42,8 @@ class Tokenizer:
         """Token ids of a one-turn chat prompt (with the generation prompt), ``n_images`` image slots first."""
         if not self.has_chat_template:
             raise LlmoptError(f"{self.folder}: the tokenizer has no chat template (use a plain prompt)")
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": user_text}]
+        # plain string content when there are no images: every template accepts it, not all accept part lists
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": user_text}] if n_images else user_text
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.encode(text, add_special_tokens=False)

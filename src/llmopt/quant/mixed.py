@@ -11,7 +11,8 @@ Every quantizable tensor ``t`` is quantized with every candidate format ``o`` (b
 
 ``knapsack`` then picks one format per tensor minimizing the total loss with total bytes <= budget, by dynamic
 programming over the budget in ``resolution`` units. Sizes are rounded up to whole units, so the result never
-exceeds the budget; with unit 1 (small instances) it is the exact optimum.
+exceeds the budget; with unit 1 (small instances) it is the exact optimum. A greedy pass then spends the bytes the
+rounding left unused on the upgrades with the best loss reduction per byte.
 """
 
 from __future__ import annotations
@@ -60,7 +61,25 @@ def knapsack(costs: list[list[int]], losses: list[list[float]], budget: int,
     for i in range(len(costs) - 1, -1, -1):
         picks[i] = int(choice[i, c])
         c -= units[i][picks[i]]
-    return picks
+    return _fill(costs, losses, budget, picks)
+
+
+def _fill(costs, losses, budget, picks) -> list[int]:
+    """Spend what the DP's rounded-up sizes left over: repeatedly take the upgrade with the best loss drop per byte."""
+    left = budget - sum(c[p] for c, p in zip(costs, picks))
+    while True:
+        best, gain = None, 0.0
+        for i, (row_c, row_l) in enumerate(zip(costs, losses)):
+            for o, (c, loss) in enumerate(zip(row_c, row_l)):
+                extra = c - row_c[picks[i]]
+                drop = row_l[picks[i]] - loss
+                if 0 <= extra <= left and drop > 0 and drop / max(extra, 1) > gain:
+                    best, gain = (i, o, extra), drop / max(extra, 1)
+        if best is None:
+            return picks
+        i, o, extra = best
+        picks[i] = o
+        left -= extra
 
 
 def tensor_loss(w: torch.Tensor, deq: torch.Tensor, kind: str, fisher: torch.Tensor | None = None,

@@ -89,6 +89,7 @@ def quantize_model(source_dir: Path, scheme: dict | str, out_dir: Path, model_en
         if budget:
             report["budget"] = {k: v for k, v in budget.items() if k != "losses"}
         report["calibration"] = {k: v for k, v in stats.items() if k not in ("hessians", "fisher")}
+        report["calibration"]["used_for"] = sorted(k for k in ("hessians", "fisher") if k in stats)
         report["scheme"] = scheme
         report["method"] = scheme["method"]
         report["format"] = FORMAT_VERSION
@@ -143,15 +144,30 @@ def _calibrate(source_dir: Path, scheme: dict, plan: dict, real: bool) -> dict:
     from llmopt.quant.perplexity import load_model
 
     cal = scheme["calibration"]
-    model, tok = load_model(source_dir)
-    windows = calibration_windows(tok, cal["texts"], cal["tokens"])
-    stats: dict = {"texts": cal["texts"], "tokens": sum(len(w) - 1 for w in windows), "sensitivity": sensitivity}
+    key = (str(source_dir.resolve()), tuple(f.stat().st_mtime_ns for f in io.weight_files(source_dir)),
+           tuple(cal["texts"]), cal["tokens"])
+    cached = _STATS_CACHE.get(key, {})
+    if (need_h and "hessians" not in cached) or (need_f and "fisher" not in cached):
+        model, tok = load_model(source_dir)
+        windows = calibration_windows(tok, cal["texts"], cal["tokens"])
+        cached["tokens"] = sum(len(w) - 1 for w in windows)
+        if need_h and "hessians" not in cached:
+            cached["hessians"] = input_hessians(model, windows)
+        if need_f and "fisher" not in cached:
+            cached["fisher"] = fisher_diagonal(model, windows[:8])
+        del model
+        _STATS_CACHE.clear()  # one model's statistics at a time: they are as large as the model
+        _STATS_CACHE[key] = cached
+    stats = {"texts": cal["texts"], "tokens": cached["tokens"], "sensitivity": sensitivity}
     if need_h:
-        stats["hessians"] = input_hessians(model, windows)
+        stats["hessians"] = cached["hessians"]
     if need_f:
-        stats["fisher"] = fisher_diagonal(model, windows[:8])
-    del model
+        stats["fisher"] = cached["fisher"]
+        stats["fisher_windows"] = min(8, -(-cached["tokens"] // 512))
     return stats
+
+
+_STATS_CACHE: dict = {}  # calibration statistics of the last model, reused by the next scheme in this process
 
 
 def _diag(stats: dict, key: str, name: str) -> torch.Tensor | None:

@@ -32,7 +32,7 @@ from llmopt.quant.format import QuantizedTensor, check_layout, pack_bits
 
 METHODS = ("rtn", "mse", "gptq")
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-_CLIP_GRID = torch.linspace(1.0, 0.5, 21)  # fractions of the group range tried by the mse search
+_CLIP_GRID = torch.linspace(1.0, 0.5, 11)  # fractions of the group range tried by the mse search
 _ROW_CHUNK_ELEMS = 1 << 22  # rows per chunk chosen so one chunk holds about 4M weights
 
 
@@ -104,7 +104,7 @@ def group_params(wg: torch.Tensor, spec: Spec, search: bool = False,
     sdt = _SCALE_DTYPES[spec.scale_dtype]
     if not search:
         return _range_params(wg, spec, 1.0, sdt)
-    w8 = torch.ones_like(wg) if weights is None else weights.expand_as(wg)
+    w8 = None if weights is None else weights.expand_as(wg)
     best_s, best_z = _range_params(wg, spec, 1.0, sdt)
     best_err = _group_error(wg, best_s, best_z, spec.bits, w8)
     for ratio in _CLIP_GRID[1:].tolist():
@@ -140,6 +140,7 @@ def _range_params(wg: torch.Tensor, spec: Spec, ratio: float, sdt: torch.dtype) 
 def _refit(wg, q, spec, w8, sdt, s_old, z_old):
     """Weighted least squares for ``w ~ s*(q - z)`` given codes ``q``: scale only (sym) or scale and offset."""
     q = q.float()
+    w8 = torch.ones_like(wg) if w8 is None else w8
     if spec.sym:
         c = q - s_old.new_tensor(2 ** (spec.bits - 1))
         den = (w8 * c * c).sum(-1, keepdim=True)
@@ -164,8 +165,8 @@ def _codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> tor
 
 
 def _group_error(wg, s, z, bits, w8) -> torch.Tensor:
-    deq = (_codes(wg, s, z, bits).float() - z) * s
-    return (w8 * (wg - deq) ** 2).sum(-1, keepdim=True)
+    err = torch.round(wg / s + z).clamp_(0, 2 ** bits - 1).sub_(z).mul_(s).sub_(wg).square_()
+    return (err if w8 is None else err.mul_(w8)).sum(-1, keepdim=True)
 
 
 def _gptq(w: torch.Tensor, spec: Spec, group: int, hessian: torch.Tensor, name: str,

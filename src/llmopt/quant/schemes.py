@@ -16,7 +16,7 @@ Keys (docs/FORMAT.md "Schemes" has the same table):
 | ``base`` | ``mixed`` only: method that quantizes each tensor (rtn / mse / gptq) | mse |
 | ``sensitivity`` | ``mixed`` only: ``fisher`` (real models), ``output`` (imatrix-weighted error), ``mse`` (plain), ``auto`` | auto |
 | ``on_indivisible`` | a 2-D weight whose width the group does not divide: ``error`` or ``keep`` (stored in float) | error |
-| ``calibration`` | ``{"texts": [...], "tokens": n}``: text for gptq / imatrix / fisher, disjoint from evaluation | 8 plays, 8192 |
+| ``calibration`` | ``{"texts": [...], "tokens": n}``: text for gptq / imatrix / fisher, disjoint from evaluation | 8 plays, 4096 |
 | ``perplexity`` | ``{"texts": [...], "tokens": n, "window": w}`` or ``false``; evaluated when the weights are real | hamlet + P&P, 4096, 512 |
 | ``shard_bytes`` | largest output shard | 2e9 |
 
@@ -74,7 +74,7 @@ def resolve(scheme: dict | str) -> dict:
     out.setdefault("scale_dtype", "float16")
     out.setdefault("on_indivisible", "error")
     out.setdefault("shard_bytes", 2 * 10**9)
-    out["calibration"] = {"texts": list(CALIBRATION_PLAYS), "tokens": 8192, **(scheme.get("calibration") or {})}
+    out["calibration"] = {"texts": list(CALIBRATION_PLAYS), "tokens": 4096, **(scheme.get("calibration") or {})}
     ppl = scheme.get("perplexity", {})
     out["perplexity"] = False if ppl is False else {"texts": list(EVAL_TEXTS), "tokens": 4096, "window": 512, **ppl}
     _check(out, name)

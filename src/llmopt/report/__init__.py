@@ -44,24 +44,13 @@ def _st_bytes(folder: Path) -> int | None:
     return sum(f.stat().st_size for f in files) if files else None
 
 
-def _find_number(d, names: tuple) -> float | None:
-    """First numeric value under any of ``names`` (searched depth-first): quant.json layouts vary by scheme."""
-    if isinstance(d, dict):
-        for key in names:
-            if isinstance(d.get(key), (int, float)) and not isinstance(d.get(key), bool):
-                return float(d[key])
-        for v in d.values():
-            found = _find_number(v, names)
-            if found is not None:
-                return found
-    return None
-
-
 def collect(results_dir: Path, config: dict) -> dict:
     """Every record under ``results_dir`` in flat tables, plus the problems met while reading them."""
     problems: list[dict] = []
     probes = {}
     for p in sorted((results_dir / "targets").glob("*.json")):
+        if p.stem == "calibration":
+            continue
         rec = _load(p, problems)
         if rec is not None:
             probes[rec.get("target", p.stem)] = rec
@@ -94,8 +83,10 @@ def collect(results_dir: Path, config: dict) -> dict:
                     _note(skips, key, "benchmark", bench)
                     speed.extend(_speed_rows(key, bench, part))
     calibration = None
-    if (results_dir / "calibration.json").is_file():
-        calibration = _load(results_dir / "calibration.json", problems)
+    for path in (results_dir / "targets" / "calibration.json", results_dir / "calibration.json"):
+        if path.is_file():
+            calibration = _load(path, problems)
+            break
     return {"probes": probes, "sizes": sizes, "speed": speed, "laptop": laptop, "plans": plans, "skips": skips,
             "problems": problems, "benches": benches, "calibration": calibration, "models": models}
 
@@ -122,31 +113,28 @@ def _note(skips: list, key: dict, stage: str, rec: dict) -> None:
 
 
 def _size_row(model, scheme, entry, manifest, qjson, before, after, quant_dir) -> dict:
+    """Sizes from quant.json (``orig_bytes``, ``bytes``, ``quantized_bits_per_weight``; llmopt.quant.pipeline) or,
+    lacking it, from the folders' safetensors; perplexity of the first evaluation text, float and quantized."""
+    q = qjson or {}
     seed = entry.get("seed") or {}
-    bpw = _find_number(qjson, ("bits_per_weight", "bpw", "avg_bits", "linear_bpw"))
-    if bpw is None and quant_dir.is_dir() and after:
-        try:
-            from llmopt.analysis import Arch, measured_unit_bytes
-            from llmopt.partition import measured_bpw
-
-            arch = Arch.from_hf(read_json(quant_dir / "config.json"))
-            bpw = measured_bpw(arch, measured_unit_bytes(quant_dir))[0]
-        except LlmoptError:
-            bpw = None
-    ppl = _find_number(qjson, ("perplexity", "ppl", "ppl_quant", "quant_ppl"))
-    ppl_ref = _find_number(qjson, ("reference_perplexity", "ppl_float", "float_ppl", "ppl_reference"))
+    before = q.get("orig_bytes") or before
+    after = q.get("bytes") or after
+    bpw = q.get("quantized_bits_per_weight") or q.get("bits_per_weight")
+    ppl = q.get("perplexity") or {}
+    text = next(iter(ppl.get("quant") or {}), None)
     row = {"model": model, "scheme": scheme, "scale": (manifest or {}).get("scale"),
            "source": (manifest or {}).get("source"), "size_before_gb": before / GB if before else None,
            "size_after_gb": after / GB if after else None,
-           "compression": before / after if before and after else None, "bpw": bpw, "ppl": ppl, "ppl_float": ppl_ref,
+           "compression": before / after if before and after else None, "bpw": bpw,
+           "bpw_all": q.get("bits_per_weight"), "ppl_text": text, "ppl": (ppl.get("quant") or {}).get(text),
+           "ppl_float": (ppl.get("float") or {}).get(text), "ppl_note": ppl.get("skipped"),
            "seed_size_gb": seed.get("size_gb"), "seed_original_gb": seed.get("original_size_gb")}
     if entry.get("architecture") and bpw:
         from llmopt.analysis import Arch, Precision, analyze, entry_config
 
         try:
             an = analyze(Arch.from_hf(entry_config(entry, model)), Precision(linear_bpw=bpw))
-            full_bf16 = analyze(an.arch).weight_bytes
-            row.update({"full_params_b": an.params / 1e9, "full_bf16_gb": full_bf16 / GB,
+            row.update({"full_params_b": an.params / 1e9, "full_bf16_gb": analyze(an.arch).weight_bytes / GB,
                         "full_at_bpw_gb": an.weight_bytes / GB})
         except LlmoptError:
             pass

@@ -98,7 +98,8 @@ def perplexity_vs_bpw(quality: list[dict], path: Path) -> Path:
         _empty(ax, "no perplexity in quant.json files")
         return _save(fig, path)
     for model in sorted({r["model"] for r in rows}):
-        pts = sorted((r["bpw"], r["ppl"], r["scheme"]) for r in rows if r["model"] == model)
+        pts = sorted({(r["bpw"], r["ppl"], r["scheme"]) for r in rows if r["model"] == model}
+                     | {(16.0, r["ppl_float"], "float") for r in rows if r["model"] == model and r.get("ppl_float")})
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
         for b, p, s in pts:
             ax.annotate(s, (b, p), fontsize=6, xytext=(3, 3), textcoords="offset points")

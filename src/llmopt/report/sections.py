@@ -40,13 +40,15 @@ def _targets(data: dict) -> Section:
 def _sizes(data: dict, figs: dict) -> Section:
     s = Section("Size and quality")
     s.paragraphs.append(
-        "Before = the source folder's safetensors bytes at the scale built here (tiny / real); after = the packed "
-        "folder. bpw = bits per weight of the decoder linears, scales included. Full-scale columns apply the "
+        "Before / after = bytes of the source and packed weights at the scale built here (tiny / real; quant.json). "
+        "bpw linears = bits per weight of the quantized tensors, scales included; bpw all = every tensor. "
+        "Perplexity on the quantization stage's held-out text (real weights only). Full-scale columns apply the "
         "scheme's bpw to the real architecture (llmopt.analysis) beside the seed's size target.")
     s.tables.append(Table([
         ("model", "model", None), ("scheme", "scheme", None), ("scale", "scale", None),
         ("size_before_gb", "before GB", ".4f"), ("size_after_gb", "after GB", ".4f"), ("compression", "x", ".2f"),
-        ("bpw", "bpw", ".2f"), ("ppl", "ppl", ".2f"), ("ppl_float", "ppl float", ".2f"),
+        ("bpw", "bpw linears", ".2f"), ("bpw_all", "bpw all", ".2f"), ("ppl_text", "ppl text", None),
+        ("ppl", "ppl", ".2f"), ("ppl_float", "ppl float", ".2f"), ("ppl_note", "ppl note", None),
         ("full_params_b", "full params B", ".2f"), ("full_bf16_gb", "full bf16 GB", ".1f"),
         ("full_at_bpw_gb", "full at bpw GB", ".2f"), ("seed_original_gb", "seed before GB", None),
         ("seed_size_gb", "seed after GB", None)], data["sizes"]))

@@ -170,6 +170,7 @@ def self_test_specs() -> list[KernelSpec]:
         mk("qgemv", N=32, K=128, G=32, BITS=4, ASYM=True, SCALE="bfloat16", BIAS=True),
         mk("qgemm", N=32, K=128, G=32, BITS=4, ASYM=True, SCALE="bfloat16", BIAS=True),
         mk("qgemv", N=32, K=128, G=32, BITS=2), mk("qgemv", N=32, K=128, G=128, BITS=8),
+        mk("qgemv", N=64, K=256, G=64, BITS=4, ROWS=1), mk("qgemm", N=64, K=256, G=64, BITS=4, ROWS=16),
         mk("attention", HQ=4, HKV=2, D=32, SCALE=32 ** -0.5),
         mk("attention", HQ=4, HKV=1, D=32, SCALE=0.125, SOFTCAP=50.0),
         mk("sliding_window_attention", HQ=4, HKV=2, D=32, SCALE=32 ** -0.5, WINDOW=8, SOFTCAP=50.0),
@@ -236,6 +237,8 @@ def compile_kernels(kernel_dir: Path, out_dir: Path, probe: dict, target: str,
             specs += specs_for_model(m["config"], m.get("quant") or {})
         except (LlmoptError, KeyError, TypeError, ValueError) as err:
             manifest.setdefault("model_errors", []).append({"model": m.get("model"), "error": str(err)})
+    if manifest["device_target"] == "amd-aie":  # AIE kernels are static: decode rows 1, prefill in row buckets
+        specs = [_static_rows(s) for s in specs]
     specs = list(dict.fromkeys(specs))
     files = []
     for spec in tqdm(specs, desc=f"compile {target}", unit="kernel"):
@@ -255,6 +258,15 @@ def compile_kernels(kernel_dir: Path, out_dir: Path, probe: dict, target: str,
     manifest["failed"] = sum(e["status"] == "failed" for e in manifest["kernels"])
     _write(out_dir, manifest, files)
     return manifest
+
+
+NPU_PREFILL_ROWS = 64  # prefill on the NPU runs in buckets of this many rows (padded)
+
+
+def _static_rows(spec: KernelSpec) -> KernelSpec:
+    if spec.kernel not in ("qgemv", "qgemm") or "ROWS" in spec.p:
+        return spec
+    return KernelSpec.make(spec.kernel, **spec.p, ROWS=1 if spec.kernel == "qgemv" else NPU_PREFILL_ROWS)
 
 
 def check_module(c: Compiled, seed: int = 0) -> dict:

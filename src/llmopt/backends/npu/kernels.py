@@ -3,7 +3,7 @@
 A kernel file is MLIR (linalg/arith on tensors, one ``func.func @main``) with three kinds of template marks:
 
 - ``${NAME}``: replaced by a parameter or a value derived from them (shapes are static per compiled module;
-  the token count ``?`` stays dynamic where IREE handles it well, see docs/NPU.md).
+  the token count stays dynamic (``?``) where IREE handles it well, or static with ``ROWS``: docs/NPU.md).
 - a line ending in ``// @if FLAG`` (or ``!FLAG``, or ``A && !B``) is kept only when the condition holds;
   lines ``// @if FLAG`` ... ``// @endif`` do the same for a block.
 - ``// @include OTHER as @fn with K=V ...`` inserts kernel OTHER rendered with this kernel's parameters
@@ -25,7 +25,7 @@ from pathlib import Path
 from llmopt.errors import LlmoptError
 
 DEFAULT_KERNEL_DIR = Path(__file__).resolve().parents[4] / "kernels"
-QGEMM_MIN_ROWS = 8  # rows (tokens x batch) from which a quantized linear uses qgemm instead of qgemv (bench/npu_*)
+QGEMM_MIN_ROWS = 4  # rows (tokens x batch) from which a quantized linear uses qgemm, not qgemv (bench/npu_*)
 
 
 def _f(v: float) -> str:
@@ -43,7 +43,11 @@ def _quant(p: dict, who: str) -> dict:
     scale = p.get("SCALE", "float16")
     if scale not in ("float16", "bfloat16"):
         raise LlmoptError(f"kernel {who}: SCALE={scale!r} (expected 'float16' or 'bfloat16')")
-    return {"N": n, "K": k, "G": g, "BITS": bits, "KB": k * bits // 8, "NG": k // g, "QT": f"i{bits}",
+    rows = p.get("ROWS")  # static token rows (the NPU needs static shapes); None = dynamic
+    if rows is not None and int(rows) <= 0:
+        raise LlmoptError(f"kernel {who}: ROWS={rows} must be positive")
+    static = {"MX": "?", "MS": "%m", "DYN_M": "%m"} if rows is None else {"MX": int(rows), "MS": int(rows), "DYN_M": ""}
+    return {**static, "N": n, "K": k, "G": g, "BITS": bits, "KB": k * bits // 8, "NG": k // g, "QT": f"i{bits}",
             "ST": "i16" if scale == "bfloat16" else "f16", "ZP": _f(2 ** (bits - 1)),
             "PACKED": bits < 8, "BF16": scale == "bfloat16", "ASYM": bool(p.get("ASYM", False)),
             "BIAS": bool(p.get("BIAS", False))}
@@ -205,7 +209,7 @@ def _include(spec: KernelSpec, m: re.Match, kernel_dir: Path) -> str:
 
 def _accepted(kernel: str, params: dict) -> set:
     """Parameters ``kernel`` reads: its required ones plus the optional flags the derive function looks at."""
-    optional = {"SCALE", "ASYM", "BIAS", "SOFTCAP", "ACT", "MERGE", "EPS"}
+    optional = {"SCALE", "ASYM", "BIAS", "SOFTCAP", "ACT", "MERGE", "EPS", "ROWS"}
     return set(KERNELS[kernel][1]) | (optional & set(params))
 
 

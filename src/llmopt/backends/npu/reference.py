@@ -86,7 +86,7 @@ def case(spec: KernelSpec, seed: int = 0, rows: int | None = None):
     p, vals = spec.p, spec.values()
     name = spec.kernel
     if name in ("qgemv", "qgemm"):
-        m = rows or (3 if name == "qgemv" else 19)
+        m = rows or p.get("ROWS") or (3 if name == "qgemv" else 19)
         qt = random_quantized(vals["N"], vals["K"], vals["BITS"], vals["G"], not vals["ASYM"], p.get("SCALE", "float16"), g)
         x = torch.randn(m, vals["K"], generator=g)
         y = x.to(F64) @ qt.dequantize(F64).T

@@ -133,13 +133,19 @@ class NpuBackend(IreeCpuBackend):
         if not status["present"]:
             raise LlmoptError(f"npu: {status['reason']}")
         super().__init__(kernels_dir=kernels_dir, threads=threads)
-        self._npu: dict = {}  # KernelSpec -> XrtKernel, or the reason it stays on the CPU
+        self._npu: dict = {}  # KernelSpec -> XrtKernel, or the reason it stays on the CPU (coverage() shows it)
+
+    def coverage(self) -> dict:
+        cov = super().coverage()
+        cov["npu_kernels"] = {s.label: ("xrt" if isinstance(k, XrtKernel) else k) for s, k in self._npu.items()}
+        return cov
 
     def _on_npu(self, w: IreeLinear):
         from llmopt.backends.npu.compile import compile_module
+        from llmopt.backends.npu.kernels import KernelSpec
 
-        spec = w.gemv  # a failed NPU compile (AIE needs static shapes: see docs/NPU.md) leaves it on the CPU
-        if spec not in self._npu:
+        spec = KernelSpec.make("qgemv", **w.gemv.p, ROWS=1)  # AIE kernels are static: one decode row
+        if spec not in self._npu:  # a failed NPU compile leaves the layer on the CPU, with the reason kept
             try:
                 self._npu[spec] = XrtKernel(compile_module(spec, "amd-aie", prebuilt=self.kernels_dir).artifacts)
             except LlmoptError as err:

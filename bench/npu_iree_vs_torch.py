@@ -1,0 +1,113 @@
+"""IREE int4 GEMV (the NPU kernel compiled for llvm-cpu) vs the CPU backend's torch int4 path, side by side.
+
+For each weight shape, one random int4 g128 symmetric weight in the packed format goes to three backends in one
+process, and ``linear`` on one row (batch-1 decode) is timed interleaved, median of ``--reps``:
+- ``iree``: IreeCpuBackend (qgemv.mlir, packed rows unpacked in the kernel),
+- ``torch-int4``: CpuBackend quant="fast" (aten._weight_int4pack_mm_for_cpu on a repacked weight),
+- ``torch-f32``: CpuBackend quant="reference" (the weight dequantized to float32 at load).
+Results are checked against the float64 reference first. Also a row sweep (qgemv vs qgemm) that sets
+``QGEMM_MIN_ROWS``, and the AIE2 cost model's NPU prediction for the same call (``predicted: true``).
+
+    .venv/bin/python bench/npu_iree_vs_torch.py [--reps 30] [--out results/bench/npu_iree_vs_torch.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from llmopt.backends.cpu import CpuBackend
+from llmopt.backends.npu.iree_cpu import IreeCpuBackend
+from llmopt.backends.npu.reference import random_quantized
+from llmopt.costmodel import predict_kernel
+from llmopt.fsutil import write_json
+
+SHAPES = [(2048, 2048), (4096, 4096), (3584, 3584), (18944, 3584), (3584, 18944)]  # last three: Qwen2.5-7B
+
+
+def timed(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_shape(n: int, k: int, reps: int, backends: dict) -> dict:
+    qt = random_quantized(n, k, 4, 128, gen=torch.Generator().manual_seed(n + k))
+    x = torch.randn(1, 1, k)
+    ref = (x.double().view(1, k) @ qt.dequantize(torch.float64).T).view(1, 1, n)
+    weights = {name: be.linear_weight("w", qt) for name, be in backends.items()}
+    row = {"N": n, "K": k, "weight_bytes": qt.nbytes}
+    for name, be in backends.items():
+        err = (be.linear(x, weights[name]).double() - ref).abs().max().item()
+        assert err < 1e-3 * max(1.0, ref.abs().max().item()), f"{name} {n}x{k}: error {err}"
+        row[f"{name}_max_err"] = err
+    samples = {name: [] for name in backends}
+    for _ in range(reps // 5):  # interleave blocks of 5 so load changes hit every backend alike
+        for name, be in backends.items():
+            samples[name] += timed(lambda: be.linear(x, weights[name]), 5)
+    for name, s in samples.items():
+        med = statistics.median(s)
+        row[f"{name}_ms"] = 1e3 * med
+        row[f"{name}_ms_iqr"] = 1e3 * (np.percentile(s, 75) - np.percentile(s, 25))
+        row[f"{name}_GBps"] = qt.nbytes / med / 1e9
+    npu = predict_kernel("qgemv", {"M": 1, "N": n, "K": k, "G": 128}, bits=4)
+    row["npu_predicted_ms"], row["npu_predicted_bound"], row["predicted"] = 1e3 * npu["seconds"], npu["bound"], True
+    return row
+
+
+def row_sweep(reps: int) -> list[dict]:
+    """qgemv vs qgemm on 4096x4096 as rows grow: where the prefill kernel takes over."""
+    be = IreeCpuBackend()
+    qt = random_quantized(4096, 4096, 4, 128, gen=torch.Generator().manual_seed(0))
+    w = be.linear_weight("w", qt)
+    out = []
+    for rows in (1, 2, 4, 8, 16, 32):
+        x = torch.randn(rows, 4096).numpy()
+        r = {"rows": rows}
+        for spec in (w.gemv, w.gemm):
+            mod = be.module(spec)
+            r[f"{spec.kernel}_ms"] = 1e3 * statistics.median(timed(lambda: mod(x, *w.args), max(3, reps // 3)))
+        out.append(r)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=30, help="timed calls per backend and shape")
+    ap.add_argument("--out", type=Path, default=Path("results/bench/npu_iree_vs_torch.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    load_before = os.getloadavg()[0]
+    backends = {"iree": IreeCpuBackend(), "torch-int4": CpuBackend(quant="fast"), "torch-f32": CpuBackend(quant="reference")}
+    rows = [bench_shape(n, k, args.reps, backends) for n, k in tqdm(SHAPES, desc="shapes")]
+    sweep = row_sweep(args.reps)
+    record = {"date": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "command": "bench/npu_iree_vs_torch.py --reps %d" % args.reps,
+              "loadavg_1min": [load_before, os.getloadavg()[0]],  # a shared machine: other jobs run alongside
+              "shapes": rows, "row_sweep": sweep}
+    write_json(args.out, record)
+    print("| N x K | weight MB | IREE qgemv ms | torch int4 ms | torch f32 ms | IREE / torch-int4 | NPU predicted ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['N']} x {r['K']} | {r['weight_bytes'] / 1e6:.1f} | {r['iree_ms']:.3f} | {r['torch-int4_ms']:.3f} | "
+              f"{r['torch-f32_ms']:.3f} | {r['iree_ms'] / r['torch-int4_ms']:.2f} | {r['npu_predicted_ms']:.3f} (predicted) |")
+    print("\n| rows | qgemv ms | qgemm ms |\n|---|---|---|")
+    for r in sweep:
+        print(f"| {r['rows']} | {r['qgemv_ms']:.3f} | {r['qgemm_ms']:.3f} |")
+    print(f"\n1-min load average before/after: {load_before:.1f} / {os.getloadavg()[0]:.1f}; written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

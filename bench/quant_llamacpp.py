@@ -1,0 +1,107 @@
+"""llama.cpp's quantizations of the real Gemma 3 270M, evaluated with the same text, tokens and windows as ours.
+
+The shipped GGUF (Q5_0/Q8_0 tensors) is requantized with ``llama_cpp.llama_model_quantize`` (allow_requantize:
+llama.cpp dequantizes to float32 first, which is exactly the float model our schemes start from, since the HF
+reference folder is that GGUF dequantized). Perplexity uses llama.cpp's own logits on the token ids of the HF
+tokenizer: windows of BOS + 512 tokens, every token predicted (``llmopt.quant.perplexity``'s protocol). Bits
+per weight count the GGUF's tensor bytes (not its tokenizer metadata) over the parameter count.
+Writes ``OUT/llamacpp.json``, which ``bench/quant_quality.py`` merges into its table and plot.
+
+    .venv/bin/python bench/quant_llamacpp.py --out bench/out/quant [--type Q4_K_M ...] [--text hamlet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_TYPES = ["Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q3_K_S", "Q2_K"]
+
+
+def quantize_gguf(src: Path, dst: Path, ftype: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32 if ftype == "F32" else getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.allow_requantize = True
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize {ftype} failed")
+
+
+def tensor_bytes(path: Path) -> tuple[int, int, dict]:
+    """(tensor bytes, parameters, {ggml type: count}) of a GGUF file."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    kinds: dict[str, int] = {}
+    for t in reader.tensors:
+        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+    return sum(int(t.n_bytes) for t in reader.tensors), sum(int(t.n_elements) for t in reader.tensors), kinds
+
+
+def perplexity(path: Path, ids: list[int], bos: int, window: int = 512) -> float:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=window + 1, n_batch=window + 1, n_ubatch=window + 1,
+                logits_all=True, n_threads=2, verbose=False)
+    total, count = 0.0, 0
+    for start in range(0, len(ids), window):
+        toks = [bos] + ids[start:start + window]
+        llm.reset()
+        llm.eval(toks)
+        logits = np.asarray(llm.scores[:len(toks)], dtype=np.float64)
+        m = logits.max(-1, keepdims=True)
+        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        total -= float(sum(logp[i, toks[i + 1]] for i in range(len(toks) - 1)))
+        count += len(toks) - 1
+    return math.exp(total / count)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench/out/quant"), help="folder for llamacpp.json")
+    p.add_argument("--type", action="append", help=f"llama.cpp quantization type (default {DEFAULT_TYPES})")
+    p.add_argument("--text", action="append", help="evaluation text (default hamlet)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per text (default 4096)")
+    args = p.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from llmopt.download.pip_gguf import assemble_gguf, ensure_reference_model
+    from llmopt.quant.perplexity import text_tokens
+
+    src = assemble_gguf()
+    tok = AutoTokenizer.from_pretrained(ensure_reference_model())
+    texts = args.text or ["hamlet"]
+    ids = {t: text_tokens(tok, t, args.tokens).tolist() for t in texts}
+    out_path = args.out / "llamacpp.json"
+    rows = json.loads(out_path.read_text()) if out_path.exists() else {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for ftype in ["F32"] + (args.type or DEFAULT_TYPES):
+            path = Path(tmp) / f"{ftype}.gguf"
+            quantize_gguf(src, path, ftype)
+            nbytes, params_n, kinds = tensor_bytes(path)
+            ppl = {t: perplexity(path, ids[t], tok.bos_token_id) for t in texts}
+            rows[f"llama.cpp {ftype}"] = {"scheme": f"llama.cpp {ftype}", "method": "llama.cpp", "bpw": 8 * nbytes / params_n,
+                                          "bytes": nbytes, "quant": ppl, "ggml_types": kinds}
+            print(json.dumps(rows[f"llama.cpp {ftype}"]), flush=True)
+            path.unlink()
+    base = rows.pop("llama.cpp F32")
+    for r in rows.values():
+        r["float"] = base["quant"]
+        r["float_source"] = "llama.cpp F32 of the same GGUF"
+        r["increase_pct"] = {t: 100 * (r["quant"][t] / base["quant"][t] - 1) for t in r["quant"]}
+    out_path.write_text(json.dumps(rows, indent=1))
+    print(f"llama.cpp F32 perplexity: {base['quant']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

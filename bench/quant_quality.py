@@ -1,0 +1,118 @@
+"""Perplexity against bits per weight for every quantization scheme on the real Gemma 3 270M.
+
+Quantizes the reference model (``llmopt.download.pip_gguf.ensure_reference_model``) with each scheme through the
+real stage entry (``quantize_model``), which evaluates float and fake-quantized perplexity on held-out text
+(Hamlet; Pride and Prejudice with ``--text``), then merges llama.cpp's anchors (``bench/quant_llamacpp.py`` output,
+if present) and writes a table (Markdown + CSV) and a plot of perplexity against bits per weight.
+
+    .venv/bin/python bench/quant_quality.py --out bench/out/quant [--scheme w4g128 ...] [--text hamlet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llmopt.download.pip_gguf import ensure_reference_model
+from llmopt.fsutil import write_text
+from llmopt.quant.pipeline import quantize_model
+from llmopt.quant.schemes import PRESETS
+
+DEFAULT_SCHEMES = ["w4g128", "w8", "w4g128-mse", "w4g128-gptq", "w3g64", "w3g64-gptq", "w2g32",
+                   "mixed-4.5", "mixed-3.5", "mixed-2.8"]
+
+
+def scheme_of(name: str, texts: list[str], tokens: int) -> dict:
+    ppl = {"texts": texts, "tokens": tokens}
+    if name.startswith("mixed-"):
+        return {"name": name, "method": "mixed", "budget": {"bpw": float(name.split("-")[1])}, "perplexity": ppl}
+    return {"name": name, **PRESETS[name], "perplexity": ppl}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench/out/quant"), help="output folder (table, plot, quant.json copies)")
+    p.add_argument("--scheme", action="append", help=f"scheme (preset or mixed-<bpw>); default {DEFAULT_SCHEMES}")
+    p.add_argument("--text", action="append", help="evaluation text (default hamlet)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per text (default 4096)")
+    p.add_argument("--keep", action="store_true", help="keep the quantized model folders under OUT/models")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    source = ensure_reference_model()
+    texts = args.text or ["hamlet"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = _load_rows(args.out / "results.json")
+    for name in args.scheme or DEFAULT_SCHEMES:
+        t0 = time.time()
+        folder = args.out / "models" / name
+        q = quantize_model(source, scheme_of(name, texts, args.tokens), folder, {})
+        ppl = q["perplexity"]
+        rows[name] = {"scheme": name, "method": q["method"], "bpw": q["bits_per_weight"], "bytes": q["bytes"],
+                      "mean_rel_error": q["mean_rel_error"], "float": ppl["float"], "quant": ppl["quant"],
+                      "increase_pct": ppl["increase_pct"], "formats": q.get("budget", {}).get("formats"),
+                      "time_s": round(time.time() - t0, 1)}
+        print(json.dumps(rows[name]), flush=True)
+        (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(folder)
+    write_outputs(rows, args.out)
+    return 0
+
+
+def _load_rows(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_outputs(rows: dict, out: Path) -> None:
+    """Table (md + csv) and plot, ours and llama.cpp's (``llamacpp.json`` beside, if present)."""
+    anchors = _load_rows(out / "llamacpp.json")
+    texts = sorted({t for r in list(rows.values()) + list(anchors.values()) for t in r["quant"]})
+    lines = ["| scheme | method | bits/weight | " + " | ".join(f"{t} ppl (vs float)" for t in texts) + " |",
+             "|---|---|---|" + "---|" * len(texts)]
+    table = []
+    for r in sorted(list(rows.values()) + list(anchors.values()), key=lambda r: -r["bpw"]):
+        cells = [f"{r['quant'][t]:.2f} ({r['increase_pct'][t]:+.1f}%)" if t in r["quant"] else "" for t in texts]
+        lines.append(f"| {r['scheme']} | {r['method']} | {r['bpw']:.3f} | " + " | ".join(cells) + " |")
+        table.append({"scheme": r["scheme"], "method": r["method"], "bpw": r["bpw"],
+                      **{f"ppl_{t}": r["quant"].get(t) for t in texts}, **{f"float_{t}": r["float"].get(t) for t in texts}})
+    floats = {t: next(r["float"][t] for r in list(rows.values()) + list(anchors.values()) if t in r["float"]) for t in texts}
+    lines.append("\nfloat: " + ", ".join(f"{t} {v:.3f}" for t, v in floats.items()))
+    write_text(out / "table.md", "\n".join(lines) + "\n")
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.5), squeeze=False)
+    for ax, t in zip(axes[0], texts):
+        for label, group, marker in (("llmopt", rows, "o"), ("llama.cpp", anchors, "s")):
+            pts = sorted((r["bpw"], r["quant"][t], r["scheme"]) for r in group.values() if t in r["quant"])
+            if pts:
+                ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker, label=label)
+                for x, y, n in pts:
+                    ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(floats[t], color="gray", ls="--", label="float32")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight (all stored bytes / all parameters)")
+        ax.set_ylabel(f"perplexity, {t}")
+        ax.set_title(f"Gemma 3 270M, {t}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_bpw.png", dpi=120)
+    print((out / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
