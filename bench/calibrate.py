@@ -22,7 +22,8 @@ from llmopt.roofline import calibrate, calibrated_profile
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--targets", nargs="+", default=["cpu", "vulkan"], help="targets to calibrate (absent ones are recorded)")
+    p.add_argument("--targets", nargs="+", default=["cpu", "vulkan"],
+                   help="targets to calibrate (absent ones are recorded)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per micro-benchmark (median kept)")
     p.add_argument("--size", type=int, default=4096, help="square int4 weight size of the GEMV/GEMM (multiple of 128)")
     p.add_argument("--prefill-tokens", type=int, default=64, help="rows of the prefill GEMM")

@@ -13,8 +13,8 @@ the first token's logits; decode tok/s = (new tokens - 1) / the time after that.
   head included), packed with ``llmopt.quant.quantizers`` and cached under ~/.cache/llmopt/bench/; the CpuBackend
   fast path (int4pack / int8pack kernels, bf16 kernel input). The load-time repack is timed.
 - HF transformers float32 and bfloat16: the same folder, eager, a manual greedy loop with its DynamicCache.
-- llama.cpp: llama-cpp-python on the pip package's GGUF (Q5_0/Q8_0 tensors), same threads; skipped with the
-  reason when llama_cpp is not importable.
+- llama.cpp: llama-cpp-python on the pip package's GGUF (Q5_0/Q8_0 tensors), same threads, ggml's extra buffer
+  types off (AMX faults in this VM; see LlamaCppEngine); skipped with the reason when llama_cpp is not importable.
 
 Writes ``--out`` (JSON, default results/bench/engine_cpu.json), a bar chart beside it, and prints a markdown table.
 """
@@ -113,13 +113,29 @@ class HfEngine:
 
 
 class LlamaCppEngine:
-    def __init__(self, gguf: Path, threads: int, n_ctx: int):
+    def __init__(self, gguf: Path, threads: int, n_ctx: int, extra_bufts: bool = False):
         import llama_cpp
+        import llama_cpp.llama_cpp as low
 
+        # The venv's llama.cpp is built for this CPU's AMX; AMX tile instructions raise SIGILL in this VM
+        # (tilezero, seen in gdb), and Llama() exposes no switch, so default model params are patched to turn
+        # off ggml's extra buffer types (AMX and the AVX-512 weight repack both live there).
+        default = low.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = extra_bufts
+            return p
+
+        low.llama_model_default_params = params
         t0 = time.perf_counter()
-        self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                                   n_batch=512, verbose=False)
-        self.info = {"load_s": time.perf_counter() - t0, "version": llama_cpp.__version__, "gguf": gguf.name}
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                                       n_batch=512, verbose=False)
+        finally:
+            low.llama_model_default_params = default
+        self.info = {"load_s": time.perf_counter() - t0, "version": llama_cpp.__version__, "gguf": gguf.name,
+                     "extra_bufts": extra_bufts}
 
     def run(self, ids, new):
         self.llm.reset()

@@ -5,7 +5,9 @@ process, and ``linear`` on one row (batch-1 decode) is timed interleaved, median
 - ``iree``: IreeCpuBackend (qgemv.mlir, packed rows unpacked in the kernel),
 - ``torch-int4``: CpuBackend quant="fast" (aten._weight_int4pack_mm_for_cpu on a repacked weight),
 - ``torch-f32``: CpuBackend quant="reference" (the weight dequantized to float32 at load).
-Results are checked against the float64 reference first. Also a row sweep (qgemv vs qgemm) that sets
+Results are checked against the float64 reference first. The machine is shared (its load average is recorded):
+medians carry other jobs' preemptions, minima show what the code does when it gets the cores; both are given and
+the ratio is taken on each. Also a row sweep (qgemv vs qgemm) that sets
 ``QGEMM_MIN_ROWS``, and the AIE2 cost model's NPU prediction for the same call (``predicted: true``).
 
     .venv/bin/python bench/npu_iree_vs_torch.py [--reps 30] [--out results/bench/npu_iree_vs_torch.json]
@@ -31,6 +33,9 @@ from llmopt.backends.npu.reference import random_quantized
 from llmopt.costmodel import predict_kernel
 from llmopt.fsutil import write_json
 
+# max |y - y_ref| / max(1, max |y_ref|) allowed before timing. torch's CPU int4 kernel computes at about bf16
+# precision (measured ~4e-3 here), the float32 paths at float32 precision.
+TOLERANCE = {"iree": 1e-5, "torch-int4": 1e-2, "torch-f32": 1e-5}
 SHAPES = [(2048, 2048), (4096, 4096), (3584, 3584), (18944, 3584), (3584, 18944)]  # last three: Qwen2.5-7B
 
 
@@ -50,9 +55,9 @@ def bench_shape(n: int, k: int, reps: int, backends: dict) -> dict:
     weights = {name: be.linear_weight("w", qt) for name, be in backends.items()}
     row = {"N": n, "K": k, "weight_bytes": qt.nbytes}
     for name, be in backends.items():
-        err = (be.linear(x, weights[name]).double() - ref).abs().max().item()
-        assert err < 1e-3 * max(1.0, ref.abs().max().item()), f"{name} {n}x{k}: error {err}"
-        row[f"{name}_max_err"] = err
+        err = (be.linear(x, weights[name]).double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+        assert err < TOLERANCE[name], f"{name} {n}x{k}: relative error {err:.2e} over {TOLERANCE[name]}"
+        row[f"{name}_rel_err"] = err
     samples = {name: [] for name in backends}
     for _ in range(reps // 5):  # interleave blocks of 5 so load changes hit every backend alike
         for name, be in backends.items():
@@ -60,8 +65,9 @@ def bench_shape(n: int, k: int, reps: int, backends: dict) -> dict:
     for name, s in samples.items():
         med = statistics.median(s)
         row[f"{name}_ms"] = 1e3 * med
+        row[f"{name}_ms_min"] = 1e3 * min(s)
         row[f"{name}_ms_iqr"] = 1e3 * (np.percentile(s, 75) - np.percentile(s, 25))
-        row[f"{name}_GBps"] = qt.nbytes / med / 1e9
+        row[f"{name}_GBps_best"] = qt.nbytes / min(s) / 1e9
     npu = predict_kernel("qgemv", {"M": 1, "N": n, "K": k, "G": 128}, bits=4)
     row["npu_predicted_ms"], row["npu_predicted_bound"], row["predicted"] = 1e3 * npu["seconds"], npu["bound"], True
     return row
@@ -78,7 +84,8 @@ def row_sweep(reps: int) -> list[dict]:
         r = {"rows": rows}
         for spec in (w.gemv, w.gemm):
             mod = be.module(spec)
-            r[f"{spec.kernel}_ms"] = 1e3 * statistics.median(timed(lambda: mod(x, *w.args), max(3, reps // 3)))
+            s = timed(lambda: mod(x, *w.args), max(5, reps // 2))
+            r[f"{spec.kernel}_ms"], r[f"{spec.kernel}_ms_min"] = 1e3 * statistics.median(s), 1e3 * min(s)
         out.append(r)
     return out
 
@@ -98,14 +105,17 @@ def main() -> None:
               "loadavg_1min": [load_before, os.getloadavg()[0]],  # a shared machine: other jobs run alongside
               "shapes": rows, "row_sweep": sweep}
     write_json(args.out, record)
-    print("| N x K | weight MB | IREE qgemv ms | torch int4 ms | torch f32 ms | IREE / torch-int4 | NPU predicted ms |")
+    print("ms per call, median / min. | N x K | weight MB | IREE qgemv | torch int4 | torch f32 | IREE / torch-int4 "
+          "(median, min) | NPU ms (predicted) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['N']} x {r['K']} | {r['weight_bytes'] / 1e6:.1f} | {r['iree_ms']:.3f} | {r['torch-int4_ms']:.3f} | "
-              f"{r['torch-f32_ms']:.3f} | {r['iree_ms'] / r['torch-int4_ms']:.2f} | {r['npu_predicted_ms']:.3f} (predicted) |")
-    print("\n| rows | qgemv ms | qgemm ms |\n|---|---|---|")
+        cell = {b: f"{r[b + '_ms']:.2f} / {r[b + '_ms_min']:.2f}" for b in backends}
+        print(f"| {r['N']} x {r['K']} | {r['weight_bytes'] / 1e6:.1f} | {cell['iree']} | {cell['torch-int4']} | "
+              f"{cell['torch-f32']} | {r['iree_ms'] / r['torch-int4_ms']:.2f}, {r['iree_ms_min'] / r['torch-int4_ms_min']:.2f} | "
+              f"{r['npu_predicted_ms']:.3f} |")
+    print("\n| rows | qgemv ms (median / min) | qgemm ms (median / min) |\n|---|---|---|")
     for r in sweep:
-        print(f"| {r['rows']} | {r['qgemv_ms']:.3f} | {r['qgemm_ms']:.3f} |")
+        print(f"| {r['rows']} | {r['qgemv_ms']:.2f} / {r['qgemv_ms_min']:.2f} | {r['qgemm_ms']:.2f} / {r['qgemm_ms_min']:.2f} |")
     print(f"\n1-min load average before/after: {load_before:.1f} / {os.getloadavg()[0]:.1f}; written {args.out}")
 
 

@@ -35,26 +35,26 @@ void main() {
     const uint n0 = gl_WorkGroupID.x * TILE;
     const uint m0 = gl_WorkGroupID.y * TILE;
     float acc[PER_THREAD];
-    [[unroll]] for (uint i = 0; i < PER_THREAD; ++i) acc[i] = 0.0;
+    for (uint i = 0; i < PER_THREAD; ++i) acc[i] = 0.0;
 
     for (uint k0 = 0; k0 < p.K; k0 += BK) {
-        for (uint i = tid; i < TILE * BK; i += WG) {
+        [[dont_unroll]] for (uint i = tid; i < TILE * BK; i += WG) {
             const uint r = i / BK, k = k0 + i % BK;
             const uint m = m0 + r, n = n0 + r;
             xs[i] = (m < p.M && k < p.K) ? x[(m * p.x_step + p.x_off) * p.K + k] : 0.0;
             ws[i] = (n < p.N && k < p.K) ? weight_at(n, k, p.K, p.group) : 0.0;
         }
         barrier();
-        [[unroll]] for (uint i = 0; i < PER_THREAD; ++i) {
+        [[dont_unroll]] for (uint i = 0; i < PER_THREAD; ++i) {
             const uint o = tid + i * WG;
             const uint om = o / TILE, on = o % TILE;
             float d = 0.0;
-            [[unroll]] for (uint k = 0; k < BK; ++k) d += xs[om * BK + k] * ws[on * BK + k];
+            for (uint k = 0; k < BK; ++k) d += xs[om * BK + k] * ws[on * BK + k];
             acc[i] += d;
         }
         barrier();
     }
-    [[unroll]] for (uint i = 0; i < PER_THREAD; ++i) {
+    for (uint i = 0; i < PER_THREAD; ++i) {
         const uint o = tid + i * WG;
         const uint m = m0 + o / TILE, n = n0 + o % TILE;
         if (m < p.M && n < p.N) y[m * p.n_out + p.row0 + n] = acc[i] + (HAS_BIAS != 0 ? bias[p.row0 + n] : 0.0);

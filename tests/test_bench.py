@@ -32,7 +32,7 @@ def test_cpu_benchmark_checks_then_times(tiny, tmp_path):
     (run,) = rec["runs"]
     assert run["config"] == "target" and run["devices"] == ["cpu"]
     c = run["correctness"]
-    assert c["passed"] and c["finite"] and c["max_rel_err"] <= 1e-3 and c["positions"] == 5
+    assert c["passed"] and c["finite"] and c["max_rel_err"] <= 2e-2 and c["positions"] == 5
     assert [r["batch"] for r in run["results"]] == [1, 2]
     for r in run["results"]:
         for key in ("prefill_tok_s", "decode_tok_s", "ttft_s"):

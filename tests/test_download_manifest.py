@@ -93,11 +93,11 @@ def test_truncated_gguf(tmp_path):
     cut = tmp_path / "cut.gguf"
     with open(src, "rb") as f:
         cut.write_bytes(f.read(50 << 20))
-    with pytest.raises(LlmoptError, match=r"cut\.gguf: (truncated|corrupt or truncated) GGUF") as err:
+    with pytest.raises(LlmoptError, match=r"cut\.gguf: truncated GGUF \(52428800 bytes, its tensors need \d+\)") as err:
         check_gguf(cut)
     assert "\n" not in str(err.value)
     cut.write_bytes(src.read_bytes()[:2000])  # inside the metadata
-    with pytest.raises(LlmoptError, match=r"cut\.gguf: (truncated|corrupt or truncated) GGUF"):
+    with pytest.raises(LlmoptError, match=r"cut\.gguf: truncated GGUF \(ends inside the header"):
         check_gguf(cut)
 
 

@@ -1,9 +1,11 @@
 """The iree-cpu backend runs whole models: tiny Gemma 2 and Qwen2 with packed 4-bit linears (fresh random
-weights every run) give the same logits as the CPU backend, in prefill (qgemm) and decode (qgemv), with the
-attention core on the IREE kernel. Also: what falls back to torch is recorded, and the probes say what is missing.
+weights every run) give the same logits as the CPU backend's float32 reference mode (every packed weight
+dequantized), in prefill (qgemm) and decode (qgemv), with the attention core on the IREE kernel. Also: what falls
+back to torch is recorded, and the probes say what is missing.
 
-Tolerance: |iree-cpu - cpu| <= 1e-3 on logits of magnitude ~1-10 (both float32 over the same packed weights;
-the CPU backend's int4 kernel and IREE's sum in different orders).
+Tolerance: |iree-cpu - cpu reference| <= 1e-4 on logits of magnitude ~1-10 (both float32 over the same packed
+weights, summed in different orders). The CPU backend's fast int4 kernel is not the reference: it computes at
+about bf16 precision (on the real Gemma 3 270M its logits differ from float32 by ~1 at a logit scale of 55).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from llmopt.backends import get_backend, probe
+from llmopt.backends.cpu import CpuBackend
 from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.format import QuantizedTensor, pack_bits, save_packed
 
-ATOL = 1e-3
+ATOL = 1e-4
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
 
@@ -61,7 +64,7 @@ def tiny_folder(tmp_path, family: str, seed: int, bits=4, sym=True):
 def test_whole_model_matches_cpu_backend(tmp_path, family, sym):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     folder = tiny_folder(tmp_path, family, seed, sym=sym)
-    cpu, iree = load_model(folder, backend="cpu"), load_model(folder, backend="iree-cpu")
+    cpu, iree = load_model(folder, backend=CpuBackend(quant="reference")), load_model(folder, backend="iree-cpu")
     ids = torch.randint(0, COMMON["vocab_size"], (2, 11))
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[1, :3] = False  # left padding on the second sequence
@@ -84,7 +87,7 @@ def test_three_bit_weights_fall_back_to_torch_and_say_so(tmp_path):
     be = get_backend("iree-cpu")
     model = load_model(folder, backend=be)
     ids = torch.randint(0, COMMON["vocab_size"], (1, 6))
-    ref = load_model(folder, backend="cpu").forward_logits(ids)
+    ref = load_model(folder, backend="cpu").forward_logits(ids)  # the fallback is the CPU backend's own path
     assert (model.forward_logits(ids) - ref).abs().max() <= ATOL
     cov = be.coverage()
     assert any("3-bit" in why for why in cov["torch_linears"].values())

@@ -77,6 +77,8 @@ def test_template_conditions_and_include():
     ("attention", dict(HQ=6, HKV=4, D=32, SCALE=0.1), "HQ=6"),
     ("gated_ffn", dict(H=64, F=96, G=32, BITS=4, ACT="relu"), "ACT='relu'"),
     ("conv2d", dict(), "unknown kernel 'conv2d'"),
+    ("attention", dict(HQ=4, HKV=2, D=32, SCALE=0.1, WINDOW=8), "unknown parameter(s) WINDOW"),
+    ("qgemv", dict(N=32, K=64, G=32, BITS=4, ROWS=0), "ROWS=0 must be positive"),
 ])
 def test_unsupported_shape_is_a_clear_error(kernel, params, message):
     with pytest.raises(LlmoptError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -103,7 +105,7 @@ def test_failed_compile_names_kernel_and_first_error(tmp_path):
 
 def test_compile_stage_records_failures_and_goes_on(tmp_path):
     out = tmp_path / "kernels-out"
-    manifest = compile_kernels(broken_kernel_dir(tmp_path), out, {"present": True, "reason": "test"}, "npu")
+    manifest = compile_kernels(broken_kernel_dir(tmp_path), out, {"present": True, "reason": "test"}, "npu", models=[])
     failed = [e for e in manifest["kernels"] if e["status"] == "failed"]
     ok = [e for e in manifest["kernels"] if e["status"] == "ok"]
     # qgemv is broken, and gated_ffn includes it; every other kernel still compiles and checks out
@@ -112,6 +114,7 @@ def test_compile_stage_records_failures_and_goes_on(tmp_path):
     assert all(e["check"]["ok"] for e in ok)
     assert manifest["device_target"] == "llvm-cpu" and "no NPU compiler" in manifest["note"]
     assert (out / "manifest.json").exists() and len(list(out.glob("*.vmfb"))) == len(ok)
+    assert manifest["models"] == [] and manifest["failed"] == len(failed)
 
 
 def test_compile_stage_rejects_unknown_target(tmp_path):

@@ -18,7 +18,7 @@ def real_weight(reference_model_dir):
     from safetensors import safe_open
 
     with safe_open(str(reference_model_dir / "model.safetensors"), framework="pt") as f:
-        return f.get_tensor("model.layers.3.mlp.down_proj.weight")[:256].float()  # [256, 2048]
+        return f.get_tensor("model.layers.3.mlp.down_proj.weight")[:128, :1024].float()  # [128, 1024]
 
 
 def _inputs(n_in: int, seed: int = 0) -> torch.Tensor:

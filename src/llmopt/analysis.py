@@ -166,17 +166,20 @@ class Analysis:
     def unit_ops(self, unit: str, layer: int | None = None) -> list[Op]:
         return [op for op in self.ops if op.unit == unit and op.layer == layer]
 
+    def _stored(self) -> list[Op]:
+        """Ops whose weights are stored: a tied head reuses the embedding table."""
+        return [op for op in self.ops if not (op.unit == "head" and op.kind == "linear" and self.arch.tied)]
+
     @property
     def params(self) -> int:
         """Decoder parameters (a tied head counted once) plus the vision tower."""
-        own = sum(op.params for op in self.ops if not (op.unit == "head" and op.kind == "linear" and self.arch.tied))
-        return own + (self.arch.vision["params"] if self.arch.vision else 0)
+        return sum(op.params for op in self._stored()) + (self.arch.vision["params"] if self.arch.vision else 0)
 
     @property
     def weight_bytes(self) -> float:
         """Bytes stored (tied head stored once), vision tower at float precision."""
-        own = sum(op.weight_bytes for op in self.ops if not (op.unit == "head" and op.kind == "linear" and self.arch.tied))
-        return own + (self.arch.vision["params"] * self.precision.float_bytes if self.arch.vision else 0)
+        vision = self.arch.vision["params"] * self.precision.float_bytes if self.arch.vision else 0
+        return sum(op.weight_bytes for op in self._stored()) + vision
 
     def kv_bytes_per_token(self) -> float:
         return sum(op.kv_bytes_per_token for op in self.ops)
@@ -256,7 +259,8 @@ def analyze(arch: Arch, precision: Precision = Precision()) -> Analysis:
         linear(i, "down_proj", a.ffn, h)
         if a.sandwich_norms:
             norm(i, "post_feedforward_layernorm", h)
-    ops.append(Op("head", None, "norm", "norm", h, h * flt_b, flops_per_token=4.0 * h, act_bytes_per_token=2 * h * act_b))
+    ops.append(Op("head", None, "norm", "norm", h, h * flt_b, flops_per_token=4.0 * h,
+                  act_bytes_per_token=2 * h * act_b))
     head_bytes = a.vocab * h * p.embed_bpw / 8.0
     ops.append(Op("head", None, "lm_head", "linear", a.vocab * h, head_bytes, flops_per_token=2.0 * a.vocab * h,
                   act_bytes_per_token=(h + a.vocab) * act_b))

@@ -85,7 +85,8 @@ def tied_bytes(an: Analysis, measured: dict | None) -> float:
 
 def unit_costs(an: Analysis, profile: roofline.Profile, devices: list[str], prompt: int, ctx: int, batch: int):
     """Seconds per unit and device for a decode step and for the prefill."""
-    dec = [{d: roofline.unit_time(an, u, profile.devices[d], "decode", ctx, batch) for d in devices} for u in an.units()]
+    dec = [{d: roofline.unit_time(an, u, profile.devices[d], "decode", ctx, batch) for d in devices}
+           for u in an.units()]
     pre = [{d: roofline.unit_time(an, u, profile.devices[d], "prefill", prompt, batch) for d in devices}
            for u in an.units()]
     return dec, pre
@@ -200,7 +201,8 @@ def segments(an: Analysis, assignment: list[str], mem: list[float], dec: list[di
             seg = out[-1]
             seg["layers"][1] = k
         else:
-            seg = {"layers": [k, k], "device": dev, "weight_bytes": 0.0, "predicted_ms": {"decode": 0.0, "prefill": 0.0}}
+            seg = {"layers": [k, k], "device": dev, "weight_bytes": 0.0,
+                   "predicted_ms": {"decode": 0.0, "prefill": 0.0}}
             out.append(seg)
         seg["weight_bytes"] += mem[u]
         seg["predicted_ms"]["decode"] += 1e3 * dec[u][dev]
@@ -355,8 +357,8 @@ def draw_plan(record: dict, path: Path) -> None:
     laptop = []
     for prof in ("phoenix-ddr5", "phoenix-lpddr5x"):
         lp = (record.get("laptop") or {}).get(prof) or {}
-        laptop += [(f"{prof}: {label}", p) for label, p in [("optimal", lp), ("seed heuristic", lp.get("heuristic") or {})]
-                   if p.get("segments")]
+        pair = [("optimal", lp), ("seed heuristic", lp.get("heuristic") or {})]
+        laptop += [(f"{prof}: {label}", p) for label, p in pair if p.get("segments")]
     groups = [(f"here ({record.get('scale') or 'as built'}): {record.get('target')}", here),
               ("Phoenix laptop, full scale", laptop)]
     groups = [g for g in groups if g[1]]
@@ -376,7 +378,8 @@ def draw_plan(record: dict, path: Path) -> None:
                 ax.barh(y, width, left=left, color=COLORS.get(dev, "grey"), edgecolor="white")
                 used.add(dev)
             pred = p.get("predicted") or {}
-            note = f"{pred.get('decode_tok_s', math.nan):.1f} tok/s" + ("" if p.get("feasible", True) else ", over budget")
+            note = f"{pred.get('decode_tok_s', math.nan):.1f} tok/s"
+            note += "" if p.get("feasible", True) else ", over budget"
             ax.text(n_layers + 1.5, y, note, va="center", fontsize=8)
         ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
         ax.set_title(gtitle, fontsize=9, loc="left")

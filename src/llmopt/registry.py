@@ -95,15 +95,15 @@ def load_targets(path: str | Path) -> dict[str, dict]:
     return data["targets"]
 
 
-def load(config: dict | str | Path | None = None, base: str | Path = REPO) -> Registry:
+def load(config: dict | str | Path | None = None, base: str | Path = REPO, where: str = "config") -> Registry:
     """Validate a config (a dict, as Snakemake holds it, or a YAML path) and the registry files it names.
 
-    Relative ``models_file``/``targets_file`` paths resolve against ``base`` (the repository root).
+    Relative ``models_file``/``targets_file`` paths resolve against ``base`` (the repository root); ``where`` names
+    a dict config in error messages.
     """
-    where: str | Path = "config"
     if config is None or isinstance(config, (str, Path)):
-        where = Path(config or DEFAULT_CONFIG)
-        config = load_yaml(where)
+        path = Path(config or DEFAULT_CONFIG)
+        where, config = str(path), load_yaml(path)
     validate(config, "config", where)
     base = Path(base)
     models = load_models(_resolve(config["models_file"], base))

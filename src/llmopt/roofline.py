@@ -93,7 +93,8 @@ def _phoenix(name: str, dram_gbs: float, dram_label: str) -> Profile:
     pp512 321 tok/s = 4.9 TFLOP/s), so predictions are 'what llama.cpp-class kernels reach', ceilings the physics."""
     bw = dram_gbs * GB
     cpu = Device("cpu", f"Zen 4, 8 cores ({dram_label})", bw, 2.05e12, bw_eff=51.5 / 89.6, flops_eff=0.35,
-                 op_overhead_s=5e-6, source="stated: 8 cores x 4.0 GHz x 64 bf16 FLOP/cycle; eff. from llama.cpp CPU tg128")
+                 op_overhead_s=5e-6,
+                 source="stated: 8 cores x 4.0 GHz x 64 bf16 FLOP/cycle; eff. from llama.cpp CPU tg128 (FACTS §4)")
     gpu = Device("vulkan", f"Radeon 780M, 12 CU ({dram_label})", bw, 16.6e12, bw_eff=77.2 / 89.6, flops_eff=0.29,
                  op_overhead_s=8e-6, memory=16 * GB,
                  source="stated: FACTS §3 (fp16 16.6 TFLOP/s); eff. from llama.cpp Vulkan tg128/pp512 (FACTS §4)")
@@ -129,15 +130,16 @@ def _nvidia(name: str, label: str, bw: float, flops: float, source: str, memory:
                  source=source + "; eff. from llama.cpp Vulkan/CUDA tg ratio on A100 (FACTS §4)")
     host = Device("cpu", "host CPU (16 cores)", 200 * GB, 1.5e12, bw_eff=0.5, flops_eff=0.3, op_overhead_s=5e-6,
                   source="assumed server CPU")
-    return Profile(name, label, {"cuda": gpu, "vulkan": vk, "cpu": host}, {}, Link(10e-6, 25 * GB, "PCIe 5 x16, assumed"))
+    return Profile(name, label, {"cuda": gpu, "vulkan": vk, "cpu": host}, {},
+                   Link(10e-6, 25 * GB, "PCIe 5 x16, assumed"))
 
 
 def stated_profiles() -> dict[str, Profile]:
     return {
         "phoenix-ddr5": _phoenix("phoenix-ddr5", 89.6, "DDR5-5600 89.6 GB/s"),
         "phoenix-lpddr5x": _phoenix("phoenix-lpddr5x", 120.0, "LPDDR5x-7500 120 GB/s"),
-        "h100": _nvidia("h100", "NVIDIA H100 SXM", 3.35e12, 989e12, "stated: FACTS §3 (HBM3 3.35 TB/s, bf16 989 TFLOP/s)",
-                        80 * GB),
+        "h100": _nvidia("h100", "NVIDIA H100 SXM", 3.35e12, 989e12,
+                        "stated: FACTS §3 (HBM3 3.35 TB/s, bf16 989 TFLOP/s)", 80 * GB),
         "h200": _nvidia("h200", "NVIDIA H200", 4.8e12, 989e12,
                         "stated: 4.8 TB/s, 989 TFLOP/s (measured here: copy 4.19 TB/s, matmul 777 TFLOP/s, FACTS §3)",
                         141 * GB),
@@ -360,7 +362,8 @@ def prediction_table(models: dict, precisions: list, profiles: dict, prompt: int
                         rows.append({"model": model_id, "precision": prec.name, "linear_bpw": prec.linear_bpw,
                                      "weight_gb": an.weight_bytes / GB, "profile": prof.name, "device": dev,
                                      "batch": batch, "decode_tok_s": p["decode_tok_s"],
-                                     "prefill_tok_s": p["prefill_tok_s"], "ceiling_decode_tok_s": p["ceiling_decode_tok_s"],
+                                     "prefill_tok_s": p["prefill_tok_s"],
+                                     "ceiling_decode_tok_s": p["ceiling_decode_tok_s"],
                                      "ceiling_prefill_tok_s": p["ceiling_prefill_tok_s"], "seed_tok_s_low": lo,
                                      "seed_tok_s_high": hi, "fits_memory": prof.devices[dev].memory is None
                                      or an.weight_bytes <= prof.devices[dev].memory})

@@ -29,9 +29,8 @@ def rule_step(smk) -> Iterator[None]:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     try:
-        import torch
-
-        torch.set_num_threads(max(1, int(smk.threads)))
+        if "torch" in sys.modules:  # the script's imports decided whether this step uses torch
+            sys.modules["torch"].set_num_threads(max(1, int(smk.threads)))
         yield
     except LlmoptError as err:
         line = f"llmopt: error: {err}\n"

@@ -1,17 +1,13 @@
 """Benchmark: results/{model}/{scheme}/{target}/bench.json, measured after a correctness check.
 
-Takes every core (threads: workflow.cores) so no other job runs beside a timing; on an absent target it records
-{"skipped": true, "reason": ...} from the probe.
+Takes every core (threads: workflow.cores) so no other job runs beside a timing. On a target the probe found
+absent it needs nothing but the probe: it records {"skipped": true, "reason": ...} without quantizing or planning.
 """
 
 
 rule benchmark:
     input:
-        quant="results/{model}/{scheme}/quant",
-        source="results/{model}/source",
-        plan="results/{model}/{scheme}/{target}/partition.json",
-        probe="results/targets/{target}.json",
-        kernels=lambda wildcards: compiled_for(wildcards.target),
+        unpack(benchmark_inputs),
     output:
         "results/{model}/{scheme}/{target}/bench.json",
     params:
@@ -25,5 +21,7 @@ rule benchmark:
         mem_mb=8000,
         runtime=120,
         gpu=lambda wildcards: int(REG.all_targets[wildcards.target]["gpu"]),
+    conda:
+        "../envs/llmopt.yaml"
     script:
         "../../scripts/benchmark.py"

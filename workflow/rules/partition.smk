@@ -18,5 +18,7 @@ rule partition:
     resources:
         mem_mb=2000,
         runtime=20,
+    conda:
+        "../envs/llmopt.yaml"
     script:
         "../../scripts/partition.py"

@@ -16,6 +16,8 @@ checkpoint probe:
         mem_mb=2000,
         runtime=10,
         gpu=lambda wildcards: int(REG.all_targets[wildcards.target]["gpu"]),
+    conda:
+        "../envs/llmopt.yaml"
     script:
         "../../scripts/probe.py"
 
@@ -38,5 +40,7 @@ rule calibrate:
         mem_mb=4000,
         runtime=30,
         gpu=int(any(REG.targets[t]["gpu"] for t in TARGETS)),
+    conda:
+        "../envs/llmopt.yaml"
     script:
         "../../scripts/calibrate.py"

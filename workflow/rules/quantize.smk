@@ -16,5 +16,7 @@ rule quantize:
     resources:
         mem_mb=8000,
         runtime=240,
+    conda:
+        "../envs/llmopt.yaml"
     script:
         "../../scripts/quantize.py"

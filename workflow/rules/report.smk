@@ -4,9 +4,7 @@
 rule report:
     input:
         benches=bench_outputs(),
-        plans=expand(
-            "results/{model}/{scheme}/{target}/partition.json", model=MODELS, scheme=SCHEMES, target=TARGETS
-        ),
+        plans=present_plans,
         probes=expand("results/targets/{target}.json", target=TARGETS),
     output:
         html=report("results/report/index.html", caption="../report/index.rst", category="Report"),
@@ -25,5 +23,7 @@ rule report:
     resources:
         mem_mb=2000,
         runtime=20,
+    conda:
+        "../envs/llmopt.yaml"
     script:
         "../../scripts/report.py"

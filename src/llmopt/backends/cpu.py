@@ -159,9 +159,9 @@ class CpuBackend(Backend):
     def embedding(self, ids, table, scale=1.0):
         ids = ids.to(self.device)
         if isinstance(table, QuantizedTensor):  # packed table: dequantize the gathered rows only
-            flat = ids.flatten().cpu()
-            rows = QuantizedTensor(table.qweight[flat], table.scales[flat],
-                                   None if table.zeros is None else table.zeros[flat],
+            flat = ids.flatten().to(table.qweight.device)
+            rows = QuantizedTensor(table.qweight[flat].cpu(), table.scales[flat].cpu(),
+                                   None if table.zeros is None else table.zeros[flat].cpu(),
                                    table.bits, table.group, (flat.numel(), table.shape[1]))
             x = rows.dequantize(torch.float32).to(self.device).view(*ids.shape, -1)
         else:
@@ -219,36 +219,37 @@ class CpuBackend(Backend):
         if start + T > cache.max_len:
             raise LlmoptError(f"attention: positions {start}..{start + T - 1} exceed the KV cache of {cache.max_len}")
         q_pos = torch.arange(start, start + T, device=self.device)
-        ring = cache.slot_pos[layer]
+        ring, ck, cv = cache.slot_pos[layer], cache.k[layer], cache.v[layer]
         if ring is None:  # global layer: write, then attend over slots 0 .. start+T-1
-            cache.k[layer][:, :, start:start + T] = k
-            cache.v[layer][:, :, start:start + T] = v
-            keys, values = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
+            ck[:, :, start:start + T], cv[:, :, start:start + T] = k, v
+            keys, values = ck[:, :, :start + T], cv[:, :, :start + T]
             k_pos = torch.arange(start + T, device=self.device)
-            allowed = k_pos[None, :] <= q_pos[:, None]
-            key_valid = None if valid is None else valid[:, :start + T].to(self.device)
-        else:  # sliding layer: attend over the ring (older positions) plus this step's keys, then write
+            allowed = k_pos[None, :] <= q_pos[:, None] if T > 1 else None  # one query sees every slot so far
+        elif T == 1:  # sliding decode: after writing, the ring holds exactly the window ending at this token
+            slot = start % cache.windows[layer]
+            ck[:, :, slot:slot + 1], cv[:, :, slot:slot + 1] = k, v
+            ring[slot] = start
+            keys, values, k_pos = ck, cv, ring
+            allowed = None if start + 1 >= ring.numel() else (ring >= 0)[None, :]
+        else:  # sliding prefill: attend over the ring (older positions) plus this step's keys, then write
             window = cache.windows[layer]
-            keys = torch.cat([cache.k[layer], k], dim=2)
-            values = torch.cat([cache.v[layer], v], dim=2)
+            keys, values = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
             k_pos = torch.cat([ring, q_pos])
-            allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window) & (k_pos[None, :] >= 0)
-            key_valid = None
-            if valid is not None:
-                vd = valid.to(self.device)
-                key_valid = vd[:, k_pos.clamp(min=0)] & (k_pos >= 0)[None, :]
+            kp, qp = k_pos[None, :], q_pos[:, None]
+            allowed = (kp <= qp) & (kp > qp - window) & (kp >= 0)
             keep = min(T, window)  # the last `window` positions of this step go into the ring
             slots = q_pos[T - keep:] % window
-            cache.k[layer][:, :, slots] = k[:, :, T - keep:]
-            cache.v[layer][:, :, slots] = v[:, :, T - keep:]
+            ck[:, :, slots], cv[:, :, slots] = k[:, :, T - keep:], v[:, :, T - keep:]
             ring[slots] = q_pos[T - keep:]
-        mask = allowed[None, :, :]
-        if key_valid is not None:
+        mask = None if allowed is None else allowed[None, None]  # [1, 1, T, S]
+        if valid is not None:
             # Padding keys are excluded; each query still sees itself so padded rows stay finite (their
             # outputs are never used, but a NaN there would leak through 0 * NaN in later layers).
-            self_key = k_pos[None, :] == q_pos[:, None]
-            mask = mask & (key_valid[:, None, :] | self_key[None])
-        out = self._attend(q, keys, values, mask[:, None], spec)  # mask [B|1, 1, T, S]
+            vd = valid.to(self.device)
+            key_valid = vd[:, k_pos.clamp(min=0)] & (k_pos >= 0)[None, :]
+            pad_mask = (key_valid[:, None, :] | (k_pos[None, :] == q_pos[:, None])[None])[:, None]  # [B, 1, T, S]
+            mask = pad_mask if mask is None else mask & pad_mask
+        out = self._attend(q, keys, values, mask, spec)
         return out.transpose(1, 2).reshape(B, T, spec.n_heads * hd)
 
     def _attend(self, q, k, v, mask, spec: AttnSpec):
@@ -260,7 +261,8 @@ class CpuBackend(Backend):
         qg = q.reshape(B, spec.n_kv_heads, group * T, d)
         scores = (qg @ k.transpose(-1, -2)).view(B, spec.n_kv_heads, group, T, -1) * spec.scale
         scores = spec.softcap * torch.tanh(scores / spec.softcap)
-        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
         probs = torch.softmax(scores, dim=-1).view(B, spec.n_kv_heads, group * T, -1)
         return (probs @ v).view(B, H, T, d)
 

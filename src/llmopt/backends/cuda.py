@@ -43,9 +43,9 @@ class CudaBackend(CpuBackend):
         if qt.shape[0] % 8 or n_in % (_INNER_K_TILES * 16):
             w = self._dense(qt, self.lowbit_dtype)
             return QLinear("dense-bfloat16", qt.shape[0], w, bias)
-        codes = qt.unpacked().to(torch.int32)
-        nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # the kernel wants element 2k in the high nibble
-        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.to(self.device), _INNER_K_TILES)
+        q = qt.qweight.to(self.device)
+        nibbles = (q & 15) << 4 | q >> 4  # ours holds element 2k in the low nibble, the kernel wants it high
+        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), _INNER_K_TILES)
         sz = self._int4_scales_zeros(qt, group).to(self.device, torch.bfloat16)
         return QLinear("int4pack", qt.shape[0], packed, bias, group, sz)
 

@@ -21,12 +21,15 @@ HELP = "per-layer/op bytes, FLOPs and KV cache of the models at full scale, and 
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", default=None, help="workflow config (default config/config.yaml); its models are analysed")
+    p.add_argument("--config", default=None,
+                   help="workflow config (default config/config.yaml); its models are analysed")
     p.add_argument("--models", nargs="+", default=None, help="model ids (default: the config's models)")
     p.add_argument("--bpw", nargs="+", type=float, default=[16.0, 4.125],
-                   help="bits per weight of the decoder linears to analyse (default: 16 = bf16, and 4.125 = 4-bit g128)")
+                   help="bits per weight of the decoder linears to analyse (default: "
+                        "16 = bf16, and 4.125 = 4-bit g128)")
     p.add_argument("--prompt", type=int, default=512, help="prompt length of the prefill (default 512)")
-    p.add_argument("--gen", type=int, default=128, help="decode length; decode is costed at prompt + gen/2 (default 128)")
+    p.add_argument("--gen", type=int, default=128,
+                   help="decode length; decode is costed at prompt + gen/2 (default 128)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="batch sizes to predict (default 1 16)")
     p.add_argument("--calibration", default=None, help="bench/calibrate.py JSON: adds the measured 'here' profile")
     p.add_argument("--out", default="results/analysis", help="output folder (default results/analysis)")

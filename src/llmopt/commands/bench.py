@@ -22,7 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("quant_dir", help="quantized (or float) model folder")
     p.add_argument("--target", required=True, help="cpu, vulkan, cuda, iree-cpu or npu")
     p.add_argument("--out", required=True, help="bench.json to write (bench.csv goes beside it)")
-    p.add_argument("--source", default=None, help="float source folder for the HF / llama.cpp baselines (none: skip them)")
+    p.add_argument("--source", default=None,
+                   help="float source folder for the HF / llama.cpp baselines (none: skip them)")
     p.add_argument("--plan", default=None, help="partition.json: also measure its plan when it spans several devices")
     p.add_argument("--probe", default=None, help="probe JSON of the target (default: probe now)")
     p.add_argument("--config", default=None, help="workflow config whose 'bench' section gives the defaults")

@@ -19,7 +19,8 @@ HELP = "assign layers to devices under memory budgets (exact ILP), with the seed
 
 def add_arguments(p) -> None:
     p.add_argument("quant_dir", help="quantized model folder (results/{model}/{scheme}/quant)")
-    p.add_argument("--target", required=True, help="target whose devices the plan may use (cpu, vulkan, npu, cuda, iree-cpu)")
+    p.add_argument("--target", required=True,
+                   help="target whose devices the plan may use (cpu, vulkan, npu, cuda, iree-cpu)")
     p.add_argument("--out", required=True, help="partition.json to write (partition.png goes beside it)")
     p.add_argument("--model", default=None, help="registry id (default: the folder two levels above quant_dir)")
     p.add_argument("--config", default=None, help="workflow config (default config/config.yaml): budgets, lengths")

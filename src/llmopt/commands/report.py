@@ -15,7 +15,8 @@ HELP = "build results/report/{index.html, report.md, summary.csv, figures/} from
 def add_arguments(p) -> None:
     p.add_argument("results_dir", nargs="?", default="results", help="results folder (default results)")
     p.add_argument("--out", default=None, help="output folder (default RESULTS_DIR/report)")
-    p.add_argument("--config", default=None, help="workflow config (default config/config.yaml): model facts, seed targets")
+    p.add_argument("--config", default=None,
+                   help="workflow config (default config/config.yaml): model facts, seed targets")
 
 
 def run(args) -> int:

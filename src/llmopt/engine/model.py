@@ -37,6 +37,7 @@ class State:
     valid: torch.Tensor  # bool [B, max_len]: slots holding real tokens
     next_pos: torch.Tensor  # int64 [B]: RoPE position of the next token of each sequence
     max_len: int
+    padded: bool = False  # any sequence left-padded (else attention needs no padding mask)
     timings: dict = field(default_factory=dict)
 
 
@@ -173,7 +174,7 @@ class Model:
             host = cur.to_host(x)
             host[embeds["mask"]] = embeds["features"].to(host.dtype)
             x = cur.from_host(host)
-        valid = state.valid[:, :state.start + T]
+        valid = state.valid[:, :state.start + T] if state.padded else None
         tables = {r: rope_tables(r, positions, a.head_dim) for r in set(a.rope_layers)}
         for i, layer in enumerate(self.layers):
             be = self.backends[self.layer_dev[i]]
@@ -233,6 +234,7 @@ class Model:
             raise LlmoptError(f"prompt of {T} tokens is longer than the model context of {self.args.max_position}")
         state = self.new_state(B, max_len)
         state.valid[:, :T] = mask
+        state.padded = not bool(mask.all())
         embeds = None
         if images:
             positions, embeds = self._image_inputs(ids, mask, images)

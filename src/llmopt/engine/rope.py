@@ -8,11 +8,14 @@ rotated by the temporal, height and width position of each token. Tables use the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from llmopt.engine.config import RopeArgs
 
 
+@functools.lru_cache(maxsize=32)
 def inv_freq(rope: RopeArgs, dim: int) -> torch.Tensor:
     """Inverse frequencies ``[dim / 2]`` (linear scaling divides them by ``factor``)."""
     freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))

@@ -111,12 +111,12 @@ def group_params(wg: torch.Tensor, spec: Spec, search: bool = False,
         s, z = _range_params(wg, spec, ratio, sdt)
         err = _group_error(wg, s, z, spec.bits, w8)
         better = err < best_err
-        best_s, best_z, best_err = best_s.where(~better, s), best_z.where(~better, z), err.where(~better, best_err)
+        best_s, best_z, best_err = best_s.where(~better, s), best_z.where(~better, z), best_err.where(~better, err)
     for _ in range(2):  # least-squares refit of scale (and zero) to the chosen codes, kept where it helps
         s, z = _refit(wg, _codes(wg, best_s, best_z, spec.bits), spec, w8, sdt, best_s, best_z)
         err = _group_error(wg, s, z, spec.bits, w8)
         better = err < best_err
-        best_s, best_z, best_err = best_s.where(~better, s), best_z.where(~better, z), err.where(~better, best_err)
+        best_s, best_z, best_err = best_s.where(~better, s), best_z.where(~better, z), best_err.where(~better, err)
     return best_s, best_z
 
 

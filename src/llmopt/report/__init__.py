@@ -39,6 +39,10 @@ def _load(path: Path, problems: list) -> dict | None:
     return data
 
 
+def _load_if(path: Path, problems: list) -> dict | None:
+    return _load(path, problems) if path.is_file() else None
+
+
 def _st_bytes(folder: Path) -> int | None:
     files = list(folder.glob("*.safetensors"))
     return sum(f.stat().st_size for f in files) if files else None
@@ -60,17 +64,17 @@ def collect(results_dir: Path, config: dict) -> dict:
                                                                                             "kernels")):
         entry = models.get(model_dir.name, {})
         source = model_dir / "source"
-        manifest = _load(source / "manifest.json", problems) if (source / "manifest.json").is_file() else None
+        manifest = _load_if(source / "manifest.json", problems)
         before = _st_bytes(source) if source.is_dir() else None
         for scheme_dir in sorted(d for d in model_dir.iterdir() if d.is_dir() and d.name != "source"):
             quant = scheme_dir / "quant"
-            qjson = _load(quant / "quant.json", problems) if (quant / "quant.json").is_file() else None
+            qjson = _load_if(quant / "quant.json", problems)
             after = _st_bytes(quant) if quant.is_dir() else None
             if qjson is not None or after is not None:
                 sizes.append(_size_row(model_dir.name, scheme_dir.name, entry, manifest, qjson, before, after, quant))
             for target_dir in sorted(d for d in scheme_dir.iterdir() if d.is_dir() and d.name != "quant"):
-                part = _load(target_dir / "partition.json", problems) if (target_dir / "partition.json").is_file() else None
-                bench = _load(target_dir / "bench.json", problems) if (target_dir / "bench.json").is_file() else None
+                part = _load_if(target_dir / "partition.json", problems)
+                bench = _load_if(target_dir / "bench.json", problems)
                 key = {"model": model_dir.name, "scheme": scheme_dir.name, "target": target_dir.name}
                 if part is not None:
                     plans.append({**key, "record": part, "diagram": target_dir / "partition.png"})
@@ -170,7 +174,8 @@ def _speed_rows(key: dict, bench: dict, part: dict | None) -> list[dict]:
                     "predicted_prefill_tok_s": pred.get("prefill_tok_s"), "ceiling_decode_tok_s": ceiling,
                     "pct_of_ceiling": 100.0 * dec / ceiling if ceiling else None, **base,
                     "vs_hf": dec / base["hf_decode_tok_s"] if base.get("hf_decode_tok_s") else None,
-                    "vs_llama_cpp": dec / base["llama_cpp_decode_tok_s"] if base.get("llama_cpp_decode_tok_s") else None})
+                    "vs_llama_cpp": (dec / base["llama_cpp_decode_tok_s"]) if base.get("llama_cpp_decode_tok_s")
+                    else None})
     return out
 
 

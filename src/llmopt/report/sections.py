@@ -108,7 +108,8 @@ def _partitions(data: dict, diagrams: list) -> Section:
         pred, heur = r.get("predicted") or {}, (r.get("heuristic") or {})
         rows.append({"model": p["model"], "scheme": p["scheme"], "target": p["target"],
                      "devices": "+".join(r.get("devices") or []),
-                     "plan": ", ".join(f"{g['layers'][0]}-{g['layers'][1]}:{g['device']}" for g in r.get("segments", [])),
+                     "plan": ", ".join(f"{g['layers'][0]}-{g['layers'][1]}:{g['device']}"
+                                       for g in r.get("segments", [])),
                      "embedding": r.get("embedding"), "head": r.get("head"),
                      "decode": pred.get("decode_tok_s"), "heuristic": (heur.get("predicted") or {}).get("decode_tok_s"),
                      "rule": heur.get("rule"), "status": r.get("reason") or r.get("error") or "ok",

@@ -205,13 +205,38 @@ def specs_for_model(config: dict, quant: dict) -> list[KernelSpec]:
     return specs
 
 
+def models_from_registry(config: dict | str | Path | None = None) -> list[dict]:
+    """``compile_kernels``' ``models`` for a workflow config: each selected model's config.json at the configured
+    scale (synthetic architecture; real-weight models whose config is only known after download are skipped)
+    with each fixed-width scheme of ``run_schemes`` (rtn/gptq-like: bits, group, sym, scale_dtype). A model whose
+    config cannot be built comes back as ``{"model", "error"}``."""
+    from llmopt import registry
+    from llmopt.download.synthetic import build_config
+
+    reg = registry.load(config)
+    scale = reg.config.get("scale", "tiny")
+    quants = [s for s in reg.schemes.values() if s.get("bits") in (2, 4, 8)]
+    out = []
+    for model_id, entry in reg.models.items():
+        if "architecture" not in entry or scale not in ("tiny", "full") or not quants:
+            continue
+        try:  # pip-gguf models are real at every scale: their shapes are the full architecture
+            cfg = build_config(entry, "full" if entry.get("source") == "pip-gguf" else scale).to_dict()
+        except LlmoptError as err:  # recorded by compile_kernels; the other models go on
+            out.append({"model": model_id, "error": str(err)})
+            continue
+        out += [{"model": model_id, "config": cfg, "quant": q} for q in quants]
+    return out
+
+
 # --- the stage ---------------------------------------------------------------------------------------
 
 def compile_kernels(kernel_dir: Path, out_dir: Path, probe: dict, target: str,
                     models: list[dict] | None = None, check: bool = True) -> dict:
     """Compile every kernel (self-test shapes plus each model's shapes) into ``out_dir``; returns the manifest.
 
-    ``models``: ``[{"model": id, "config": config.json dict, "quant": {bits, group, sym, scale_dtype}}]``.
+    ``models``: ``[{"model": id, "config": config.json dict, "quant": {bits, group, sym, scale_dtype}}]``; None
+    takes them from the default workflow config (``models_from_registry()``), ``[]`` builds the self-test only.
     Never raises for one kernel's failure: it is recorded (``status: failed``, the compiler's first error line)."""
     from tqdm import tqdm
 
@@ -232,8 +257,17 @@ def compile_kernels(kernel_dir: Path, out_dir: Path, probe: dict, target: str,
             manifest["note"] = ("no NPU compiler: the NPU kernels were compiled for llvm-cpu and checked on the CPU; "
                                 "missing: " + "; ".join(tc["missing"]))
     specs = self_test_specs()
-    for m in models or []:
+    if models is None:
         try:
+            models = models_from_registry()
+        except LlmoptError as err:
+            models = []
+            manifest["model_errors"] = [{"model": "registry", "error": str(err)}]
+    manifest["models"] = sorted({m.get("model") for m in models})
+    for m in models:
+        try:
+            if "error" in m:
+                raise LlmoptError(m["error"])
             specs += specs_for_model(m["config"], m.get("quant") or {})
         except (LlmoptError, KeyError, TypeError, ValueError) as err:
             manifest.setdefault("model_errors", []).append({"model": m.get("model"), "error": str(err)})
@@ -293,12 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
     ap.add_argument("--kernels", type=Path, default=DEFAULT_KERNEL_DIR, help="folder of the MLIR templates")
     ap.add_argument("--model", type=Path, action="append", default=[],
-                    help="a model's config.json whose shapes to compile as well (repeatable; int4 g128 symmetric)")
+                    help="a model's config.json whose shapes to compile (repeatable; int4 g128 symmetric); "
+                    "default: the models and schemes of config/config.yaml at its scale")
     args = ap.parse_args(argv)
     from llmopt.backends import probe
 
     models = [{"model": str(p), "config": json.loads(p.read_text()), "quant": {"bits": 4, "group": 128}} for p in args.model]
-    m = compile_kernels(args.kernels, args.out, probe(args.target), args.target, models=models)
+    m = compile_kernels(args.kernels, args.out, probe(args.target), args.target, models=models or None)
     for e in m["kernels"]:
         extra = e.get("error") or (f"max err {e['check']['max_abs_err']:.2e}" if "check" in e else "")
         print(f"{e['status']:6s} {e['label']:70s} {extra}")

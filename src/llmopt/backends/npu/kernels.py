@@ -89,15 +89,16 @@ def _merger(p: dict, who: str) -> dict:
     return {"C": c, "CF": _f(c), "MERGE": merge, "CM": c * merge, "DOUT": dout, "EPS": _f(p.get("EPS", 1e-6))}
 
 
-# kernel -> (parameter check and derived values, the parameters that must be given)
+_Q = ("SCALE", "ASYM", "BIAS", "ROWS")
+# kernel -> (parameter check and derived values, required parameters, optional parameters)
 KERNELS = {
-    "qgemv": (_quant, ("N", "K", "G", "BITS")),
-    "qgemm": (_quant, ("N", "K", "G", "BITS")),
-    "attention": (_heads, ("HQ", "HKV", "D", "SCALE")),
-    "sliding_window_attention": (_window, ("HQ", "HKV", "D", "SCALE", "WINDOW")),
-    "rope_attention": (_heads, ("HQ", "HKV", "D", "SCALE")),
-    "gated_ffn": (_ffn, ("H", "F", "G", "BITS")),
-    "vl_patch_merger": (_merger, ("C", "DOUT")),
+    "qgemv": (_quant, ("N", "K", "G", "BITS"), _Q),
+    "qgemm": (_quant, ("N", "K", "G", "BITS"), _Q),
+    "attention": (_heads, ("HQ", "HKV", "D", "SCALE"), ("SOFTCAP",)),
+    "sliding_window_attention": (_window, ("HQ", "HKV", "D", "SCALE", "WINDOW"), ("SOFTCAP",)),
+    "rope_attention": (_heads, ("HQ", "HKV", "D", "SCALE"), ()),
+    "gated_ffn": (_ffn, ("H", "F", "G", "BITS"), ("SCALE", "ASYM", "ACT")),
+    "vl_patch_merger": (_merger, ("C", "DOUT"), ("MERGE", "EPS")),
 }
 
 
@@ -121,10 +122,14 @@ class KernelSpec:
     def values(self) -> dict:
         if self.kernel not in KERNELS:
             raise LlmoptError(f"unknown kernel '{self.kernel}' (expected one of {', '.join(KERNELS)})")
-        derive, required = KERNELS[self.kernel]
+        derive, required, optional = KERNELS[self.kernel]
         missing = [k for k in required if k not in self.p]
         if missing:
             raise LlmoptError(f"kernel {self.kernel}: missing parameter(s) {', '.join(missing)}")
+        unknown = [k for k in self.p if k not in required and k not in optional]
+        if unknown:
+            raise LlmoptError(f"kernel {self.kernel}: unknown parameter(s) {', '.join(unknown)} "
+                              f"(takes {', '.join(required + optional)})")
         try:
             return derive(self.p, self.kernel)
         except (TypeError, ValueError) as err:
@@ -200,17 +205,12 @@ def _include(spec: KernelSpec, m: re.Match, kernel_dir: Path) -> str:
     for a in assigns:
         key, _, val = a.partition("=")
         params[key] = int(val) if val.lstrip("-").isdigit() else val
-    sub = KernelSpec(other, tuple(sorted((k, v) for k, v in params.items() if k in _accepted(other, params))))
+    _, required, optional = KERNELS[other]
+    sub = KernelSpec(other, tuple(sorted((k, v) for k, v in params.items() if k in required + optional)))
     text = render(sub, kernel_dir)
     if "func.func @main(" not in text:
         raise LlmoptError(f"kernel {other}: no func.func @main to include")
     return text.replace("func.func @main(", f"func.func private @{fn}(", 1)
-
-
-def _accepted(kernel: str, params: dict) -> set:
-    """Parameters ``kernel`` reads: its required ones plus the optional flags the derive function looks at."""
-    optional = {"SCALE", "ASYM", "BIAS", "SOFTCAP", "ACT", "MERGE", "EPS", "ROWS"}
-    return set(KERNELS[kernel][1]) | (optional & set(params))
 
 
 def source_hash(text: str, target: str, flags: list[str], compiler: str) -> str:

@@ -127,6 +127,7 @@ class VulkanBackend(Backend):
         self._uploads: dict = {}  # host tensor identity -> (device buffer, tensor) for this submission
         self.dummy = self.dev.buffer(16, name="dummy")
         self.weight_bytes = 0
+        self.kinds: dict[str, int] = {}  # weight storage kind ("int4", "float32", ...) -> matrices uploaded
 
     # --- buffers ---------------------------------------------------------------------------------------
     def _alloc(self, nbytes: int, name: str = "activation") -> Buffer:
@@ -215,6 +216,8 @@ class VulkanBackend(Backend):
             bits, group, bf16 = 32, k, False
         else:
             raise LlmoptError(f"{name}: expected a QuantizedTensor or a 2-D float tensor, got {type(weight).__name__}")
+        kind = "float32" if bits == 32 else f"int{bits}"
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
         row_bytes = codes.shape[1] * 4
         rows_per_piece = max(1, min(n_out, self.dev.max_range // row_bytes))
         pieces = []
