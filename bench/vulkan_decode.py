@@ -1,6 +1,7 @@
 """Vulkan decode speed against the card's own copy bandwidth: copy ceiling, int4 mat-vec sweep, whole-model decode.
 
     python bench/vulkan_decode.py --out results.json                       # full-scale synthetic models (a GPU)
+    python bench/vulkan_decode.py --kernel-dir results/kernels/vulkan ...  # SPIR-V compiled elsewhere (no glslc)
     python bench/vulkan_decode.py --layers 2 --vocab 4096 --steps 4        # the same code path, small (lavapipe)
     python bench/vulkan_decode.py --real DIR --steps 16                    # a real model folder: vulkan vs cpu here
 
@@ -190,12 +191,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per model")
     p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy-bandwidth buffer")
     p.add_argument("--no-sweep", action="store_true", help="skip the mat-vec specialization sweep")
+    p.add_argument("--kernel-dir", type=Path, help="SPIR-V from the compile stage (default: compile here with glslc)")
     p.add_argument("--real", type=Path, help="instead: a real model folder, decoded on vulkan and cpu side by side")
     args = p.parse_args(argv)
     if args.real:
         result = {"real": str(args.real), "rows": real_side_by_side(args.real, args.steps)}
     else:
-        be = VulkanBackend(profile=True)
+        be = VulkanBackend(kernel_dir=args.kernel_dir, profile=True)
         info = be.probe["device"]
         print(f"device: {info['name']} ({info['type']}), subgroup {info['subgroup_size']}")
         result = {"device": info, "date": time.strftime("%Y-%m-%d")}

@@ -43,25 +43,32 @@ void main() {
     [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] = 0.0;
 
     for (uint c = tid; c < n_chunks; c += WG) {
-        float xv[32];
+        const uint xc = xbase + c * 32u;
         float xsum = 0.0;
-        [[unroll]] for (uint e = 0; e < 32u; ++e) { xv[e] = x[xbase + c * 32u + e]; xsum += xv[e]; }
+        if (BITS != 32) {
+            [[unroll]] for (uint e = 0; e < 32u; ++e) xsum += x[xc + e];
+        }
         [[unroll]] for (uint r = 0; r < ROWS; ++r) {
             const uint row = min(first + r, p.N - 1u);  // clamped rows are computed and discarded
+            float d = 0.0;
             if (BITS == 32) {
-                float d = 0.0;
-                [[unroll]] for (uint e = 0; e < 32u; ++e) d += uintBitsToFloat(w[row * p.K + c * 32u + e]) * xv[e];
+                [[unroll]] for (uint e = 0; e < 32u; ++e) d += uintBitsToFloat(w[row * p.K + c * 32u + e]) * x[xc + e];
                 acc[r] += d;
             } else {
-                uint words[8];
                 const uint wb = row * row_words + c * BITS;
-                [[unroll]] for (uint i = 0; i < BITS; ++i) words[i] = w[wb + i];
-                float d = 0.0;
-                [[unroll]] for (uint e = 0; e < 32u; ++e) {
-                    const uint bit = e * BITS, wi = bit >> 5, sh = bit & 31u;
-                    uint q = words[wi] >> sh;
-                    if (sh + BITS > 32u) q |= words[wi + 1u] << (32u - sh);
-                    d += float(q & CODE_MASK) * xv[e];
+                if (BITS == 3) {  // codes straddle words: 32 codes in 3 words
+                    const uint w0 = w[wb], w1 = w[wb + 1u], w2 = w[wb + 2u];
+                    [[unroll]] for (uint e = 0; e < 10u; ++e) d += float((w0 >> (3u * e)) & 7u) * x[xc + e];
+                    d += float(((w0 >> 30) | (w1 << 2)) & 7u) * x[xc + 10u];
+                    [[unroll]] for (uint e = 0; e < 10u; ++e) d += float((w1 >> (3u * e + 1u)) & 7u) * x[xc + 11u + e];
+                    d += float(((w1 >> 31) | (w2 << 1)) & 7u) * x[xc + 21u];
+                    [[unroll]] for (uint e = 0; e < 10u; ++e) d += float((w2 >> (3u * e + 2u)) & 7u) * x[xc + 22u + e];
+                } else {  // 2, 4, 8 bits: whole codes in each word
+                    const uint per_word = 32u / BITS;
+                    [[unroll]] for (uint i = 0; i < BITS; ++i) {
+                        const uint wd = w[wb + i];
+                        [[unroll]] for (uint e = 0; e < per_word; ++e) d += float((wd >> (e * BITS)) & CODE_MASK) * x[xc + i * per_word + e];
+                    }
                 }
                 const uint g = row * groups + (c * 32u) / p.group;
                 acc[r] += scale_at(g) * (d - zero_at(g) * xsum);

@@ -121,3 +121,23 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     with pytest.raises(LlmoptError, match="bad header"):
         measured_unit_bytes(tmp_path)
+
+
+def test_analyze_command_writes_tables(tmp_path, capsys):
+    import csv
+
+    from llmopt.cli import main
+
+    assert main(["analyze", "--models", "gemma-2-2b-it", "--bpw", "16", "4.125", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "analysis.json").read_text())["gemma-2-2b-it"]
+    assert summary["bf16"]["params"] == PUBLISHED["gemma-2-2b-it"]
+    assert summary["4.125bpw"]["weight_bytes"] < summary["bf16"]["weight_bytes"] / 2
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    profiles = {r["profile"] for r in rows}
+    assert {"phoenix-ddr5", "phoenix-lpddr5x", "h100", "h200"} <= profiles
+    assert all(r["seed_tok_s_low"] == "400" for r in rows)
+    ops = list(csv.DictReader((tmp_path / "ops" / "gemma-2-2b-it.csv").open()))
+    assert sum(int(r["params"]) for r in ops if r["unit"] == "layer") == 26 * (
+        2304 * 256 * (8 + 4 + 4 + 8) + 3 * 2304 * 9216 + 4 * 2304)
+    assert "gemma-2-2b-it" in capsys.readouterr().out
+    assert main(["analyze", "--models", "gemma-2-2b-it", "--bpw", "0", "--out", str(tmp_path)]) == 2

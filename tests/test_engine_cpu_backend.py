@@ -17,6 +17,12 @@ from llmopt.backends.base import AttnSpec
 from llmopt.quant.format import QuantizedTensor, pack_bits, save_packed
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Random weights would fill the user's repack cache: give each test its own."""
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path / "cache"))
+
+
 def random_qt(out, n_in, bits, group, sym, scale_dtype=torch.float16, gen=None):
     codes = torch.randint(0, 2**bits, (out, n_in), dtype=torch.uint8, generator=gen)
     scales = (torch.rand(out, n_in // group, generator=gen) * 0.02 + 0.001).to(scale_dtype)
@@ -149,3 +155,16 @@ def test_quantized_tiny_model_fast_vs_reference(tmp_path):
     b = ref.forward_logits(ids)
     assert (exact.forward_logits(ids) - b).abs().max() <= 1e-4 * b.abs().max()
     assert (fast.forward_logits(ids) - b).abs().max() <= 2e-2 * b.abs().max()
+
+
+def test_int4_repack_cache_roundtrip(tmp_path):
+    """The second upload of the same packed weight reads the cached tiling and computes the same result."""
+    qt = random_qt(64, 256, 4, 64, False)
+    first = get_backend("cpu", repack_cache=tmp_path)
+    w1 = first.linear_weight("w", qt)
+    assert first.repack_cache_hits == 0 and len(list(tmp_path.glob("int4pack-*.safetensors"))) == 1
+    second = get_backend("cpu", repack_cache=tmp_path)
+    w2 = second.linear_weight("w", qt)
+    assert second.repack_cache_hits == 1 and torch.equal(w1.weight, w2.weight)
+    x = torch.randn(2, 256)
+    assert torch.equal(second.linear(x, w2), first.linear(x, w1))

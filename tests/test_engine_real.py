@@ -47,10 +47,10 @@ def test_greedy_32_tokens_match_hf_generate(hf_and_ours):
 
 
 def test_int4_fast_path_matches_its_reference(reference_model_dir, tmp_path):
-    from llmopt.quant.format import save_packed
-    from llmopt.quant.quantizers import Spec, quantize
-    from llmopt.quant.format import load_packed
     import shutil
+
+    from llmopt.quant.format import load_packed, save_packed
+    from llmopt.quant.quantizers import Spec, quantize
 
     tensors = load_packed(reference_model_dir / "model.safetensors")
     packed = {n: quantize(t.float(), Spec(4, 128), "rtn", name=n) if t.dim() == 2 else t for n, t in tensors.items()}

@@ -107,3 +107,20 @@ def test_image_errors(tiny_vl):
         model.forward_logits(torch.tensor([[5, IMAGE_TOKEN, 6]]))
     with pytest.raises(LlmoptError, match="pixel_values"):
         model.vision(ImageInput(torch.zeros(3, 10), (1, 2, 2)))
+
+
+def test_generate_with_image_file_expands_placeholder(tiny_vl, tmp_path):
+    """generate() preprocesses an image file and expands the single placeholder to the image's token count."""
+    seed, hf, model = tiny_vl
+    path = tmp_path / "img.png"
+    random_image(70, 90).save(path)
+    image = preprocess_image(path, model.args.vision)
+    out = model.generate([5, VSTART, IMAGE_TOKEN, VEND, 7], images=[path], max_new_tokens=5, stop_ids=[])
+    ids = [5, VSTART] + [IMAGE_TOKEN] * image.n_tokens(2) + [VEND, 7]
+    assert out.prompt_tokens[0] == ids
+    logits, state = model.prefill([ids], images=[image], max_len=len(ids) + 5)
+    expected = []
+    for _ in range(5):
+        expected.append(int(logits.argmax(-1)))
+        logits = model.decode_step(state, logits.argmax(-1))
+    assert out.tokens[0] == expected, f"seed={seed}"

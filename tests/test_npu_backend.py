@@ -135,3 +135,14 @@ def test_instruction_stream_reader(tmp_path):
     (tmp_path / "a.npu.txt").write_text("\n".join(f"{w:08x}" for w in words) + "\n")
     words.tofile(tmp_path / "insts.bin")
     assert (_read_insts(tmp_path / "a.npu.txt") == words).all() and (_read_insts(tmp_path / "insts.bin") == words).all()
+
+
+def test_compile_stage_takes_model_shapes_from_the_registry():
+    from llmopt.backends.npu.compile import models_from_registry, specs_for_model
+
+    models = models_from_registry()
+    assert models and all("config" in m or "error" in m for m in models)
+    ok = [m for m in models if "config" in m]
+    assert all(m["quant"]["bits"] in (2, 4, 8) for m in ok)
+    specs = {s for m in ok for s in specs_for_model(m["config"], m["quant"])}
+    assert {s.kernel for s in specs} >= {"qgemv", "qgemm", "attention", "sliding_window_attention"}

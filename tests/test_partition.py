@@ -157,9 +157,9 @@ def test_engine_executes_the_written_plan(tmp_path, qwen7b):
     _, quant = build_tiny(tmp_path)
     # lavapipe is made the faster device, but its budget holds only one decoder layer: the rest goes to the CPU
     settings = {"calibration": _calibration(tmp_path, vulkan_op_s=1e-6), "prompt_len": 64, "gen_len": 16,
-                "budgets": {"vulkan": "120KB"}}
+                "budgets": {"vulkan": "150KB"}}
     rec = write_plan(quant, qwen7b, "vulkan", PROBES, settings, tmp_path / "partition.json")
-    assert rec["assignment"].count("vulkan") == 1 and rec["bytes_per_device"]["vulkan"] <= 120e3
+    assert rec["assignment"].count("vulkan") == 1 and rec["bytes_per_device"]["vulkan"] <= 150e3
     model = load_model(quant, plan=rec)
     ref = load_model(quant, backend=get_backend("cpu", quant="reference"))
     check = check_correctness(model, ref, 384, tokens=12, decode_steps=4, tol=2e-2)

@@ -21,11 +21,13 @@ swapping the device and the int4 kernel.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,7 @@ from llmopt.errors import LlmoptError
 from llmopt.quant.format import QuantizedTensor
 
 _INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4 kernels accept, largest first
+
 
 
 class TorchKVCache(KVCache):
@@ -79,7 +82,8 @@ class CpuBackend(Backend):
     name = "cpu"
 
     def __init__(self, quant: str = "fast", lowbit_dtype: torch.dtype | str = torch.bfloat16,
-                 kernel_dtype: torch.dtype | str = torch.bfloat16, device: str = "cpu", threads: int | None = None):
+                 kernel_dtype: torch.dtype | str = torch.bfloat16, device: str = "cpu", threads: int | None = None,
+                 repack_cache: str | os.PathLike | None = "auto"):
         if quant not in ("fast", "reference"):
             raise LlmoptError(f"{self.name} backend: quant={quant!r} (expected 'fast' or 'reference')")
         self.quant = quant
@@ -88,6 +92,10 @@ class CpuBackend(Backend):
         self.device = torch.device(device)
         self.dtype = torch.float32
         self.repack_seconds = 0.0  # time spent converting packed weights at load (reported by benchmarks)
+        if repack_cache == "auto":  # $LLMOPT_CACHE/repack, the project's cache root
+            repack_cache = Path(os.environ.get("LLMOPT_CACHE") or Path.home() / ".cache" / "llmopt") / "repack"
+        self.repack_cache = Path(repack_cache) if repack_cache else None  # None: always repack
+        self.repack_cache_hits = 0
         self.kinds: dict[str, int] = {}  # linear kernel -> count, for reports
         if threads:
             torch.set_num_threads(threads)
@@ -140,10 +148,34 @@ class CpuBackend(Backend):
 
     def _int4_linear(self, qt, bias):
         group = self._int4_group(qt)
-        codes = qt.unpacked().to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        packed = self._cached_repack(qt, lambda: torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            qt.unpacked().to(torch.int32), 1))
         sz = self._int4_scales_zeros(qt, group).to(self.kernel_dtype)
         return QLinear("int4pack", qt.shape[0], packed, bias, group, sz)
+
+    def _cached_repack(self, qt: QuantizedTensor, convert) -> torch.Tensor:
+        """``convert()``'s device tiling of ``qt``, cached on disk by content (the tiling depends on torch and the
+        CPU's ISA, so both are part of the key): a 270M model's repack takes seconds, reading the cache far less."""
+        if self.repack_cache is None:
+            return convert()
+        from safetensors.torch import load_file, save_file
+
+        from llmopt.fsutil import atomic_path
+
+        digest = hashlib.blake2b(qt.qweight.numpy().tobytes(), digest_size=16)
+        digest.update(f"{qt.shape}|{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}".encode())
+        path = self.repack_cache / f"int4pack-{digest.hexdigest()}.safetensors"
+        if path.is_file():
+            self.repack_cache_hits += 1
+            return load_file(str(path))["packed"]
+        packed = convert()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file({"packed": packed.contiguous()}, str(tmp))
+        except OSError:  # a read-only or full cache only costs speed
+            pass
+        return packed
 
     # --- activations -----------------------------------------------------------------------------
     def from_host(self, x):
@@ -191,9 +223,7 @@ class CpuBackend(Backend):
         shape = x.shape
         if group is not None:
             x = x.view(*shape[:-1], shape[-1] // group, group)
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        y = y * (1.0 + weight) if unit_offset else y * weight
-        return y.view(shape)
+        return F.rms_norm(x, (x.shape[-1],), 1.0 + weight if unit_offset else weight, eps).view(shape)
 
     def layernorm(self, x, weight, bias, eps):
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

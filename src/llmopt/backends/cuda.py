@@ -28,7 +28,8 @@ class CudaBackend(CpuBackend):
         rec = probe()
         if not rec["present"]:
             raise LlmoptError(f"cuda backend: {rec['reason']}")
-        super().__init__(quant=quant, lowbit_dtype=lowbit_dtype, kernel_dtype=torch.bfloat16, device=device)
+        super().__init__(quant=quant, lowbit_dtype=lowbit_dtype, kernel_dtype=torch.bfloat16, device=device,
+                         repack_cache=None)
 
     def linear_weight(self, name, weight, bias=None):
         lin = super().linear_weight(name, weight, bias)

@@ -84,65 +84,92 @@ def find_gguf(source_dir: Path) -> Path | None:
 
 def llama_cpp_baseline(gguf: Path, prompt: int, gen: int, warmup: int, repeats: int, device: str = "cpu",
                        timeout: float = 1800.0) -> dict:
-    """llama.cpp in a child process (a native crash, e.g. SIGILL from a build for another CPU, must not take the
-    benchmark down with it): ``python -m llmopt.bench.baselines GGUF ...`` prints the timing dict as JSON."""
+    """llama.cpp in a child process, so a native crash cannot take the benchmark down with it.
+
+    A build whose repacked CPU kernels use instructions the machine traps (this VM advertises AMX but SIGILLs on
+    ``tileloadd``) is retried once with llama.cpp's extra buffer types off (``use_extra_bufts``: plain ggml
+    kernels, no weight repacking); the record says so."""
     import json
     import signal
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "llmopt.bench.baselines", str(gguf), str(prompt), str(gen), str(warmup),
-           str(repeats), device, str(torch.get_num_threads())]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise LlmoptError(f"llama.cpp baseline: no result within {timeout:.0f} s") from None
-    if proc.returncode != 0:
+    notes = []
+    for extra_bufts in (1, 0):
+        cmd = [sys.executable, "-m", "llmopt.bench.baselines", str(gguf), str(prompt), str(gen), str(warmup),
+               str(repeats), device, str(torch.get_num_threads()), str(extra_bufts)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise LlmoptError(f"llama.cpp baseline: no result within {timeout:.0f} s") from None
+        if proc.returncode == 0:
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            if notes:
+                result["engine"] += f"; {'; '.join(notes)}, retried with extra buffer types (repacking) off"
+            return result
         if proc.returncode < 0:
             name = signal.Signals(-proc.returncode).name
-            hint = (" (the llama-cpp-python build uses instructions this CPU or VM does not execute; rebuild it with "
-                    "CMAKE_ARGS=-DGGML_NATIVE=OFF)") if name == "SIGILL" else ""
-            raise LlmoptError(f"llama.cpp baseline crashed with {name}{hint}")
+            notes.append(f"default build crashed with {name}")
+            if name == "SIGILL" and extra_bufts:
+                continue
+            raise LlmoptError(f"llama.cpp baseline crashed with {name}" + (
+                " (the llama-cpp-python build uses instructions this CPU or VM does not execute; rebuild it with "
+                "CMAKE_ARGS=-DGGML_NATIVE=OFF)" if name == "SIGILL" else ""))
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise LlmoptError(f"llama.cpp baseline failed (exit {proc.returncode}): {tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    raise LlmoptError("llama.cpp baseline: " + "; ".join(notes))
 
 
-def _llama_cpp_run(gguf: Path, prompt: int, gen: int, warmup: int, repeats: int, device: str, threads: int) -> dict:
-    """llama.cpp through llama-cpp-python, batch 1: ``eval`` of the prompt (pp), then one token at a time (tg)."""
+def _llama_cpp_run(gguf: Path, prompt: int, gen: int, warmup: int, repeats: int, device: str, threads: int,
+                   extra_bufts: bool) -> dict:
+    """llama.cpp through llama-cpp-python, batch 1: ``eval`` of the prompt (pp), then one token at a time (tg),
+    greedy on the last position's logits."""
     try:
         import llama_cpp
+        import llama_cpp.llama_cpp as capi
         import numpy as np
     except ImportError:
         raise LlmoptError("llama-cpp-python is not installed (pip install llama-cpp-python)") from None
+    if not extra_bufts:  # Llama() takes its model params from this function; no keyword reaches use_extra_bufts
+        default_params = capi.llama_model_default_params
+
+        def params():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+
+        capi.llama_model_default_params = params
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=prompt + gen + 8, n_batch=max(prompt, 8),
-                          n_threads=threads, n_gpu_layers=-1 if device == "cuda" else 0,
-                          verbose=False)
-    ids = prompt_ids(llm.n_vocab(), 1, prompt)[0].tolist()
+                          n_threads=threads, n_gpu_layers=-1 if device == "cuda" else 0, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        return int(np.argmax(np.ctypeslib.as_array(capi.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))))
+
+    ids = prompt_ids(n_vocab, 1, prompt)[0].tolist()
     pre, dec, ttft = [], [], []
     for run in range(warmup + repeats):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = next_token()
         t1 = time.perf_counter()
         for _ in range(gen):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = next_token()
         t2 = time.perf_counter()
         if run >= warmup:
             pre.append(prompt / (t1 - t0))
             dec.append(gen / (t2 - t1))
             ttft.append(t1 - t0)
-    return {"name": "llama.cpp", "engine": f"llama-cpp-python {llama_cpp.__version__} ({gguf.name}, "
-            f"{threads} threads, {'GPU' if device == 'cuda' else 'CPU'})", "batch": 1,
-            "prompt": prompt, "gen": gen, "prefill_tok_s": stats(pre), "decode_tok_s": stats(dec),
-            "ttft_s": stats(ttft)}
+    return {"name": "llama.cpp", "engine": f"llama-cpp-python {llama_cpp.__version__} ({gguf.name}, {threads} "
+            f"threads, {'GPU' if device == 'cuda' else 'CPU'})", "batch": 1, "prompt": prompt, "gen": gen,
+            "prefill_tok_s": stats(pre), "decode_tok_s": stats(dec), "ttft_s": stats(ttft)}
 
 
 if __name__ == "__main__":  # the child process of llama_cpp_baseline
     import json
     import sys
 
-    g, p, n, w, r, dev, th = sys.argv[1:8]
-    print(json.dumps(_llama_cpp_run(Path(g), int(p), int(n), int(w), int(r), dev, int(th))))
+    g, p, n, w, r, dev, th, extra = sys.argv[1:9]
+    print(json.dumps(_llama_cpp_run(Path(g), int(p), int(n), int(w), int(r), dev, int(th), extra == "1")))

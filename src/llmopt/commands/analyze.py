@@ -3,8 +3,10 @@
 Writes into --out: ``analysis.json`` (per model and precision: parameters, weight bytes, KV-cache bytes per token,
 FLOPs and bytes of a 512-token prefill and of a decode step), ``ops/<model>.csv`` (the same per layer and op) and
 ``predictions.csv`` (predicted and ceiling prefill/decode tok/s per model, precision, profile and device, beside the
-seed's target). Profiles: the Phoenix laptop with DDR5-5600 and LPDDR5x-7500, H100, H200 (stated ceilings), and
-``here`` when --calibration names a bench/calibrate.py output.
+seed's target) and ``plans.csv`` (the Phoenix laptop partition: exact ILP plan against the seed's NPU-coverage
+heuristic under the config's budgets, and the batch at which the aggregate reaches the seed's target). Profiles: the
+Phoenix laptop with DDR5-5600 and LPDDR5x-7500, H100, H200 (stated ceilings), and ``here`` when --calibration names
+a bench/calibrate.py output.
 
     llmopt analyze --out results/analysis
     llmopt analyze --models qwen2.5-7b-instruct --bpw 16 4.125 2.5 --calibration results/calibration.json
@@ -59,6 +61,7 @@ def run(args) -> int:
         table = analyze(arch, precisions[0]).table(args.prompt, args.prompt + args.gen // 2)
         write_text(out / "ops" / f"{model_id}.csv", _csv(table))
     write_json(out / "analysis.json", summary)
+    write_text(out / "plans.csv", _csv(_laptop_rows(models, precisions, reg.config, args)))
     rows = roofline.prediction_table(models, precisions, profiles, args.prompt, args.gen, tuple(args.batches))
     write_text(out / "predictions.csv", _csv(rows))
     print(f"{'model':24s} {'prec':8s} {'GB':>6s}  " + "  ".join(f"{k:>14s}" for k in ("ddr5 780M", "ddr5 ceil",
@@ -71,8 +74,45 @@ def run(args) -> int:
             seed = f"{lap['seed_tok_s_low']}-{lap['seed_tok_s_high']}" if lap["seed_tok_s_low"] else "-"
             print(f"{model_id:24s} {p.name:8s} {lap['weight_gb']:6.2f}  {lap['decode_tok_s']:14.1f}  "
                   f"{lap['ceiling_decode_tok_s']:14.1f}  {gpu['decode_tok_s']:14.1f}  {seed:>14s}")
-    print(f"wrote {out}/analysis.json, {out}/predictions.csv, {out}/ops/*.csv")
+    print(f"wrote {out}/analysis.json, {out}/predictions.csv, {out}/plans.csv, {out}/ops/*.csv")
     return 0
+
+
+def _laptop_rows(models: dict, precisions: list, config: dict, args) -> list[dict]:
+    from llmopt.analysis import Arch, entry_config
+    from llmopt.partition import budgets_from, laptop_plan
+
+    settings = {**config.get("bench", {}), **config.get("partition", {}), "prompt_len": args.prompt,
+                "gen_len": args.gen}
+    budgets = budgets_from(settings)
+    rows = []
+    for model_id, entry in models.items():
+        arch = Arch.from_hf(entry_config(entry, model_id), where=f"models.yaml: {model_id}")
+        seed = entry.get("seed") or {}
+        low = (seed.get("tok_s") or [None])[0]
+        for prec in precisions:
+            lap = laptop_plan(arch, prec, settings, budgets, seed)
+            for prof in ("phoenix-ddr5", "phoenix-lpddr5x"):
+                p = lap[prof]
+                h = p["heuristic"]
+                row = {"model": model_id, "precision": prec.name, "profile": prof, "seed_tok_s_low": low,
+                       "error": p.get("error"), "heuristic_rule": h["rule"],
+                       "heuristic_decode_tok_s": h["predicted"]["decode_tok_s"], "heuristic_feasible": h["feasible"],
+                       "heuristic_violations": "; ".join(f"{d}: {v}" for d, v in h["violations"].items())}
+                if "predicted" in p:
+                    sweep = p.get("batch_sweep") or {}
+                    row.update({"plan": " ".join(f"{s['layers'][0]}-{s['layers'][1]}:{s['device']}"
+                                                 for s in p["segments"]),
+                                "embedding": p["embedding"], "head": p["head"],
+                                "decode_tok_s": p["predicted"]["decode_tok_s"],
+                                "prefill_tok_s": p["predicted"]["prefill_tok_s"],
+                                "ceiling_decode_tok_s": p["predicted"]["ceiling_decode_tok_s"],
+                                "vs_heuristic": p["speedup_vs_heuristic"]["decode"],
+                                "batch16_tok_s": sweep.get(16),
+                                "batch_for_seed": next((b for b, v in sorted(sweep.items()) if low and v >= low),
+                                                       None)})
+                rows.append(row)
+    return rows
 
 
 def _csv(rows: list[dict]) -> str:

@@ -127,7 +127,7 @@ def predict_layer(args, bits: int = 4, group: int = 128, context: int = 1024, to
     (decode) or qgemm, attention over ``context`` keys (the window on sliding layers), the fused gated FFN for
     decode (three qgemm calls for prefill). Norms, RoPE and residual adds are not NPU kernels: not counted."""
     rows = tokens * batch
-    lin = "qgemv" if rows < 4 else "qgemm"
+    lin = "qgemv" if rows == 1 else "qgemm"  # what the NPU build compiles: one decode row, or prefill buckets
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     window = args.windows[layer] if args.windows else None
     keys = min(context, window) if window else context

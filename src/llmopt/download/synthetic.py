@@ -29,6 +29,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from llmopt.download.manifest import folder_manifest
+from llmopt.download.pip_gguf import GEMMA_CHAT_TEMPLATE
 from llmopt.errors import LlmoptError
 from llmopt.fsutil import atomic_path, write_json
 
@@ -167,8 +169,7 @@ def byte_tokenizer(family: str, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
-    byte_chars.sort(key=lambda ch: _byte_of(ch))
+    byte_chars = [_BYTE_CHARS[b] for b in range(256)]
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
     turns = (["<start_of_turn>", "<end_of_turn>"] if family.startswith("gemma")
              else ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
@@ -179,8 +180,6 @@ def byte_tokenizer(family: str, vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials + turns)
-    from llmopt.download.pip_gguf import GEMMA_CHAT_TEMPLATE
-
     template = GEMMA_CHAT_TEMPLATE if family.startswith("gemma") else CHATML_TEMPLATE
     bos = "<bos>" if family.startswith("gemma") else None
     eos = "<end_of_turn>" if family.startswith("gemma") else "<|im_end|>"
@@ -196,14 +195,14 @@ CHATML_TEMPLATE = (
 )
 
 
-def _byte_of(ch: str) -> int:
-    """The byte a ByteLevel alphabet character stands for (GPT-2's bytes_to_unicode, inverted)."""
-    code = ord(ch)
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    if code in printable:
-        return code
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, the alphabet of the ByteLevel pre-tokenizer."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
-    return others[code - 256]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+_BYTE_CHARS = _byte_chars()
 
 
 def tiny_token_ids(family: str) -> dict:
@@ -222,8 +221,6 @@ def write_synthetic(model_id: str, entry: dict, out_dir: Path, scale: str, seed:
     """Write the model folder (config, safetensors, tokenizer at tiny scale, manifest) atomically; return the manifest."""
     import transformers
     from tqdm import tqdm
-
-    from llmopt.download.manifest import folder_manifest
 
     config = build_config(entry, scale)
     family = entry["family"]

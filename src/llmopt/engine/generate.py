@@ -67,11 +67,13 @@ def generate(model, prompt, max_new_tokens: int = 64, temperature: float = 0.0, 
     batch, is_text = _as_batch(model, prompt, chat, images)
     image_inputs = None
     if images:
-        from llmopt.engine.vision import expand_image_tokens, preprocess_image
+        from llmopt.engine.vision import expand_image_tokens, pixel_bounds, preprocess_image
 
         if len(batch) != 1:
             raise LlmoptError("generate: images are supported for a single prompt (batch of 1)")
-        image_inputs = [img if hasattr(img, "grid_thw") else preprocess_image(img, model.args.vision) for img in images]
+        bounds = pixel_bounds(model.folder)
+        image_inputs = [img if hasattr(img, "grid_thw") else preprocess_image(img, model.args.vision, **bounds)
+                        for img in images]
         batch = [expand_image_tokens(batch[0], image_inputs, model.args)]
     tok = model.tokenizer if is_text else _tokenizer_or_none(model)
     stops = set(stop_ids or []) | (tok.stop_ids() if tok else set(model.args.eos_token_ids))

@@ -80,6 +80,20 @@ def preprocess_image(image, vision: VisionArgs, min_pixels: int = MIN_PIXELS, ma
     return ImageInput(patches.reshape(gh * gw, 3 * tp * p * p).contiguous(), (1, gh, gw))
 
 
+def pixel_bounds(folder: Path) -> dict:
+    """``min_pixels``/``max_pixels`` from the folder's preprocessor_config.json (v4 keys or v5 ``size``), if any."""
+    path = Path(folder) / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    from llmopt.fsutil import read_json
+
+    cfg = read_json(path)
+    size = cfg.get("size") or {}
+    bounds = {"min_pixels": cfg.get("min_pixels", size.get("shortest_edge")),
+              "max_pixels": cfg.get("max_pixels", size.get("longest_edge"))}
+    return {k: int(v) for k, v in bounds.items() if v is not None}
+
+
 def expand_image_tokens(ids: list[int], images: list[ImageInput], args: ModelArgs) -> list[int]:
     """Replace the k-th image placeholder token with as many copies as image k has merged patches."""
     tid, merge = args.image_token_id, args.vision.spatial_merge_size

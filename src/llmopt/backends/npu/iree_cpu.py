@@ -119,7 +119,9 @@ class IreeCpuBackend(CpuBackend):
         B, H, T, _ = q.shape
         kspec = KernelSpec.make("attention", HQ=H, HKV=spec.n_kv_heads, D=spec.head_dim, SCALE=spec.scale,
                                 SOFTCAP=spec.softcap or 0.0)
-        m = mask[:, 0].expand(B, T, k.shape[2]).to(torch.int8).contiguous().numpy()
+        S = k.shape[2]
+        m = (np.ones((B, T, S), np.int8) if mask is None  # None: every query sees every key
+             else mask[:, 0].expand(B, T, S).to(torch.int8).contiguous().numpy())
         args = [t.to(torch.float32).contiguous().numpy() for t in (q, k, v)]
         (out,) = self.module(kspec)(*args, m)
         return torch.from_numpy(out)

@@ -25,7 +25,7 @@ from pathlib import Path
 from llmopt.errors import LlmoptError
 
 DEFAULT_KERNEL_DIR = Path(__file__).resolve().parents[4] / "kernels"
-QGEMM_MIN_ROWS = 4  # rows (tokens x batch) from which a quantized linear uses qgemm, not qgemv (bench/npu_*)
+QGEMM_MIN_ROWS = 8  # rows (tokens x batch) from which a quantized linear uses qgemm, not qgemv (bench/npu_*)
 
 
 def _f(v: float) -> str:
