@@ -24,15 +24,18 @@ from llmopt.fsutil import write_text
 from llmopt.quant.pipeline import quantize_model
 from llmopt.quant.schemes import PRESETS
 
-DEFAULT_SCHEMES = ["w4g128", "w8", "w4g128-mse", "w4g128-gptq", "w3g64", "w3g64-gptq", "w2g32",
-                   "mixed-4.5", "mixed-3.5", "mixed-2.8"]
+DEFAULT_SCHEMES = ["w4g128", "w4g128-gptq", "w4g128-mse", "mixed-4.5", "w3g64", "mixed-3.5", "w3g64-gptq",
+                   "w2g32", "mixed-2.8", "w8"]
+MIXED_OPTIONS = [{"bits": 2, "group": 64, "sym": False}, {"bits": 3, "group": 64, "sym": False},
+                 {"bits": 4, "group": 64, "sym": False}, {"bits": 8, "group": 0, "sym": True}]
 
 
-def scheme_of(name: str, texts: list[str], tokens: int) -> dict:
-    ppl = {"texts": texts, "tokens": tokens}
+def scheme_of(name: str, texts: list[str], tokens: int, calibration_tokens: int) -> dict:
+    common = {"perplexity": {"texts": texts, "tokens": tokens}, "calibration": {"tokens": calibration_tokens}}
     if name.startswith("mixed-"):
-        return {"name": name, "method": "mixed", "budget": {"bpw": float(name.split("-")[1])}, "perplexity": ppl}
-    return {"name": name, **PRESETS[name], "perplexity": ppl}
+        return {"name": name, "method": "mixed", "budget": {"bpw": float(name.split("-")[1])},
+                "options": MIXED_OPTIONS, **common}
+    return {"name": name, **PRESETS[name], **common}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scheme", action="append", help=f"scheme (preset or mixed-<bpw>); default {DEFAULT_SCHEMES}")
     p.add_argument("--text", action="append", help="evaluation text (default hamlet)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per text (default 4096)")
+    p.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--keep", action="store_true", help="keep the quantized model folders under OUT/models")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.scheme or DEFAULT_SCHEMES:
         t0 = time.time()
         folder = args.out / "models" / name
-        q = quantize_model(source, scheme_of(name, texts, args.tokens), folder, {})
+        q = quantize_model(source, scheme_of(name, texts, args.tokens, args.calibration_tokens), folder, {})
         ppl = q["perplexity"]
         rows[name] = {"scheme": name, "method": q["method"], "bpw": q["bits_per_weight"], "bytes": q["bytes"],
                       "mean_rel_error": q["mean_rel_error"], "float": ppl["float"], "quant": ppl["quant"],

@@ -6,8 +6,7 @@
 //   padded rows stay finite.
 // mode 1 (vision, attention_full): K/V are the step's own [B, T, KV*D]; query t sees keys seg[2t] .. seg[2t+1]-1.
 // softcap > 0 applies softcap * tanh(s / softcap) to the scaled scores. Scores live in a scratch row per
-// workgroup: pass 1 scores and max, pass 2 exponentials and sum, pass 3 the weighted sum of V, one dim an
-// invocation. Dispatch: (H, T, B).
+// workgroup: pass 1 scores and max, pass 2 exponentials and sum, pass 3 the weighted sum of V. Dispatch: (H, T, B).
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer QBuf { float q[]; };
@@ -54,15 +53,25 @@ void main() {
     for (uint d = tid; d < p.D; d += WG) qs[d] = q[qrow + d] * p.scale;
     barrier();
 
+    // Pass 1: a team of invocations per key (a subgroup: coalesced loads of the key row, one subgroupAdd);
+    // without subgroup operations, one invocation per key.
+#if USE_SUBGROUP
+    const uint lane = gl_SubgroupInvocationID, team = gl_SubgroupID, n_teams = gl_NumSubgroups, team_size = gl_SubgroupSize;
+#else
+    const uint lane = 0u, team = tid, n_teams = WG, team_size = 1u;
+#endif
     float local_max = -1.0 / 0.0;
-    for (uint s = lo + tid; s < hi; s += WG) {
+    for (uint s = lo + team; s < hi; s += n_teams) {
+        float d = 0.0;
+        for (uint i = lane; i < p.D; i += team_size) d += qs[i] * kc[kbase + s * kstride + i];
+#if USE_SUBGROUP
+        d = subgroupAdd(d);
+#endif
         float score = -1.0 / 0.0;
         if (p.mode != 0u || p.has_mask == 0u || aux[b * p.mask_len + s] != 0u || s == hi - 1u) {
-            float d = 0.0;
-            for (uint i = 0; i < p.D; ++i) d += qs[i] * kc[kbase + s * kstride + i];
             score = p.softcap > 0.0 ? p.softcap * tanh(clamp(d / p.softcap, -15.0, 15.0)) : d;
         }
-        scratch[sbase + s] = score;
+        if (lane == 0u) scratch[sbase + s] = score;
         local_max = max(local_max, score);
     }
     const float mx = wg_max(local_max);
@@ -79,10 +88,28 @@ void main() {
     memoryBarrierBuffer();
     barrier();
 
+    // Pass 3: invocation (part, d) sums every n_parts-th key for dim d; the parts meet in shared memory.
     const float inv = total > 0.0 ? 1.0 / total : 0.0;
-    for (uint d = tid; d < p.D; d += WG) {
-        float acc = 0.0;
-        for (uint s = lo; s < hi; ++s) acc += scratch[sbase + s] * vc[kbase + s * kstride + d];
-        o[qrow + d] = acc * inv;
+    const uint n_parts = WG >= p.D ? WG / p.D : 1u;
+    const uint part = tid / p.D;
+    for (uint d = tid % p.D; d < p.D && part < n_parts; d += WG) {
+        float acc = 0.0, acc2 = 0.0;  // two chains: twice the loads in flight
+        uint s = lo + part;
+        for (; s + n_parts < hi; s += 2u * n_parts) {
+            acc += scratch[sbase + s] * vc[kbase + s * kstride + d];
+            acc2 += scratch[sbase + s + n_parts] * vc[kbase + (s + n_parts) * kstride + d];
+        }
+        if (s < hi) acc += scratch[sbase + s] * vc[kbase + s * kstride + d];
+        acc += acc2;
+        if (n_parts == 1u) o[qrow + d] = acc * inv;
+        else red_buf[part * p.D + d] = acc;
+    }
+    if (n_parts > 1u) {
+        barrier();
+        for (uint d = tid; d < p.D; d += WG) {
+            float acc = 0.0;
+            for (uint i = 0; i < n_parts; ++i) acc += red_buf[i * p.D + d];
+            o[qrow + d] = acc * inv;
+        }
     }
 }

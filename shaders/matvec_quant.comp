@@ -2,7 +2,7 @@
 // Decode matrix-vector product y[m, row0 + r] = sum_j W[r, j] x[m, j] (+ bias[r]) for packed int2/3/4/8 or
 // float32 weights (BITS). One workgroup owns ROWS rows; its invocations stride over the row in chunks of 32
 // codes (BITS words, so one scale per chunk when the group is a multiple of 32), reusing each x chunk for all
-// ROWS rows; grid z walks the M input vectors. Dispatch: ceil(N / ROWS) workgroups (folded into x, y), M in z.
+// ROWS rows (x and 4/8-bit codes read 16 bytes at a time); grid z walks the M input vectors. Dispatch: ceil(N / ROWS) workgroups (folded into x, y), M in z.
 #include "common.glsl"
 
 layout(constant_id = 1) const uint ROWS = 4;
@@ -12,7 +12,9 @@ layout(constant_id = 4) const uint HAS_ZEROS = 0;
 layout(constant_id = 5) const uint HAS_BIAS = 0;
 
 layout(std430, binding = 0) readonly buffer XBuf { float x[]; };
+layout(std430, binding = 0) readonly buffer X4Buf { vec4 x4[]; };   // the same x, 16-byte loads
 layout(std430, binding = 1) readonly buffer WBuf { uint w[]; };
+layout(std430, binding = 1) readonly buffer W4Buf { uvec4 w4[]; };  // the same codes, 16-byte loads
 layout(std430, binding = 2) readonly buffer SBuf { uint sc[]; };
 layout(std430, binding = 3) readonly buffer ZBuf { uint zp[]; };
 layout(std430, binding = 4) readonly buffer BBuf { float bias[]; };
@@ -38,41 +40,53 @@ void main() {
     const uint n_chunks = p.K / 32u;
     const uint row_words = p.K * BITS / 32u;
     const uint groups = p.K / p.group;
+    const bool rows_aligned = (row_words & 3u) == 0u;  // rows start on 16 bytes: uvec4 loads
 
     float acc[ROWS];
     [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] = 0.0;
 
     for (uint c = tid; c < n_chunks; c += WG) {
         const uint xc = xbase + c * 32u;
-        float xsum = 0.0;
-        if (BITS != 32) {
-            [[unroll]] for (uint e = 0; e < 32u; ++e) xsum += x[xc + e];
-        }
-        [[unroll]] for (uint r = 0; r < ROWS; ++r) {
-            const uint row = min(first + r, p.N - 1u);  // clamped rows are computed and discarded
-            float d = 0.0;
-            if (BITS == 32) {
+        if (BITS == 32) {
+            [[unroll]] for (uint r = 0; r < ROWS; ++r) {
+                const uint row = min(first + r, p.N - 1u);  // clamped rows are computed and discarded
+                float d = 0.0;
                 [[unroll]] for (uint e = 0; e < 32u; ++e) d += uintBitsToFloat(w[row * p.K + c * 32u + e]) * x[xc + e];
                 acc[r] += d;
-            } else {
-                const uint wb = row * row_words + c * BITS;
-                if (BITS == 3) {  // codes straddle words: 32 codes in 3 words
-                    const uint w0 = w[wb], w1 = w[wb + 1u], w2 = w[wb + 2u];
-                    [[unroll]] for (uint e = 0; e < 10u; ++e) d += float((w0 >> (3u * e)) & 7u) * x[xc + e];
-                    d += float(((w0 >> 30) | (w1 << 2)) & 7u) * x[xc + 10u];
-                    [[unroll]] for (uint e = 0; e < 10u; ++e) d += float((w1 >> (3u * e + 1u)) & 7u) * x[xc + 11u + e];
-                    d += float(((w1 >> 31) | (w2 << 1)) & 7u) * x[xc + 21u];
-                    [[unroll]] for (uint e = 0; e < 10u; ++e) d += float((w2 >> (3u * e + 2u)) & 7u) * x[xc + 22u + e];
-                } else {  // 2, 4, 8 bits: whole codes in each word
-                    const uint per_word = 32u / BITS;
-                    [[unroll]] for (uint i = 0; i < BITS; ++i) {
-                        const uint wd = w[wb + i];
-                        [[unroll]] for (uint e = 0; e < per_word; ++e) d += float((wd >> (e * BITS)) & CODE_MASK) * x[xc + i * per_word + e];
+            }
+            continue;
+        }
+        vec4 xv[8];  // packed rows have K % 4 == 0, so x chunks are 16-byte aligned
+        float xsum = 0.0;
+        [[unroll]] for (uint i = 0; i < 8u; ++i) { xv[i] = x4[(xc >> 2) + i]; xsum += dot(xv[i], vec4(1.0)); }
+        [[unroll]] for (uint r = 0; r < ROWS; ++r) {
+            const uint row = min(first + r, p.N - 1u);
+            const uint wb = row * row_words + c * BITS;
+            float d = 0.0;
+            if (BITS == 3) {  // codes straddle words: 32 codes in 3 words
+                const uint w0 = w[wb], w1 = w[wb + 1u], w2 = w[wb + 2u];
+                uint q[32];
+                [[unroll]] for (uint e = 0; e < 10u; ++e) q[e] = (w0 >> (3u * e)) & 7u;
+                q[10] = ((w0 >> 30) | (w1 << 2)) & 7u;
+                [[unroll]] for (uint e = 0; e < 10u; ++e) q[11u + e] = (w1 >> (3u * e + 1u)) & 7u;
+                q[21] = ((w1 >> 31) | (w2 << 1)) & 7u;
+                [[unroll]] for (uint e = 0; e < 10u; ++e) q[22u + e] = (w2 >> (3u * e + 2u)) & 7u;
+                [[unroll]] for (uint i = 0; i < 8u; ++i)
+                    d += dot(vec4(q[4u * i], q[4u * i + 1u], q[4u * i + 2u], q[4u * i + 3u]), xv[i]);
+            } else {  // 2, 4, 8 bits: whole codes in each word
+                const uint per_word = 32u / BITS;
+                [[unroll]] for (uint i = 0; i < BITS; ++i) {
+                    const uint wd = (BITS % 4u == 0u && rows_aligned) ? w4[(wb >> 2) + i / 4u][i % 4u] : w[wb + i];
+                    [[unroll]] for (uint e = 0; e < per_word; e += 4u) {
+                        const uint k = i * per_word + e;  // first of 4 codes, a multiple of 4
+                        const vec4 qv = vec4((wd >> (e * BITS)) & CODE_MASK, (wd >> ((e + 1u) * BITS)) & CODE_MASK,
+                                             (wd >> ((e + 2u) * BITS)) & CODE_MASK, (wd >> ((e + 3u) * BITS)) & CODE_MASK);
+                        d += dot(qv, xv[k / 4u]);
                     }
                 }
-                const uint g = row * groups + (c * 32u) / p.group;
-                acc[r] += scale_at(g) * (d - zero_at(g) * xsum);
             }
+            const uint g = row * groups + (c * 32u) / p.group;
+            acc[r] += scale_at(g) * (d - zero_at(g) * xsum);
         }
     }
     // Tail of a row that is not a multiple of 32 codes (only 2-, 4- and 8-bit rows can have one).

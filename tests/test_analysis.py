@@ -141,3 +141,35 @@ def test_analyze_command_writes_tables(tmp_path, capsys):
         2304 * 256 * (8 + 4 + 4 + 8) + 3 * 2304 * 9216 + 4 * 2304)
     assert "gemma-2-2b-it" in capsys.readouterr().out
     assert main(["analyze", "--models", "gemma-2-2b-it", "--bpw", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_calibration_measures_present_targets_and_records_absent_ones():
+    from llmopt import roofline
+
+    cal = roofline.calibrate(["cpu", "npu"], repeats=1, size=256, prefill_tokens=4, host_mib=8)
+    host, cpu = cal["host"], cal["backends"]["cpu"]
+    assert host["bandwidth"] > 1e8 and host["matmul_float32"] > 1e8
+    assert cpu["int4_gemv_bytes_s"] > 0 and cpu["gemm_flops_s"] > 0 and cpu["op_overhead_s"] > 0
+    assert cal["backends"]["npu"]["error"].startswith("absent:")
+    profile = roofline.calibrated_profile(cal)
+    assert set(profile.devices) == {"cpu"}
+    dev = profile.devices["cpu"]
+    assert dev.bw_eff == pytest.approx(min(1.0, cpu["int4_gemv_bytes_s"] / host["bandwidth"]))
+    assert dev.source.startswith("measured")
+    with pytest.raises(LlmoptError, match="no backend was calibrated"):
+        roofline.calibrated_profile({"host": host, "backends": {"npu": {"error": "absent"}}})
+
+
+def test_profiles_round_trip_and_gpu_vulkan_uses_gpu_ceilings():
+    from llmopt import roofline
+
+    prof = roofline.stated_profiles()["phoenix-ddr5"]
+    again = roofline.Profile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    assert again.devices["vulkan"].bandwidth == 89.6e9 and again.link("cpu", "npu").latency_s == 60e-6
+    cal = {"host": {"bandwidth": 50e9, "matmul_float32": 1e12},
+           "cuda": {"bandwidth": 3e12, "matmul_bfloat16": 700e12},
+           "labels": {"vulkan": "NVIDIA H100 80GB HBM3", "cuda": "NVIDIA H100 80GB HBM3"},
+           "backends": {t: {"int4_gemv_bytes_s": 1.5e12, "gemm_flops_s": 100e12, "op_overhead_s": 5e-6,
+                            "link_latency_s": 1e-5, "link_bandwidth": 2e10} for t in ("cuda", "vulkan")}}
+    devs = roofline.calibrated_profile(cal).devices
+    assert devs["vulkan"].bandwidth == devs["cuda"].bandwidth == 3e12 and devs["vulkan"].bw_eff == 0.5

@@ -4,7 +4,8 @@ The exact solver is an integer program (PuLP + CBC, which Snakemake already depe
 puts unit ``u`` on device ``d``; continuous ``y[u, d, e] >= x[u-1, d] + x[u, e] - 1`` pays the activation
 hand-over whenever consecutive units change device; ``sum_u bytes[u] x[u, d] <= budget[d]`` for every budgeted
 device (a tied embedding/head table is stored once per device that holds either). It minimises predicted
-decode time per token, then, with decode held at its optimum, prefill time (lexicographic). Unit costs come from
+decode time per token plus a small weight (settings ``objective``, default 1e-3) times prefill time per prompt
+token: decode first, prefill as the tie-break (or any other trade-off the weights state). Unit costs come from
 ``llmopt.roofline`` (measured ceilings for the devices here, stated ones for the Phoenix laptop).
 
 Beside it, the seed's heuristic: NPU coverage by size class (<= 3B params 100%, <= 10B 50%, <= 20B 30%, larger
@@ -96,65 +97,44 @@ def unit_costs(an: Analysis, profile: roofline.Profile, devices: list[str], prom
 
 
 def solve(cost: list[dict], link: dict, mem: list[float], budgets: dict, tied: float = 0.0,
-          second: tuple[list[dict], dict] | None = None, time_limit: float = 120.0) -> list[str]:
+          time_limit: float = 120.0) -> list[str]:
     """Optimal assignment (one device per unit) minimising ``sum cost[u][d] + sum link[(d, e)]`` at each device
-    change, under ``budgets``; ``second`` = (cost, link) breaks ties lexicographically. ``tied`` bytes are shared
-    by the first and last unit (tied embedding / head): counted once on a device holding both.
-    Raises LlmoptError when no assignment meets the budgets."""
+    change, under ``budgets``. ``tied`` bytes are shared by the first and last unit (tied embedding / head):
+    counted once on a device holding both. Raises LlmoptError when no assignment meets the budgets."""
     import pulp
 
     devices = list(cost[0])
-    n = len(cost)
-
-    def build():
-        prob = pulp.LpProblem("partition", pulp.LpMinimize)
-        x = {(u, i): prob.add_variable(f"x_{u}_{i}", cat="Binary") for u in range(n) for i in range(len(devices))}
-        y = {(u, i, j): prob.add_variable(f"y_{u}_{i}_{j}", lowBound=0) for u in range(1, n)
-             for i in range(len(devices)) for j in range(len(devices)) if i != j}
-        for u in range(n):
-            prob += pulp.lpSum(x[u, i] for i in range(len(devices))) == 1
-        for (u, i, j), var in y.items():
-            prob += var >= x[u - 1, i] + x[u, j] - 1
-        for i, d in enumerate(devices):
-            if d not in budgets:
-                continue
-            used = pulp.lpSum(mem[u] * x[u, i] for u in range(n))
-            if tied and n > 1:  # the head's mem includes its own copy of the table; share it when both are here
-                both = prob.add_variable(f"both_{i}", lowBound=0)  # = x[0, i] AND x[n-1, i]
-                prob += both <= x[0, i]
-                prob += both <= x[n - 1, i]
-                used = used - tied * both
-            prob += used <= budgets[d]
-        return prob, x, y
-
-    def objective(c, lk, x, y):
-        return (pulp.lpSum(c[u][d] * x[u, i] for u in range(n) for i, d in enumerate(devices))
-                + pulp.lpSum(lk[devices[i], devices[j]] * var for (u, i, j), var in y.items()))
-
-    def run(prob):
-        with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC; the replacement needs a system cbc
-            warnings.simplefilter("ignore", DeprecationWarning)
-            prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit))
-        status = pulp.LpStatus[prob.status]
-        if status == "Infeasible":
-            need = min(mem)
-            raise LlmoptError(f"no partition meets the budgets {_fmt_budgets(budgets)} (total {sum(mem) / GB:.2f} GB "
-                              f"to place, smallest unit {need / GB:.3f} GB, unbudgeted devices: "
-                              f"{[d for d in devices if d not in budgets] or 'none'})")
-        if status != "Optimal":
-            raise LlmoptError(f"partition solver ended with status {status}")
-        return status
-
-    prob, x, y = build()
-    first = objective(cost, link, x, y)
-    prob += first
-    run(prob)
-    if second is not None:
-        best = pulp.value(first)
-        prob, x, y = build()
-        prob += objective(*second, x, y)
-        prob += objective(cost, link, x, y) <= best * (1 + 1e-7) + 1e-12
-        run(prob)
+    n, k = len(cost), len(devices)
+    prob = pulp.LpProblem("partition", pulp.LpMinimize)
+    x = {(u, i): prob.add_variable(f"x_{u}_{i}", cat="Binary") for u in range(n) for i in range(k)}
+    y = {(u, i, j): prob.add_variable(f"y_{u}_{i}_{j}", lowBound=0) for u in range(1, n)
+         for i in range(k) for j in range(k) if i != j}
+    prob += (pulp.lpSum(cost[u][d] * x[u, i] for u in range(n) for i, d in enumerate(devices))
+             + pulp.lpSum(link[devices[i], devices[j]] * var for (u, i, j), var in y.items()))
+    for u in range(n):
+        prob += pulp.lpSum(x[u, i] for i in range(k)) == 1
+    for (u, i, j), var in y.items():  # y = 1 exactly when unit u-1 is on device i and unit u on device j
+        prob += var >= x[u - 1, i] + x[u, j] - 1
+    for i, d in enumerate(devices):
+        if d not in budgets:
+            continue
+        used = pulp.lpSum(mem[u] * x[u, i] for u in range(n))
+        if tied and n > 1:  # the head's mem includes its own copy of the table; share it when both are here
+            both = prob.add_variable(f"both_{i}", lowBound=0)  # = x[0, i] AND x[n-1, i]
+            prob += both <= x[0, i]
+            prob += both <= x[n - 1, i]
+            used = used - tied * both
+        prob += used <= budgets[d]
+    with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC; the replacement needs a system cbc
+        warnings.simplefilter("ignore", DeprecationWarning)
+        prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit))
+    status = pulp.LpStatus[prob.status]
+    if status == "Infeasible":
+        raise LlmoptError(f"no partition meets the budgets {_fmt_budgets(budgets)} (total {sum(mem) / GB:.3g} GB "
+                          f"to place, smallest unit {min(mem) / GB:.3g} GB, unbudgeted devices: "
+                          f"{[d for d in devices if d not in budgets] or 'none'})")
+    if status != "Optimal":
+        raise LlmoptError(f"partition solver ended with status {status} within {time_limit:.0f} s")
     return [next(d for i, d in enumerate(devices) if (x[u, i].value() or 0) > 0.5) for u in range(n)]
 
 
@@ -233,18 +213,21 @@ def plan(an: Analysis, profile: roofline.Profile, devices: list[str], budgets: d
     mem = unit_bytes(an, measured, prompt + gen, batch)
     tied = tied_bytes(an, measured)
     dec, pre = unit_costs(an, profile, devices, prompt, ctx, batch)
-    link_dec = {(a, b): profile.link(a, b).time(roofline.boundary_bytes(an, "decode", ctx, batch))
-                for a in devices for b in devices if a != b}
-    link_pre = {(a, b): profile.link(a, b).time(roofline.boundary_bytes(an, "prefill", prompt, batch))
-                for a in devices for b in devices if a != b}
+    weights = {"decode": 1.0, "prefill": 1e-3, **(settings.get("objective") or {})}
+    w_dec, w_pre = float(weights["decode"]), float(weights["prefill"]) / prompt  # prefill per prompt token
+    cost = [{d: w_dec * dec[u][d] + w_pre * pre[u][d] for d in devices} for u in range(len(dec))]
+    link = {(a, b): w_dec * profile.link(a, b).time(roofline.boundary_bytes(an, "decode", ctx, batch))
+            + w_pre * profile.link(a, b).time(roofline.boundary_bytes(an, "prefill", prompt, batch))
+            for a in devices for b in devices if a != b}
     heur, rule = seed_heuristic(an, devices)
     result = {"devices": devices, "budgets": budgets, "profile": profile.name, "prompt": prompt, "gen": gen,
-              "batch": batch, "solver": "ilp (PuLP/CBC): min decode, then prefill"}
+              "batch": batch, "objective": weights,
+              "solver": "ilp (PuLP/CBC): min decode s/token + prefill weight x prefill s/prompt token"}
     h = evaluate(an, profile, heur, mem, budgets, tied, prompt, gen, batch)
     result["heuristic"] = {"rule": rule, **h, "segments": segments(an, heur, mem, dec, pre),
                            "embedding": heur[0], "head": heur[-1]}
     try:
-        best = solve(dec, link_dec, mem, budgets, tied, second=(pre, link_pre))
+        best = solve(cost, link, mem, budgets, tied)
     except LlmoptError as err:
         result.update({"error": str(err), "infeasible": True})
         return result
@@ -303,10 +286,15 @@ def write_plan(quant_dir: Path, model_entry: dict, target: str, probes: dict, se
     record = {"model": model_id, "scheme": scheme, "target": target, "budgets": budgets,
               "scale": (read_json(quant_dir / "manifest.json").get("scale") if (quant_dir / "manifest.json").is_file()
                         else None)}
-    try:  # the seed's question at full scale, at this scheme's measured bits per weight
+    # The seed's question at full scale, at this scheme's bits per weight: quant.json's figure for the quantized
+    # tensors when present (exact for the scheme at any scale); the file sizes otherwise (they include the norms,
+    # which weigh more in a tiny model).
+    qjson = read_json(quant_dir / "quant.json") if (quant_dir / "quant.json").is_file() else {}
+    full_bpw = qjson.get("quantized_bits_per_weight") or linear_bpw
+    try:
         full_arch = Arch.from_hf(entry_config(model_entry, model_id), where=f"models.yaml: {model_id}")
-        record["laptop"] = laptop_plan(full_arch, Precision(linear_bpw, embed_bpw, 2.0, 2.0, name=scheme), settings,
-                                       budgets, model_entry.get("seed"))
+        full = Precision(full_bpw, min(embed_bpw, 16.0), 2.0, 2.0, name=scheme)  # float tables ship as bf16
+        record["laptop"] = laptop_plan(full_arch, full, settings, budgets, model_entry.get("seed"))
     except LlmoptError as err:
         record["laptop"] = {"error": str(err)}
     devices_wanted = (settings.get("partition_devices") or DEFAULT_DEVICES).get(target, [target, "cpu"])

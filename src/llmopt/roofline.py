@@ -294,13 +294,17 @@ def calibrated_profile(calibration: dict) -> Profile:
     for target, c in calibration.get("backends", {}).items():
         if "error" in c:
             continue
-        phys = calibration.get("cuda") if target == "cuda" else host
+        label = calibration.get("labels", {}).get(target, target)
+        # A GPU's ceilings are the CUDA micro-benchmarks' (also for Vulkan on the same card); lavapipe and the
+        # CPU backends run on host memory and host cores.
+        on_gpu = target == "cuda" or (target == "vulkan" and "llvmpipe" not in label.lower() and "cuda" in calibration)
+        phys = calibration.get("cuda") if on_gpu else host
         if not phys or "bandwidth" not in phys:
             continue
-        flops = phys.get("matmul_bfloat16") if target == "cuda" else max(phys.get("matmul_float32", 0.0),
-                                                                         phys.get("matmul_bfloat16", 0.0))
+        flops = phys.get("matmul_bfloat16") if on_gpu else max(phys.get("matmul_float32", 0.0),
+                                                               phys.get("matmul_bfloat16", 0.0))
         devices[target] = Device(
-            target, calibration.get("labels", {}).get(target, target), phys["bandwidth"], flops,
+            target, label, phys["bandwidth"], flops,
             bw_eff=min(1.0, c["int4_gemv_bytes_s"] / phys["bandwidth"]), flops_eff=min(1.0, c["gemm_flops_s"] / flops),
             op_overhead_s=c["op_overhead_s"], source=f"measured {calibration.get('date', '')}: bench/calibrate.py")
         if target != "cpu":

@@ -21,6 +21,20 @@ from llmopt.errors import LlmoptError
 FAMILIES = ("gemma2", "gemma3", "qwen2", "qwen2_5_vl")
 _MODEL_TYPES = {"gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3", "qwen2": "qwen2",
                 "qwen2_5_vl": "qwen2_5_vl", "qwen2_5_vl_text": "qwen2_5_vl"}
+# transformers' class defaults for keys that hub config.json files may leave out (a key present, even as null, wins)
+_FAMILY_DEFAULTS = {
+    "gemma2": {"vocab_size": 256000, "head_dim": 256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+               "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "sliding_window": 4096,
+               "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "tie_word_embeddings": True},
+    "gemma3": {"vocab_size": 262208, "head_dim": 256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+               "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "sliding_window": 4096,
+               "tie_word_embeddings": True},
+    "qwen2": {"vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+              "tie_word_embeddings": False},
+    "qwen2_5_vl": {"vocab_size": 152064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+                   "rope_theta": 1_000_000.0, "tie_word_embeddings": False, "image_token_id": 151655,
+                   "vision_start_token_id": 151652},
+}
 _ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "silu": "silu",
          "swish": "silu"}
 
@@ -133,7 +147,7 @@ class ModelArgs:
         family = _MODEL_TYPES[top_type]
         # Multimodal checkpoints nest the decoder in text_config (gemma3 always, qwen2_5_vl in v5); v4
         # Qwen2.5-VL keeps the text keys at the top level. Nested keys win over top-level ones.
-        text = dict(config)
+        text = {**_FAMILY_DEFAULTS[family], **config}
         text.pop("text_config", None)
         if isinstance(config.get("text_config"), dict):
             text.update(config["text_config"])
@@ -169,8 +183,6 @@ class ModelArgs:
         if family == "qwen2_5_vl":
             vision = _vision_args(config.get("vision_config"), hidden, where)
         tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings"))
-        if tie is None:
-            tie = is_gemma  # the HF defaults: Gemma ties, Qwen2 configs state it explicitly
         return cls(
             family=family,
             vocab_size=int(req("vocab_size")),
@@ -180,12 +192,12 @@ class ModelArgs:
             n_kv_heads=n_kv,
             head_dim=head_dim,
             ffn=int(req("intermediate_size")),
-            norm_eps=float(text.get("rms_norm_eps") or 1e-6),
+            norm_eps=float(text["rms_norm_eps"]),
             act=_ACTS[act_name],
             attn_scale=attn_scale,
             windows=windows,
             rope_layers=rope_layers,
-            max_position=int(text.get("max_position_embeddings") or 32768),
+            max_position=int(text["max_position_embeddings"]),
             tie_embeddings=bool(tie),
             qkv_bias=family in ("qwen2", "qwen2_5_vl") or bool(text.get("attention_bias", False)),
             attn_softcap=_opt_float(text.get("attn_logit_softcapping")),
@@ -194,8 +206,8 @@ class ModelArgs:
             bos_token_id=_opt_int(text.get("bos_token_id", config.get("bos_token_id"))),
             pad_token_id=_opt_int(text.get("pad_token_id", config.get("pad_token_id"))),
             vision=vision,
-            image_token_id=_opt_int(config.get("image_token_id", text.get("image_token_id"))),
-            vision_start_token_id=_opt_int(config.get("vision_start_token_id", text.get("vision_start_token_id"))),
+            image_token_id=_opt_int(text.get("image_token_id")) if family == "qwen2_5_vl" else None,
+            vision_start_token_id=_opt_int(text.get("vision_start_token_id")) if family == "qwen2_5_vl" else None,
         )
 
     @classmethod

@@ -35,7 +35,7 @@ from llmopt.fsutil import atomic_path, read_json, sha256_file, write_json
 from llmopt.quant import io, schemes
 from llmopt.quant.format import FORMAT_VERSION, QuantizedTensor
 from llmopt.quant.mixed import knapsack, tensor_loss
-from llmopt.quant.quantizers import Spec, quantize
+from llmopt.quant.quantizers import Spec, quantize, quantize_measured
 
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
            "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
@@ -73,16 +73,14 @@ def quantize_model(source_dir: Path, scheme: dict | str, out_dir: Path, model_en
                 report["tensors"][name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(shape),
                                            "bytes": t.numel() * t.element_size()}
             else:
-                t = quantize(w, spec, base, importance=_diag(stats, "hessians", name),
-                             hessian=(stats.get("hessians") or {}).get(name), name=name)
-                deq = t.dequantize()
-                rel = float((w.float() - deq).norm() / w.float().norm().clamp_min(1e-30))
+                t, rel = quantize_measured(w, spec, base, importance=_diag(stats, "hessians", name),
+                                           hessian=(stats.get("hessians") or {}).get(name), name=name)
                 report["tensors"][name] = {"format": spec.label, **t.meta(), "bytes": t.nbytes, "rel_error": rel}
                 if budget:
                     report["tensors"][name]["loss"] = budget["losses"][name]
-                del deq
             writer.add(name, t)
             del w, t
+            _release_freed_memory()
         files = writer.close()
         report.update(_summary(index, report["tensors"], scheme))
         report["perplexity"] = _perplexity(source_dir, tmp, scheme, real)
@@ -99,6 +97,17 @@ def quantize_model(source_dir: Path, scheme: dict | str, out_dir: Path, model_en
         write_json(tmp / "quant.json", report)
         write_json(tmp / "manifest.json", _manifest(source_dir, tmp, files, scheme))
     return report
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap memory to the OS: glibc keeps large freed blocks once its mmap threshold has grown,
+    so without this the resident size would creep up by every tensor's temporaries."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    if libc:
+        ctypes.CDLL(libc).malloc_trim(0)
 
 
 def is_real(folder: Path) -> bool:

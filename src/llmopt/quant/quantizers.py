@@ -33,7 +33,7 @@ from llmopt.quant.format import QuantizedTensor, check_layout, pack_bits
 METHODS = ("rtn", "mse", "gptq")
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _CLIP_GRID = torch.linspace(1.0, 0.5, 11)  # fractions of the group range tried by the mse search
-_ROW_CHUNK_ELEMS = 1 << 22  # rows per chunk chosen so one chunk holds about 4M weights
+_ROW_CHUNK_ELEMS = 1 << 20  # rows per chunk chosen so one chunk holds about 1M weights (4 MB in float32)
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,12 @@ class Spec:
 def quantize(w: torch.Tensor, spec: Spec, method: str = "rtn", *, importance: torch.Tensor | None = None,
              hessian: torch.Tensor | None = None, name: str = "tensor") -> QuantizedTensor:
     """Quantize ``w [out, in]`` to ``spec`` with ``method`` (rtn | mse | gptq); see the module docstring."""
+    return quantize_measured(w, spec, method, importance=importance, hessian=hessian, name=name)[0]
+
+
+def quantize_measured(w: torch.Tensor, spec: Spec, method: str = "rtn", *, importance: torch.Tensor | None = None,
+                      hessian: torch.Tensor | None = None, name: str = "tensor") -> tuple[QuantizedTensor, float]:
+    """``quantize`` plus the relative error ``||W - deq||_F / ||W||_F``, measured on the fly (no second pass)."""
     if method not in METHODS:
         raise LlmoptError(f"{name}: unknown quantization method '{method}' (expected one of {METHODS})")
     if spec.scale_dtype not in _SCALE_DTYPES:
@@ -80,22 +86,53 @@ def quantize(w: torch.Tensor, spec: Spec, method: str = "rtn", *, importance: to
     if method == "gptq":
         if hessian is None:
             raise LlmoptError(f"{name}: gptq needs a calibration Hessian of the layer inputs")
-        return _gptq(w, spec, group, hessian, name)
-    codes = torch.empty(out, n_in, dtype=torch.uint8)
+        qt = _gptq(w, spec, group, hessian, name)
+        return qt, relative_error(w, qt)
+    qweight = torch.empty(out, n_in * spec.bits // 8, dtype=torch.uint8)
     n_groups = n_in // group
     scales = torch.empty(out, n_groups, dtype=_SCALE_DTYPES[spec.scale_dtype])
     zeros = None if spec.sym else torch.empty_like(scales)
     weights = None if importance is None else importance.float().clamp_min(0).view(1, n_groups, group)
     rows = max(1, _ROW_CHUNK_ELEMS // n_in)
+    err = ref = 0.0
     for r0 in range(0, out, rows):
         wg = w[r0:r0 + rows].float().view(-1, n_groups, group)
         s, z = group_params(wg, spec, search=method == "mse", weights=weights)
-        codes[r0:r0 + rows] = _codes(wg, s, z, spec.bits).view(-1, n_in)
+        q = torch.round(wg / s + z).clamp_(0, 2 ** spec.bits - 1)
+        err += float((q - z).mul_(s).sub_(wg).square_().sum())
+        ref += float(wg.square().sum())
+        qweight[r0:r0 + rows] = _pack(q.to(torch.uint8).view(-1, n_in), spec.bits)
         scales[r0:r0 + rows] = s.squeeze(-1).to(scales.dtype)
         if zeros is not None:
             zeros[r0:r0 + rows] = z.squeeze(-1).to(zeros.dtype)
-    return QuantizedTensor(pack_bits(codes, spec.bits), scales, zeros, spec.bits, group, (out, n_in),
-                           str(w.dtype).removeprefix("torch."))
+    qt = QuantizedTensor(qweight, scales, zeros, spec.bits, group, (out, n_in), str(w.dtype).removeprefix("torch."))
+    return qt, (err / ref) ** 0.5 if ref > 0 else float(err > 0)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``format.pack_bits`` with byte-wide shifts for 2 and 4 bits (same layout, several times faster)."""
+    if bits not in (2, 4):
+        return pack_bits(codes, bits)
+    c = codes.view(codes.shape[0], -1, 8 // bits)
+    packed = c[..., 0].clone()
+    for k in range(1, 8 // bits):
+        packed |= c[..., k] << (k * bits)
+    return packed
+
+
+def relative_error(w: torch.Tensor, qt: QuantizedTensor) -> float:
+    """``||w - dequantize(qt)|| / ||w||``, computed in row chunks (bounded memory for huge tensors)."""
+    out, n_in = qt.shape
+    rows = max(1, _ROW_CHUNK_ELEMS // n_in)
+    err = ref = 0.0
+    for r0 in range(0, out, rows):
+        part = QuantizedTensor(qt.qweight[r0:r0 + rows], qt.scales[r0:r0 + rows],
+                               None if qt.zeros is None else qt.zeros[r0:r0 + rows], qt.bits, qt.group,
+                               (min(rows, out - r0), n_in))
+        chunk = w[r0:r0 + rows].float()
+        err += float((chunk - part.dequantize()).square_().sum())
+        ref += float(chunk.square().sum())
+    return (err / ref) ** 0.5 if ref > 0 else float(err > 0)
 
 
 def group_params(wg: torch.Tensor, spec: Spec, search: bool = False,
@@ -123,8 +160,8 @@ def group_params(wg: torch.Tensor, spec: Spec, search: bool = False,
 def _range_params(wg: torch.Tensor, spec: Spec, ratio: float, sdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     if spec.sym:
         half = 2 ** (spec.bits - 1)
-        idx = wg.abs().argmax(-1, keepdim=True)
-        s = wg.gather(-1, idx) * (ratio / -half)
+        hi, lo = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
+        s = torch.where(-lo > hi, lo, hi) * (ratio / -half)
         s = torch.where(s == 0, torch.full_like(s, 1.0), s).to(sdt).float()
         s = torch.where(s == 0, torch.full_like(s, 1.0), s)  # an underflowed scale would divide by zero
         return s, torch.full_like(s, float(half))

@@ -207,11 +207,13 @@ def specs_for_model(config: dict, quant: dict) -> list[KernelSpec]:
 
 def models_from_registry(config: dict | str | Path | None = None) -> list[dict]:
     """``compile_kernels``' ``models`` for a workflow config: each selected model's config.json at the configured
-    scale (synthetic architecture; real-weight models whose config is only known after download are skipped)
-    with each fixed-width scheme of ``run_schemes`` (rtn/gptq-like: bits, group, sym, scale_dtype). A model whose
-    config cannot be built comes back as ``{"model", "error"}``."""
+    scale (pip-gguf models are real, so their full architecture) with each fixed-width scheme of ``run_schemes``
+    (bits, group, sym, scale_dtype; mixed-width schemes compile on first use in the backend instead). A model
+    whose config cannot be built comes back as ``{"model", "error"}``."""
+    import transformers
+
     from llmopt import registry
-    from llmopt.download.synthetic import build_config
+    from llmopt.download.synthetic import FAMILIES, architecture
 
     reg = registry.load(config)
     scale = reg.config.get("scale", "tiny")
@@ -221,8 +223,11 @@ def models_from_registry(config: dict | str | Path | None = None) -> list[dict]:
         if "architecture" not in entry or scale not in ("tiny", "full") or not quants:
             continue
         try:  # pip-gguf models are real at every scale: their shapes are the full architecture
-            cfg = build_config(entry, "full" if entry.get("source") == "pip-gguf" else scale).to_dict()
-        except LlmoptError as err:  # recorded by compile_kernels; the other models go on
+            if entry.get("family") not in FAMILIES:
+                raise LlmoptError(f"models.yaml: {model_id}: family {entry.get('family')!r} has no config class")
+            config_cls = getattr(transformers, FAMILIES[entry["family"]][0])  # the config only: no model import
+            cfg = config_cls(**architecture(entry, "full" if entry.get("source") == "pip-gguf" else scale)).to_dict()
+        except (LlmoptError, TypeError, ValueError) as err:  # recorded by compile_kernels; the others go on
             out.append({"model": model_id, "error": str(err)})
             continue
         out += [{"model": model_id, "config": cfg, "quant": q} for q in quants]
@@ -303,14 +308,15 @@ def _static_rows(spec: KernelSpec) -> KernelSpec:
     return KernelSpec.make(spec.kernel, **spec.p, ROWS=1 if spec.kernel == "qgemv" else NPU_PREFILL_ROWS)
 
 
-def check_module(c: Compiled, seed: int = 0) -> dict:
-    """Run a CPU-compiled kernel on fresh random inputs against the float64 reference."""
+def check_module(c: Compiled, seed: int | None = None) -> dict:
+    """Run a CPU-compiled kernel on fresh random inputs (``seed``: None draws one) against the float64 reference."""
     from llmopt.backends.npu.reference import case, compare
     from llmopt.backends.npu.runtime import IreeModule
 
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     inputs, expected, tol = case(c.spec, seed=seed)
     got = IreeModule(c.path)(*inputs)
-    return compare(got, expected, tol)
+    return compare(got, expected, tol) | {"seed": seed}
 
 
 def _write(out_dir: Path, manifest: dict, files: list[Path]) -> None:

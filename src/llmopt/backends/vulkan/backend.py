@@ -36,6 +36,7 @@ MAX_GROUPS = 65535  # workgroups per grid dimension every device supports; wider
 MATVEC_MAX_M = 8  # up to this many input rows the weights are streamed once per row (decode); beyond, tiled matmul
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "quick_gelu": 3}
 MAX_HEAD_DIM = 256  # attention.comp's shared query buffer
+ROW_SHADERS = {"rmsnorm", "layernorm", "attention", "argmax"}  # one workgroup a row/head: sized by wg_reduce
 
 
 class VkAct:
@@ -121,6 +122,8 @@ class VulkanBackend(Backend):
             manifest = vk_compile.check_manifest(Path(kernel_dir))
         spec = manifest["spec"]
         self.wg, self.rows_per_wg, self.tile = int(spec["wg"]), int(spec["rows"]), int(spec["tile"])
+        self.wg_reduce = int(spec.get("wg_reduce", self.wg))
+        self.matvec_min_groups = int(spec.get("matvec_min_groups", 1))
         self.dev = Device(Path(kernel_dir), spec, profile=profile)
         self.probe = info
         self._pool: dict[int, list[Buffer]] = {}
@@ -169,7 +172,8 @@ class VulkanBackend(Backend):
         return (MAX_GROUPS, -(-n_groups // MAX_GROUPS), 1)
 
     def _run(self, shader: str, n_bindings: int, spec: tuple, bindings: list, push: bytes, groups) -> None:
-        pipe = self.dev.pipeline(shader, n_bindings, (self.wg, *spec))
+        wg = self.wg_reduce if shader in ROW_SHADERS else self.wg
+        pipe = self.dev.pipeline(shader, n_bindings, (wg, *spec))
         self.dev.dispatch(pipe, [(b, o, r) for b, o, r in bindings], push, groups)
 
     @staticmethod
@@ -294,9 +298,12 @@ class VulkanBackend(Backend):
             bindings = [self._whole(x.buf), pc.w, pc.s or self._whole(self.dummy), pc.z or self._whole(self.dummy),
                         bias, self._whole(out.buf)]
             if m <= MATVEC_MAX_M:
-                gx, gy, _ = self._grid(-(-pc.rows // self.rows_per_wg))
+                rows = self.rows_per_wg
+                while rows > 1 and -(-pc.rows // rows) < self.matvec_min_groups:
+                    rows //= 2
+                gx, gy, _ = self._grid(-(-pc.rows // rows))
                 push = pack_push("IIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off)
-                self._run("matvec_quant", 6, (self.rows_per_wg, *spec_tail), bindings, push, (gx, gy, m))
+                self._run("matvec_quant", 6, (rows, *spec_tail), bindings, push, (gx, gy, m))
             else:
                 push = pack_push("IIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m)
                 self._run("matmul_quant", 6, (self.tile, *spec_tail), bindings, push,
@@ -437,6 +444,13 @@ class VulkanBackend(Backend):
         self._release(idx)
         self._submitted()
         return torch.from_numpy(out.astype(np.int64))
+
+    def copy(self, src: Buffer, dst: Buffer, nbytes: int) -> None:
+        """Record a shader copy of ``nbytes`` (a multiple of 16) from ``src`` to ``dst``."""
+        n4 = nbytes // 16
+        groups = min(-(-n4 // self.wg), 8 * MAX_GROUPS)
+        self._run("copy", 2, (), [(src, 0, nbytes), (dst, 0, nbytes)], pack_push("II", n4, groups * self.wg),
+                  self._grid(groups))
 
     def kernel_times(self) -> dict[str, tuple[float, int]]:
         """Per-kernel GPU time (ms) and dispatch count since construction (``profile=True`` only)."""
