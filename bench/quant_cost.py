@@ -19,6 +19,8 @@ from pathlib import Path
 _CHILD = """
 import json, sys, time
 from pathlib import Path
+import torch
+torch.set_num_threads(int(sys.argv[4]))
 from llmopt.quant.pipeline import quantize_model
 t = time.time()
 q = quantize_model(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), {})
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--src", type=Path, required=True, help="full-scale source folder (created if missing)")
     p.add_argument("--out", type=Path, default=Path("bench/out/quant-cost"), help="results folder")
     p.add_argument("--scheme", action="append", help="scheme preset (default w4g128)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the quantization (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the quantized folder")
     args = p.parse_args(argv)
     import yaml
@@ -49,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for scheme in args.scheme or ["w4g128"]:
         dest = args.out / f"{args.model}-{scheme}"
-        got = subprocess.run([sys.executable, "-c", _CHILD, str(args.src), scheme, str(dest)], text=True,
+        got = subprocess.run([sys.executable, "-c", _CHILD, str(args.src), scheme, str(dest), str(args.threads)], text=True,
                              stdout=subprocess.PIPE)
         if got.returncode:
             return got.returncode
-        row = {"model": args.model, "date": time.strftime("%Y-%m-%d"), **json.loads(got.stdout.strip().splitlines()[-1])}
+        row = {"model": args.model, "threads": args.threads, "date": time.strftime("%Y-%m-%d"), **json.loads(got.stdout.strip().splitlines()[-1])}
         print(json.dumps(row), flush=True)
         with open(args.out / "cost.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -30,7 +30,7 @@ def quantize_gguf(src: Path, dst: Path, ftype: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32 if ftype == "F32" else getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.allow_requantize = True
-    params.nthread = 2
+    params.nthread = 1
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
         raise RuntimeError(f"llama_model_quantize {ftype} failed")
 
@@ -50,7 +50,7 @@ def perplexity(path: Path, ids: list[int], bos: int, window: int = 512) -> float
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=window + 1, n_batch=window + 1, n_ubatch=window + 1,
-                logits_all=True, n_threads=2, verbose=False)
+                logits_all=True, n_threads=1, verbose=False)
     total, count = 0.0, 0
     for start in range(0, len(ids), window):
         toks = [bos] + ids[start:start + window]

@@ -45,14 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", action="append", help="evaluation text (default hamlet)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per text (default 4096)")
     p.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine 2 threads stall each other)")
+    p.add_argument("--redo", action="store_true", help="recompute schemes already in OUT/results.json")
     p.add_argument("--keep", action="store_true", help="keep the quantized model folders under OUT/models")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     source = ensure_reference_model()
     texts = args.text or ["hamlet"]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = _load_rows(args.out / "results.json")
     for name in args.scheme or DEFAULT_SCHEMES:
+        if name in rows and not args.redo:
+            continue
         t0 = time.time()
         folder = args.out / "models" / name
         q = quantize_model(source, scheme_of(name, texts, args.tokens, args.calibration_tokens), folder, {})

@@ -63,41 +63,43 @@ func.func @main(%q: tensor<?x?x${HQ}x${D}xf32>, %k: tensor<?x?x${HKV}x${D}xf32>,
   } -> tensor<?x?x${HKV}x2x${HALF}xf32>
   %kr = tensor.collapse_shape %kr2 [[0], [1], [2], [3, 4]] : tensor<?x?x${HKV}x2x${HALF}xf32> into tensor<?x?x${HKV}x${D}xf32>
 
-  // scores against the cache (slots 0 .. P-1) and against this step's keys (slots P .. P+T-1)
-  %sp0 = tensor.empty(%b, %t, %np) : tensor<?x${HQ}x?x?xf32>
-  %spz = linalg.fill ins(%zero : f32) outs(%sp0 : tensor<?x${HQ}x?x?xf32>) -> tensor<?x${HQ}x?x?xf32>
+  // scores against the cache (slots 0 .. P-1) and against this step's keys (slots P .. P+T-1); query heads are
+  // viewed as [HKV, R] so every index map stays affine
+  %qg = tensor.expand_shape %qr [[0], [1], [2, 3], [4]] output_shape [%b, %t, ${HKV}, ${R}, ${D}] : tensor<?x?x${HQ}x${D}xf32> into tensor<?x?x${HKV}x${R}x${D}xf32>
+  %sp0 = tensor.empty(%b, %t, %np) : tensor<?x${HKV}x${R}x?x?xf32>
+  %spz = linalg.fill ins(%zero : f32) outs(%sp0 : tensor<?x${HKV}x${R}x?x?xf32>) -> tensor<?x${HKV}x${R}x?x?xf32>
   %sp = linalg.generic {
-      indexing_maps = [affine_map<(b, h, t, p, d) -> (b, t, h, d)>, affine_map<(b, h, t, p, d) -> (b, h floordiv ${R}, p, d)>,
-                       affine_map<(b, h, t, p, d) -> (b, h, t, p)>],
-      iterator_types = ["parallel", "parallel", "parallel", "parallel", "reduction"]}
-      ins(%qr, %kpast : tensor<?x?x${HQ}x${D}xf32>, tensor<?x${HKV}x?x${D}xf32>) outs(%spz : tensor<?x${HQ}x?x?xf32>) {
+      indexing_maps = [affine_map<(b, h, r, t, p, d) -> (b, t, h, r, d)>, affine_map<(b, h, r, t, p, d) -> (b, h, p, d)>,
+                       affine_map<(b, h, r, t, p, d) -> (b, h, r, t, p)>],
+      iterator_types = ["parallel", "parallel", "parallel", "parallel", "parallel", "reduction"]}
+      ins(%qg, %kpast : tensor<?x?x${HKV}x${R}x${D}xf32>, tensor<?x${HKV}x?x${D}xf32>) outs(%spz : tensor<?x${HKV}x${R}x?x?xf32>) {
   ^bb0(%qv: f32, %kv: f32, %acc: f32):
     %m = arith.mulf %qv, %kv : f32
     %r = arith.addf %acc, %m : f32
     linalg.yield %r : f32
-  } -> tensor<?x${HQ}x?x?xf32>
-  %sw0 = tensor.empty(%b, %t, %t) : tensor<?x${HQ}x?x?xf32>
-  %swz = linalg.fill ins(%zero : f32) outs(%sw0 : tensor<?x${HQ}x?x?xf32>) -> tensor<?x${HQ}x?x?xf32>
+  } -> tensor<?x${HKV}x${R}x?x?xf32>
+  %sw0 = tensor.empty(%b, %t, %t) : tensor<?x${HKV}x${R}x?x?xf32>
+  %swz = linalg.fill ins(%zero : f32) outs(%sw0 : tensor<?x${HKV}x${R}x?x?xf32>) -> tensor<?x${HKV}x${R}x?x?xf32>
   %sw = linalg.generic {
-      indexing_maps = [affine_map<(b, h, t, u, d) -> (b, t, h, d)>, affine_map<(b, h, t, u, d) -> (b, u, h floordiv ${R}, d)>,
-                       affine_map<(b, h, t, u, d) -> (b, h, t, u)>],
-      iterator_types = ["parallel", "parallel", "parallel", "parallel", "reduction"]}
-      ins(%qr, %kr : tensor<?x?x${HQ}x${D}xf32>, tensor<?x?x${HKV}x${D}xf32>) outs(%swz : tensor<?x${HQ}x?x?xf32>) {
+      indexing_maps = [affine_map<(b, h, r, t, u, d) -> (b, t, h, r, d)>, affine_map<(b, h, r, t, u, d) -> (b, u, h, d)>,
+                       affine_map<(b, h, r, t, u, d) -> (b, h, r, t, u)>],
+      iterator_types = ["parallel", "parallel", "parallel", "parallel", "parallel", "reduction"]}
+      ins(%qg, %kr : tensor<?x?x${HKV}x${R}x${D}xf32>, tensor<?x?x${HKV}x${D}xf32>) outs(%swz : tensor<?x${HKV}x${R}x?x?xf32>) {
   ^bb0(%qv: f32, %kv: f32, %acc: f32):
     %m = arith.mulf %qv, %kv : f32
     %r = arith.addf %acc, %m : f32
     linalg.yield %r : f32
-  } -> tensor<?x${HQ}x?x?xf32>
-  %sa0 = tensor.empty(%b, %t, %s) : tensor<?x${HQ}x?x?xf32>
-  %sa1 = tensor.insert_slice %sp into %sa0[0, 0, 0, 0] [%b, ${HQ}, %t, %np] [1, 1, 1, 1] : tensor<?x${HQ}x?x?xf32> into tensor<?x${HQ}x?x?xf32>
-  %sc = tensor.insert_slice %sw into %sa1[0, 0, 0, %np] [%b, ${HQ}, %t, %t] [1, 1, 1, 1] : tensor<?x${HQ}x?x?xf32> into tensor<?x${HQ}x?x?xf32>
+  } -> tensor<?x${HKV}x${R}x?x?xf32>
+  %sa0 = tensor.empty(%b, %t, %s) : tensor<?x${HKV}x${R}x?x?xf32>
+  %sa1 = tensor.insert_slice %sp into %sa0[0, 0, 0, 0, 0] [%b, ${HKV}, ${R}, %t, %np] [1, 1, 1, 1, 1] : tensor<?x${HKV}x${R}x?x?xf32> into tensor<?x${HKV}x${R}x?x?xf32>
+  %sc = tensor.insert_slice %sw into %sa1[0, 0, 0, 0, %np] [%b, ${HKV}, ${R}, %t, %t] [1, 1, 1, 1, 1] : tensor<?x${HKV}x${R}x?x?xf32> into tensor<?x${HKV}x${R}x?x?xf32>
 
-  %sm0 = tensor.empty(%b, %t, %s) : tensor<?x${HQ}x?x?xf32>
+  %sm0 = tensor.empty(%b, %t, %s) : tensor<?x${HKV}x${R}x?x?xf32>
   %sm = linalg.generic {
-      indexing_maps = [affine_map<(b, h, t, s) -> (b, h, t, s)>, affine_map<(b, h, t, s) -> (b, t, s)>,
-                       affine_map<(b, h, t, s) -> (b, h, t, s)>],
-      iterator_types = ["parallel", "parallel", "parallel", "parallel"]}
-      ins(%sc, %mask : tensor<?x${HQ}x?x?xf32>, tensor<?x?x?xi8>) outs(%sm0 : tensor<?x${HQ}x?x?xf32>) {
+      indexing_maps = [affine_map<(b, h, r, t, s) -> (b, h, r, t, s)>, affine_map<(b, h, r, t, s) -> (b, t, s)>,
+                       affine_map<(b, h, r, t, s) -> (b, h, r, t, s)>],
+      iterator_types = ["parallel", "parallel", "parallel", "parallel", "parallel"]}
+      ins(%sc, %mask : tensor<?x${HKV}x${R}x?x?xf32>, tensor<?x?x?xi8>) outs(%sm0 : tensor<?x${HKV}x${R}x?x?xf32>) {
   ^bb0(%x: f32, %mv: i8, %o: f32):
     %scale = arith.constant ${SCALE} : f32
     %xs = arith.mulf %x, %scale : f32
@@ -106,21 +108,22 @@ func.func @main(%q: tensor<?x?x${HQ}x${D}xf32>, %k: tensor<?x?x${HKV}x${D}xf32>,
     %ninf = arith.constant 0xFF800000 : f32
     %r = arith.select %keep, %xs, %ninf : f32
     linalg.yield %r : f32
-  } -> tensor<?x${HQ}x?x?xf32>
-  %p0 = tensor.empty(%b, %t, %s) : tensor<?x${HQ}x?x?xf32>
-  %p = linalg.softmax dimension(3) ins(%sm : tensor<?x${HQ}x?x?xf32>) outs(%p0 : tensor<?x${HQ}x?x?xf32>) -> tensor<?x${HQ}x?x?xf32>
+  } -> tensor<?x${HKV}x${R}x?x?xf32>
+  %p0 = tensor.empty(%b, %t, %s) : tensor<?x${HKV}x${R}x?x?xf32>
+  %p = linalg.softmax dimension(4) ins(%sm : tensor<?x${HKV}x${R}x?x?xf32>) outs(%p0 : tensor<?x${HKV}x${R}x?x?xf32>) -> tensor<?x${HKV}x${R}x?x?xf32>
 
-  %o0 = tensor.empty(%b, %t) : tensor<?x?x${HQ}x${D}xf32>
-  %oz = linalg.fill ins(%zero : f32) outs(%o0 : tensor<?x?x${HQ}x${D}xf32>) -> tensor<?x?x${HQ}x${D}xf32>
-  %out = linalg.generic {
-      indexing_maps = [affine_map<(b, t, h, d, s) -> (b, h, t, s)>, affine_map<(b, t, h, d, s) -> (b, h floordiv ${R}, s, d)>,
-                       affine_map<(b, t, h, d, s) -> (b, t, h, d)>],
-      iterator_types = ["parallel", "parallel", "parallel", "parallel", "reduction"]}
-      ins(%p, %v : tensor<?x${HQ}x?x?xf32>, tensor<?x${HKV}x?x${D}xf32>) outs(%oz : tensor<?x?x${HQ}x${D}xf32>) {
+  %o0 = tensor.empty(%b, %t) : tensor<?x?x${HKV}x${R}x${D}xf32>
+  %oz = linalg.fill ins(%zero : f32) outs(%o0 : tensor<?x?x${HKV}x${R}x${D}xf32>) -> tensor<?x?x${HKV}x${R}x${D}xf32>
+  %og = linalg.generic {
+      indexing_maps = [affine_map<(b, t, h, r, d, s) -> (b, h, r, t, s)>, affine_map<(b, t, h, r, d, s) -> (b, h, s, d)>,
+                       affine_map<(b, t, h, r, d, s) -> (b, t, h, r, d)>],
+      iterator_types = ["parallel", "parallel", "parallel", "parallel", "parallel", "reduction"]}
+      ins(%p, %v : tensor<?x${HKV}x${R}x?x?xf32>, tensor<?x${HKV}x?x${D}xf32>) outs(%oz : tensor<?x?x${HKV}x${R}x${D}xf32>) {
   ^bb0(%pv: f32, %vv: f32, %acc: f32):
     %m = arith.mulf %pv, %vv : f32
     %r = arith.addf %acc, %m : f32
     linalg.yield %r : f32
-  } -> tensor<?x?x${HQ}x${D}xf32>
+  } -> tensor<?x?x${HKV}x${R}x${D}xf32>
+  %out = tensor.collapse_shape %og [[0], [1], [2, 3], [4]] : tensor<?x?x${HKV}x${R}x${D}xf32> into tensor<?x?x${HQ}x${D}xf32>
   return %out, %kr : tensor<?x?x${HQ}x${D}xf32>, tensor<?x?x${HKV}x${D}xf32>
 }

@@ -13,29 +13,30 @@ func.func @main(%q: tensor<?x${HQ}x?x${D}xf32>, %k: tensor<?x${HKV}x?x${D}xf32>,
   %zero = arith.constant 0.0 : f32
   %b = tensor.dim %q, %c0 : tensor<?x${HQ}x?x${D}xf32>
   %t = tensor.dim %q, %c2 : tensor<?x${HQ}x?x${D}xf32>
-  %n = tensor.dim %k, %c2 : tensor<?x${HKV}x?x${D}xf32>
+  %s = tensor.dim %k, %c2 : tensor<?x${HKV}x?x${D}xf32>
+  %qg = tensor.expand_shape %q [[0], [1, 2], [3], [4]] output_shape [%b, ${HKV}, ${R}, %t, ${D}] : tensor<?x${HQ}x?x${D}xf32> into tensor<?x${HKV}x${R}x?x${D}xf32>
 
-  %sc0 = tensor.empty(%b, %t, %n) : tensor<?x${HQ}x?x?xf32>
-  %scz = linalg.fill ins(%zero : f32) outs(%sc0 : tensor<?x${HQ}x?x?xf32>) -> tensor<?x${HQ}x?x?xf32>
+  %sc0 = tensor.empty(%b, %t, %s) : tensor<?x${HKV}x${R}x?x?xf32>
+  %scz = linalg.fill ins(%zero : f32) outs(%sc0 : tensor<?x${HKV}x${R}x?x?xf32>) -> tensor<?x${HKV}x${R}x?x?xf32>
   %sc = linalg.generic {
-      indexing_maps = [affine_map<(b, h, t, s, d) -> (b, h, t, d)>, affine_map<(b, h, t, s, d) -> (b, h floordiv ${R}, s, d)>,
-                       affine_map<(b, h, t, s, d) -> (b, h, t, s)>],
-      iterator_types = ["parallel", "parallel", "parallel", "parallel", "reduction"]}
-      ins(%q, %k : tensor<?x${HQ}x?x${D}xf32>, tensor<?x${HKV}x?x${D}xf32>) outs(%scz : tensor<?x${HQ}x?x?xf32>) {
+      indexing_maps = [affine_map<(b, h, r, t, s, d) -> (b, h, r, t, d)>, affine_map<(b, h, r, t, s, d) -> (b, h, s, d)>,
+                       affine_map<(b, h, r, t, s, d) -> (b, h, r, t, s)>],
+      iterator_types = ["parallel", "parallel", "parallel", "parallel", "parallel", "reduction"]}
+      ins(%qg, %k : tensor<?x${HKV}x${R}x?x${D}xf32>, tensor<?x${HKV}x?x${D}xf32>) outs(%scz : tensor<?x${HKV}x${R}x?x?xf32>) {
   ^bb0(%qv: f32, %kv: f32, %acc: f32):
     %m = arith.mulf %qv, %kv : f32
     %r = arith.addf %acc, %m : f32
     linalg.yield %r : f32
-  } -> tensor<?x${HQ}x?x?xf32>
+  } -> tensor<?x${HKV}x${R}x?x?xf32>
 
-  %sm0 = tensor.empty(%b, %t, %n) : tensor<?x${HQ}x?x?xf32>
+  %sm0 = tensor.empty(%b, %t, %s) : tensor<?x${HKV}x${R}x?x?xf32>
   %sm = linalg.generic {
-      indexing_maps = [affine_map<(b, h, t, s) -> (b, h, t, s)>, affine_map<(b, h, t, s) -> (b, s)>,
-                       affine_map<(b, h, t, s) -> (s)>, affine_map<(b, h, t, s) -> (t)>,
-                       affine_map<(b, h, t, s) -> (b, h, t, s)>],
-      iterator_types = ["parallel", "parallel", "parallel", "parallel"]}
-      ins(%sc, %valid, %kpos, %qpos : tensor<?x${HQ}x?x?xf32>, tensor<?x?xi8>, tensor<?xi64>, tensor<?xi64>)
-      outs(%sm0 : tensor<?x${HQ}x?x?xf32>) {
+      indexing_maps = [affine_map<(b, h, r, t, s) -> (b, h, r, t, s)>, affine_map<(b, h, r, t, s) -> (b, s)>,
+                       affine_map<(b, h, r, t, s) -> (s)>, affine_map<(b, h, r, t, s) -> (t)>,
+                       affine_map<(b, h, r, t, s) -> (b, h, r, t, s)>],
+      iterator_types = ["parallel", "parallel", "parallel", "parallel", "parallel"]}
+      ins(%sc, %valid, %kpos, %qpos : tensor<?x${HKV}x${R}x?x?xf32>, tensor<?x?xi8>, tensor<?xi64>, tensor<?xi64>)
+      outs(%sm0 : tensor<?x${HKV}x${R}x?x?xf32>) {
   ^bb0(%x: f32, %real: i8, %kp: i64, %qp: i64, %o: f32):
     %scale = arith.constant ${SCALE} : f32
     %xs = arith.mulf %x, %scale : f32  // @if CAPPED
@@ -60,22 +61,23 @@ func.func @main(%q: tensor<?x${HQ}x?x${D}xf32>, %k: tensor<?x${HKV}x?x${D}xf32>,
     %ninf = arith.constant 0xFF800000 : f32
     %r = arith.select %keep, %y, %ninf : f32
     linalg.yield %r : f32
-  } -> tensor<?x${HQ}x?x?xf32>
+  } -> tensor<?x${HKV}x${R}x?x?xf32>
 
-  %p0 = tensor.empty(%b, %t, %n) : tensor<?x${HQ}x?x?xf32>
-  %p = linalg.softmax dimension(3) ins(%sm : tensor<?x${HQ}x?x?xf32>) outs(%p0 : tensor<?x${HQ}x?x?xf32>) -> tensor<?x${HQ}x?x?xf32>
+  %p0 = tensor.empty(%b, %t, %s) : tensor<?x${HKV}x${R}x?x?xf32>
+  %p = linalg.softmax dimension(4) ins(%sm : tensor<?x${HKV}x${R}x?x?xf32>) outs(%p0 : tensor<?x${HKV}x${R}x?x?xf32>) -> tensor<?x${HKV}x${R}x?x?xf32>
 
-  %o0 = tensor.empty(%b, %t) : tensor<?x${HQ}x?x${D}xf32>
-  %oz = linalg.fill ins(%zero : f32) outs(%o0 : tensor<?x${HQ}x?x${D}xf32>) -> tensor<?x${HQ}x?x${D}xf32>
-  %out = linalg.generic {
-      indexing_maps = [affine_map<(b, h, t, d, s) -> (b, h, t, s)>, affine_map<(b, h, t, d, s) -> (b, h floordiv ${R}, s, d)>,
-                       affine_map<(b, h, t, d, s) -> (b, h, t, d)>],
-      iterator_types = ["parallel", "parallel", "parallel", "parallel", "reduction"]}
-      ins(%p, %v : tensor<?x${HQ}x?x?xf32>, tensor<?x${HKV}x?x${D}xf32>) outs(%oz : tensor<?x${HQ}x?x${D}xf32>) {
+  %o0 = tensor.empty(%b, %t) : tensor<?x${HKV}x${R}x?x${D}xf32>
+  %oz = linalg.fill ins(%zero : f32) outs(%o0 : tensor<?x${HKV}x${R}x?x${D}xf32>) -> tensor<?x${HKV}x${R}x?x${D}xf32>
+  %og = linalg.generic {
+      indexing_maps = [affine_map<(b, h, r, t, d, s) -> (b, h, r, t, s)>, affine_map<(b, h, r, t, d, s) -> (b, h, s, d)>,
+                       affine_map<(b, h, r, t, d, s) -> (b, h, r, t, d)>],
+      iterator_types = ["parallel", "parallel", "parallel", "parallel", "parallel", "reduction"]}
+      ins(%p, %v : tensor<?x${HKV}x${R}x?x?xf32>, tensor<?x${HKV}x?x${D}xf32>) outs(%oz : tensor<?x${HKV}x${R}x?x${D}xf32>) {
   ^bb0(%pv: f32, %vv: f32, %acc: f32):
     %m = arith.mulf %pv, %vv : f32
     %r = arith.addf %acc, %m : f32
     linalg.yield %r : f32
-  } -> tensor<?x${HQ}x?x${D}xf32>
+  } -> tensor<?x${HKV}x${R}x?x${D}xf32>
+  %out = tensor.collapse_shape %og [[0], [1, 2], [3], [4]] : tensor<?x${HKV}x${R}x?x${D}xf32> into tensor<?x${HQ}x?x${D}xf32>
   return %out : tensor<?x${HQ}x?x${D}xf32>
 }

@@ -137,11 +137,14 @@ def test_sharded_equals_single_file(tmp_path, tiny_dirs):
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     import llmopt.download.synthetic as synthetic
 
-    def broken(name, shape, mean, std, seed):
-        yield b"\0" * 16
-        raise LlmoptError("disk full (simulated)")
+    real = synthetic.chunk_bytes
 
-    monkeypatch.setattr(synthetic, "tensor_bytes", broken)
+    def broken(name, index, count, mean, std, seed):
+        if name.endswith("layers.1.mlp.up_proj.weight"):
+            raise LlmoptError("disk full (simulated)")
+        return real(name, index, count, mean, std, seed)
+
+    monkeypatch.setattr(synthetic, "chunk_bytes", broken)
     with pytest.raises(LlmoptError, match="simulated"):
         write_synthetic("gemma-2-2b-it", REG.model("gemma-2-2b-it"), tmp_path / "out", "tiny")
     assert list(tmp_path.iterdir()) == []

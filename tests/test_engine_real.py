@@ -2,8 +2,8 @@
 
 - float32 logits of a prompt longer than nothing trivial match HF within 1e-3 absolute (logits reach ~25);
 - greedy continuation: 32 new tokens identical to ``transformers.generate`` token for token;
-- int4 (RTN group 128, symmetric) fast path agrees with its own dequantized float32 reference within 1e-3 relative,
-  and its greedy text starts like the float model's (quantization changes later tokens legitimately).
+- int4 (RTN group 128, symmetric): the int4pack path agrees with its own dequantized float32 reference within 1e-3
+  relative with float32 kernel input and 2e-2 with the default bf16 input (same top-1 token at >= 90% of positions).
 """
 
 from __future__ import annotations
@@ -58,9 +58,11 @@ def test_int4_fast_path_matches_its_reference(reference_model_dir, tmp_path):
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(reference_model_dir / f, tmp_path / f)
     fast = load_model(tmp_path)
+    exact = load_model(tmp_path, backend=get_backend("cpu", kernel_dtype="float32"))
     ref = load_model(tmp_path, backend=get_backend("cpu", quant="reference"))
     ids = [fast.tokenizer.encode(PROMPT)]
     a, b = fast.forward_logits(ids), ref.forward_logits(ids)
-    assert (a - b).abs().max() <= 1e-3 * b.abs().max()
     assert fast.backends["cpu"].kinds["int4pack"] == 18 * 7 + 1  # every linear and the tied head
-    assert fast.generate(PROMPT, max_new_tokens=8).tokens == ref.generate(PROMPT, max_new_tokens=8).tokens
+    assert (exact.forward_logits(ids) - b).abs().max() <= 1e-3 * b.abs().max()  # float32 kernel input
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()  # default bf16 kernel input
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9

@@ -138,3 +138,15 @@ def test_wrong_argument_shape_is_an_error():
     inputs[0] = np.zeros((1, 128), np.float32)
     with pytest.raises(LlmoptError, match="IREE call failed"):
         IreeModule(compile_module(spec).path)(*inputs)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("// @if ASYM\nfunc.func @main() {\n}\n", "@if without @endif"),
+    ("// @endif\n", "@endif without @if"),
+    ("x = ${NOPE}\n", "placeholder 'NOPE' has no value"),
+    ("%a = 1  // @if NOFLAG\n", "unknown flag 'NOFLAG'"),
+])
+def test_bad_template_is_a_clear_error(tmp_path, text, message):
+    (tmp_path / "qgemv.mlir").write_text(text)
+    with pytest.raises(LlmoptError, match=message):
+        render(KernelSpec.make("qgemv", N=32, K=64, G=32, BITS=4), tmp_path)

@@ -249,3 +249,11 @@ def test_gpu_specializations(be, cpu, gen, monkeypatch, wg, rows, wg_reduce):
         _attn_case(be, cpu, gen, spec, steps=[5, 1, 1], batch=2, pad=[0, 2])
     logits = torch.randn(3, 777, generator=gen)
     assert torch.equal(be.argmax(be.from_host(logits)), logits.argmax(-1))
+
+
+def test_copy_shader(be, gen):
+    data = torch.randint(-2**31, 2**31 - 1, (4096 + 12,), generator=gen, dtype=torch.int32)
+    src = be.from_host(data.view(torch.float32).view(1, 1, -1))
+    dst = be._new(src.shape)
+    be.copy(src.buf, dst.buf, data.numel() * 4)
+    assert torch.equal(be.to_host(dst).view(-1).view(torch.int32), data)

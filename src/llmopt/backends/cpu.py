@@ -248,13 +248,13 @@ class CpuBackend(Backend):
         v = v.view(B, T, spec.n_kv_heads, hd).transpose(1, 2)
         if start + T > cache.max_len:
             raise LlmoptError(f"attention: positions {start}..{start + T - 1} exceed the KV cache of {cache.max_len}")
-        q_pos = torch.arange(start, start + T, device=self.device)
         ring, ck, cv = cache.slot_pos[layer], cache.k[layer], cache.v[layer]
+        # Position tensors are built only where a mask needs them: a decode step without padding makes none.
         if ring is None:  # global layer: write, then attend over slots 0 .. start+T-1
             ck[:, :, start:start + T], cv[:, :, start:start + T] = k, v
             keys, values = ck[:, :, :start + T], cv[:, :, :start + T]
-            k_pos = torch.arange(start + T, device=self.device)
-            allowed = k_pos[None, :] <= q_pos[:, None] if T > 1 else None  # one query sees every slot so far
+            k_pos = None  # slot = position; built below only if a padding mask needs it
+            allowed = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=self.device).tril(start)
         elif T == 1:  # sliding decode: after writing, the ring holds exactly the window ending at this token
             slot = start % cache.windows[layer]
             ck[:, :, slot:slot + 1], cv[:, :, slot:slot + 1] = k, v
@@ -263,6 +263,7 @@ class CpuBackend(Backend):
             allowed = None if start + 1 >= ring.numel() else (ring >= 0)[None, :]
         else:  # sliding prefill: attend over the ring (older positions) plus this step's keys, then write
             window = cache.windows[layer]
+            q_pos = torch.arange(start, start + T, device=self.device)
             keys, values = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
             k_pos = torch.cat([ring, q_pos])
             kp, qp = k_pos[None, :], q_pos[:, None]
@@ -275,9 +276,10 @@ class CpuBackend(Backend):
         if valid is not None:
             # Padding keys are excluded; each query still sees itself so padded rows stay finite (their
             # outputs are never used, but a NaN there would leak through 0 * NaN in later layers).
-            vd = valid.to(self.device)
-            key_valid = vd[:, k_pos.clamp(min=0)] & (k_pos >= 0)[None, :]
-            pad_mask = (key_valid[:, None, :] | (k_pos[None, :] == q_pos[:, None])[None])[:, None]  # [B, 1, T, S]
+            kpos = torch.arange(start + T, device=self.device) if k_pos is None else k_pos
+            qpos = torch.arange(start, start + T, device=self.device)
+            key_valid = valid.to(self.device)[:, kpos.clamp(min=0)] & (kpos >= 0)[None, :]
+            pad_mask = (key_valid[:, None, :] | (kpos[None, :] == qpos[:, None])[None])[:, None]  # [B, 1, T, S]
             mask = pad_mask if mask is None else mask & pad_mask
         out = self._attend(q, keys, values, mask, spec)
         return out.transpose(1, 2).reshape(B, T, spec.n_heads * hd)

@@ -13,8 +13,9 @@ what ``from_pretrained`` expects; names as a real checkpoint stores them, e.g. Q
 safetensors files (bfloat16, like the real checkpoints), so a 32B model needs ~100 MB of RAM, not 64 GB.
 
 Values: normal(mean, 0.02) per tensor; RMSNorm weights centred on their neutral value (1 for Qwen, 0 for Gemma whose
-norms multiply by 1 + w). Each tensor has its own numpy PCG64 stream seeded by (seed, sha256(name)), drawn in fixed
-chunks, so a rerun is byte-identical and independent of tensor order. Tiny models get a byte-level tokenizer
+norms multiply by 1 + w). Every chunk of 4M values of a tensor has its own numpy PCG64 stream seeded by
+(seed, sha256(name), chunk index), so chunks are drawn in parallel threads and a rerun is byte-identical whatever
+the thread count or tensor order. Tiny models get a byte-level tokenizer
 (``byte_tokenizer``: 256 byte tokens + the family's special tokens and chat template) so text prompts work.
 """
 
@@ -23,9 +24,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -107,18 +109,38 @@ def init_stats(name: str, family: str) -> tuple[float, float]:
     return 0.0, INIT_STD
 
 
-def tensor_bytes(name: str, shape: tuple[int, ...], mean: float, std: float, seed: int) -> Iterator[bytes]:
-    """The tensor's bfloat16 little-endian bytes, chunk by chunk, from its own seeded stream."""
+def chunk_bytes(name: str, index: int, count: int, mean: float, std: float, seed: int) -> bytes:
+    """Chunk ``index`` (``count`` values) of a tensor as bfloat16 little-endian bytes, from its own seeded stream."""
     import torch
 
     digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
-    rng = np.random.default_rng([seed, digest])
-    remaining = int(np.prod(shape, dtype=np.int64))
-    while remaining:
-        n = min(CHUNK, remaining)
-        values = rng.standard_normal(n, dtype=np.float32) * np.float32(std) + np.float32(mean)
-        yield torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
-        remaining -= n
+    values = np.random.default_rng([seed, digest, index]).standard_normal(count, dtype=np.float32)
+    values *= np.float32(std)  # in place: one float32 buffer per chunk in flight
+    values += np.float32(mean)
+    return torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+
+
+def chunk_tasks(name: str, shape: tuple[int, ...], family: str, seed: int) -> list[tuple]:
+    """The (name, index, count, mean, std, seed) arguments of every chunk of a tensor, in file order."""
+    total = int(np.prod(shape, dtype=np.int64))
+    mean, std = init_stats(name, family)
+    return [(name, i, min(CHUNK, total - start), mean, std, seed) for i, start in enumerate(range(0, total, CHUNK))]
+
+
+def parallel_chunks(tasks: list[tuple], workers: int) -> Iterator[bytes]:
+    """``chunk_bytes`` of every task, in order, computed ``workers`` at a time (numpy and torch release the GIL);
+    at most 2 x workers chunks are in memory."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.submit(chunk_bytes, *task))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def plan_shards(specs: list[tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
@@ -136,9 +158,10 @@ def plan_shards(specs: list[tuple[str, tuple[int, ...]]], shard_bytes: int) -> l
     return shards
 
 
-def write_safetensors_stream(path: Path, specs: list[tuple[str, tuple[int, ...]]],
-                             chunks: Callable[[str, tuple[int, ...]], Iterator[bytes]], progress=None) -> str:
-    """Write a bfloat16 safetensors file whose tensor data arrive as byte chunks; return the file's sha256."""
+def write_safetensors_stream(path: Path, specs: list[tuple[str, tuple[int, ...]]], data: Iterator[bytes],
+                             progress=None) -> str:
+    """Write a bfloat16 safetensors file of ``specs`` whose data (all tensors, in order) arrive as byte chunks;
+    return the file's sha256."""
     header, offset = {}, 0
     for name, shape in specs:
         nbytes = 2 * int(np.prod(shape, dtype=np.int64))
@@ -152,12 +175,13 @@ def write_safetensors_stream(path: Path, specs: list[tuple[str, tuple[int, ...]]
         for piece in (struct.pack("<Q", len(blob)), blob):
             f.write(piece)
             digest.update(piece)
-        for name, shape in specs:
-            for piece in chunks(name, shape):
-                f.write(piece)
-                digest.update(piece)
-                if progress is not None:
-                    progress.update(len(piece))
+        for piece in data:
+            f.write(piece)
+            digest.update(piece)
+            if progress is not None:
+                progress.update(len(piece))
+        if f.tell() != 8 + len(blob) + offset:
+            raise LlmoptError(f"{path}: wrote {f.tell()} bytes, the header promises {8 + len(blob) + offset}")
     return digest.hexdigest()
 
 
@@ -228,9 +252,7 @@ def write_synthetic(model_id: str, entry: dict, out_dir: Path, scale: str, seed:
     shards = plan_shards(specs, shard_bytes)
     total = sum(2 * int(np.prod(s, dtype=np.int64)) for _, s in specs)
 
-    def chunks(name, shape):
-        return tensor_bytes(name, shape, *init_stats(name, family), seed)
-
+    workers = max(1, min(16, len(os.sched_getaffinity(0))))
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         config.save_pretrained(tmp)
@@ -239,7 +261,8 @@ def write_synthetic(model_id: str, entry: dict, out_dir: Path, scale: str, seed:
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"synthetic {model_id} ({scale})",
                   disable=total < (256 << 20)) as bar:
             for name, shard in zip(names, shards):
-                write_safetensors_stream(tmp / name, shard, chunks, bar)
+                tasks = [task for t, shape in shard for task in chunk_tasks(t, shape, family, seed)]
+                write_safetensors_stream(tmp / name, shard, parallel_chunks(tasks, workers), bar)
         if len(shards) > 1:
             weight_map = {t: name for name, shard in zip(names, shards) for t, _ in shard}
             write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})

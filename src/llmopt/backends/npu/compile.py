@@ -163,7 +163,8 @@ def _compile_aie(spec: KernelSpec, text: str, flags: list[str], path: Path, arti
 # --- which shapes to build ---------------------------------------------------------------------------
 
 def self_test_specs() -> list[KernelSpec]:
-    """One small shape per kernel and variant: proves the toolchain builds (and, on the CPU, computes) each one."""
+    """One small shape per kernel and variant (GQA ratios 5 and 7 included: Qwen 14B and 7B) that proves the
+    toolchain builds (and, on the CPU, computes) each one."""
     mk = KernelSpec.make
     return [
         mk("qgemv", N=64, K=256, G=64, BITS=4), mk("qgemm", N=64, K=256, G=64, BITS=4),
@@ -171,10 +172,10 @@ def self_test_specs() -> list[KernelSpec]:
         mk("qgemm", N=32, K=128, G=32, BITS=4, ASYM=True, SCALE="bfloat16", BIAS=True),
         mk("qgemv", N=32, K=128, G=32, BITS=2), mk("qgemv", N=32, K=128, G=128, BITS=8),
         mk("qgemv", N=64, K=256, G=64, BITS=4, ROWS=1), mk("qgemm", N=64, K=256, G=64, BITS=4, ROWS=16),
-        mk("attention", HQ=4, HKV=2, D=32, SCALE=32 ** -0.5),
+        mk("attention", HQ=4, HKV=2, D=32, SCALE=32 ** -0.5), mk("attention", HQ=14, HKV=2, D=32, SCALE=0.2),
         mk("attention", HQ=4, HKV=1, D=32, SCALE=0.125, SOFTCAP=50.0),
         mk("sliding_window_attention", HQ=4, HKV=2, D=32, SCALE=32 ** -0.5, WINDOW=8, SOFTCAP=50.0),
-        mk("rope_attention", HQ=4, HKV=2, D=32, SCALE=32 ** -0.5),
+        mk("rope_attention", HQ=4, HKV=2, D=32, SCALE=32 ** -0.5), mk("rope_attention", HQ=10, HKV=2, D=32, SCALE=0.2),
         mk("gated_ffn", H=64, F=128, G=32, BITS=4, ACT="gelu_tanh"),
         mk("gated_ffn", H=64, F=128, G=32, BITS=4, ACT="silu"),
         mk("vl_patch_merger", C=32, DOUT=48),

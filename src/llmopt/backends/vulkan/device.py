@@ -8,7 +8,8 @@ waits for it. Hot-path commands call the C entry points (``vulkan.lib``) directl
 wrappers are used only for setup. Buffers are device-local; uploads go through a host-visible staging arena
 recorded into the same command buffer; readbacks through a host-visible (cached where offered) buffer.
 Pipelines are cached per (shader, specialization constants) and descriptor sets per (pipeline, bindings).
-With ``profile=True`` a timestamp is written after every dispatch and ``kernel_times`` sums them per kernel.
+With ``profile=True`` a timestamp is written after every dispatch and ``kernel_times`` sums them per kernel;
+``replay(n)`` resubmits the last command buffer (a whole decode step) to time it without Python in the loop.
 FACTS §6 lists the package's quirks this module works around (no VK_API_VERSION constants, list-returning
 vkCreateComputePipelines, dangling mapped views).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -382,8 +384,10 @@ class Device:
     def _begin(self) -> None:
         if self.recording:
             return
+        self._replayable = False
         vk = self.vk
-        vk.vkBeginCommandBuffer(self.cmd, vk.VkCommandBufferBeginInfo(flags=vk.VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT))
+        # begin resets the previous recording (pool flag RESET); simultaneous use lets replay() queue it repeatedly
+        vk.vkBeginCommandBuffer(self.cmd, vk.VkCommandBufferBeginInfo(flags=vk.VK_COMMAND_BUFFER_USAGE_SIMULTANEOUS_USE_BIT))
         self.recording = True
         if self.profile:
             self.lib.vkCmdResetQueryPool(self.cmd, self.query_pool, 0, MAX_TIMESTAMPS)
@@ -404,10 +408,27 @@ class Device:
         except vk.VkError as err:
             raise LlmoptError(f"Vulkan device '{self.info['name']}' failed while running queued work ({type(err).__name__})") from None
         vk.vkResetFences(self.device, 1, [self.fence])
-        vk.vkResetCommandBuffer(self.cmd, 0)
         self.staging_used = 0
+        self._replayable = True
         if self.profile:
             self._collect_timestamps()
+
+    def replay(self, times: int) -> float:
+        """Submit the last flushed command buffer again ``times`` times back to back; seconds per replay.
+
+        For timing only: the replays repeat the same work on the same data (the staging arena still holds the
+        uploads of that recording, so nothing may be recorded in between)."""
+        if self.recording or not getattr(self, "_replayable", False):
+            raise LlmoptError("replay: nothing flushed to replay, or new work was recorded since")
+        vk = self.vk
+        submit = vk.VkSubmitInfo(commandBufferCount=1, pCommandBuffers=[self.cmd])
+        t0 = time.perf_counter()
+        for i in range(times):
+            vk.vkQueueSubmit(self.queue, 1, [submit], self.fence if i == times - 1 else None)
+        vk.vkWaitForFences(self.device, 1, [self.fence], vk.VK_TRUE, 2**63 - 1)
+        seconds = (time.perf_counter() - t0) / times
+        vk.vkResetFences(self.device, 1, [self.fence])
+        return seconds
 
     def _collect_timestamps(self) -> None:
         n = len(self._stamps)
