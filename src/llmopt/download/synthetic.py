@@ -13,7 +13,7 @@ what ``from_pretrained`` expects; names as a real checkpoint stores them, e.g. Q
 safetensors files (bfloat16, like the real checkpoints), so a 32B model needs ~100 MB of RAM, not 64 GB.
 
 Values: normal(mean, 0.02) per tensor; RMSNorm weights centred on their neutral value (1 for Qwen, 0 for Gemma whose
-norms multiply by 1 + w). Every chunk of 4M values of a tensor has its own numpy PCG64 stream seeded by
+norms multiply by 1 + w). Every chunk of 1M values of a tensor has its own numpy PCG64 stream seeded by
 (seed, sha256(name), chunk index), so chunks are drawn in parallel threads and a rerun is byte-identical whatever
 the thread count or tensor order. Tiny models get a byte-level tokenizer
 (``byte_tokenizer``: 256 byte tokens + the family's special tokens and chat template) so text prompts work.
@@ -44,7 +44,7 @@ FAMILIES = {
     "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
 }
 INIT_STD = 0.02
-CHUNK = 1 << 22  # elements drawn per RNG call; fixed, so streams (and bytes) never depend on memory settings
+CHUNK = 1 << 20  # values per seeded stream; fixed, so the bytes never depend on thread count or memory
 SHARD_BYTES = 2 << 30
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from llmopt.errors import LlmoptError
+from llmopt.quant.format import QuantizedTensor
+from llmopt.quant.quantizers import dequantized_rows
 
 RESOLUTION = 20000  # budget units of the DP: the optimality gap is at most one unit per tensor
 
@@ -82,14 +84,18 @@ def _fill(costs, losses, budget, picks) -> list[int]:
         left -= extra
 
 
-def tensor_loss(w: torch.Tensor, deq: torch.Tensor, kind: str, fisher: torch.Tensor | None = None,
+def tensor_loss(w: torch.Tensor, qt: QuantizedTensor, kind: str, fisher: torch.Tensor | None = None,
                 importance: torch.Tensor | None = None) -> float:
-    """The cost of replacing ``w`` by ``deq`` under sensitivity ``kind`` (fisher | output | mse)."""
-    err = (w.float() - deq.float()) ** 2
-    if kind == "fisher":
-        f = fisher.float()
-        # Rows never seen in calibration (embedding rows of absent tokens) get a small floor, not zero weight.
-        return 0.5 * float((err * f.clamp_min(0.01 * float(f.mean()))).sum(dtype=torch.float64))
-    if kind == "output":
-        return float((err.sum(0, dtype=torch.float64) * importance.double()).sum())
-    return float(err.sum(dtype=torch.float64))
+    """The cost of replacing ``w`` by ``qt`` under sensitivity ``kind`` (fisher | output | mse), in row chunks."""
+    floor = 0.01 * float(fisher.float().mean()) if kind == "fisher" else 0.0
+    total = 0.0
+    for r0, r1, deq in dequantized_rows(qt):
+        err = (w[r0:r1].float() - deq).square_()
+        if kind == "fisher":
+            # Rows never seen in calibration (embedding rows of absent tokens) get a small floor, not zero weight.
+            total += 0.5 * float((err * fisher[r0:r1].float().clamp_min(floor)).sum())
+        elif kind == "output":
+            total += float((err.sum(0) * importance.float()).sum())
+        else:
+            total += float(err.sum())
+    return total

@@ -204,10 +204,12 @@ def _choose_mixed(index: dict, scheme: dict, plan: dict, stats: dict, model_entr
             qt = quantize(w, spec, scheme["base"], importance=_diag(stats, "hessians", name),
                           hessian=(stats.get("hessians") or {}).get(name), name=name)
             row_c.append(qt.nbytes)
-            row_l.append(tensor_loss(w, qt.dequantize(), kind, (stats.get("fisher") or {}).get(name),
+            row_l.append(tensor_loss(w, qt, kind, (stats.get("fisher") or {}).get(name),
                                      _diag(stats, "hessians", name)))
         costs.append(row_c)
         losses.append(row_l)
+        del w
+        _release_freed_memory()
     floor = fixed + sum(min(c) for c in costs)
     if budget_b < floor:
         raise LlmoptError(f"scheme '{scheme['name']}': budget {budget_b} bytes ({bpw:.3f} bpw) is below the floor "

@@ -48,12 +48,6 @@ class Spec:
     def group_for(self, n_in: int) -> int:
         return n_in if self.group == 0 else self.group
 
-    def nbytes(self, shape: tuple[int, int]) -> int:
-        """Stored size of a ``shape`` weight in this format (codes + scales + zeros)."""
-        out, n_in = shape
-        groups = out * (n_in // self.group_for(n_in))
-        return out * n_in * self.bits // 8 + groups * 2 * (1 if self.sym else 2)
-
     def fits(self, shape: tuple[int, int]) -> bool:
         try:
             check_layout(tuple(shape), self.bits, self.group_for(shape[1]))
@@ -120,17 +114,23 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed
 
 
-def relative_error(w: torch.Tensor, qt: QuantizedTensor) -> float:
-    """``||w - dequantize(qt)|| / ||w||``, computed in row chunks (bounded memory for huge tensors)."""
+def dequantized_rows(qt: QuantizedTensor):
+    """Yield ``(r0, r1, float32 rows r0:r1)`` of ``qt`` in chunks of about 1M weights (bounded memory)."""
     out, n_in = qt.shape
     rows = max(1, _ROW_CHUNK_ELEMS // n_in)
-    err = ref = 0.0
     for r0 in range(0, out, rows):
-        part = QuantizedTensor(qt.qweight[r0:r0 + rows], qt.scales[r0:r0 + rows],
-                               None if qt.zeros is None else qt.zeros[r0:r0 + rows], qt.bits, qt.group,
-                               (min(rows, out - r0), n_in))
-        chunk = w[r0:r0 + rows].float()
-        err += float((chunk - part.dequantize()).square_().sum())
+        r1 = min(out, r0 + rows)
+        part = QuantizedTensor(qt.qweight[r0:r1], qt.scales[r0:r1], None if qt.zeros is None else qt.zeros[r0:r1],
+                               qt.bits, qt.group, (r1 - r0, n_in))
+        yield r0, r1, part.dequantize()
+
+
+def relative_error(w: torch.Tensor, qt: QuantizedTensor) -> float:
+    """``||w - dequantize(qt)|| / ||w||``, computed in row chunks."""
+    err = ref = 0.0
+    for r0, r1, deq in dequantized_rows(qt):
+        chunk = w[r0:r1].float()
+        err += float((chunk - deq).square_().sum())
         ref += float(chunk.square().sum())
     return (err / ref) ** 0.5 if ref > 0 else float(err > 0)
 

@@ -194,6 +194,7 @@ class Device:
         self.recording = False
         self.n_commands = 0
         self.bytes_allocated = 0
+        self._live: dict[int, Buffer] = {}  # every buffer not yet freed: close() frees them all
         self.staging = self.buffer(1 << 24, host=True)
         self.staging_used = 0
         self.readback = self.buffer(1 << 20, host=True, cached=True)
@@ -231,8 +232,12 @@ class Device:
         nbytes = max(16, (int(nbytes) + 15) // 16 * 16)
         usage = (vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT
                  | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT)
-        handle = vk.vkCreateBuffer(self.device, vk.VkBufferCreateInfo(
-            size=nbytes, usage=usage, sharingMode=vk.VK_SHARING_MODE_EXCLUSIVE), None)
+        oom = (vk.VkErrorOutOfDeviceMemory, vk.VkErrorOutOfHostMemory)
+        try:
+            handle = vk.vkCreateBuffer(self.device, vk.VkBufferCreateInfo(
+                size=nbytes, usage=usage, sharingMode=vk.VK_SHARING_MODE_EXCLUSIVE), None)
+        except oom as err:
+            raise self._oom(nbytes, name, host, None, err) from None
         req = vk.vkGetBufferMemoryRequirements(self.device, handle)
         if host:
             want = vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | vk.VK_MEMORY_PROPERTY_HOST_COHERENT_BIT
@@ -243,20 +248,23 @@ class Device:
         try:
             memory = vk.vkAllocateMemory(self.device, vk.VkMemoryAllocateInfo(
                 allocationSize=req.size, memoryTypeIndex=index), None)
-        except (vk.VkErrorOutOfDeviceMemory, vk.VkErrorOutOfHostMemory) as err:
+        except oom as err:
             vk.vkDestroyBuffer(self.device, handle, None)
-            heap = self.heap_bytes[self._types[index][1]]
-            raise LlmoptError(
-                f"out of {'host' if host else 'device'} memory on '{self.info['name']}' allocating "
-                f"{nbytes / 2**20:.1f} MiB for {name} ({self.bytes_allocated / 2**20:.0f} MiB already allocated, "
-                f"heap {heap / 2**20:.0f} MiB; {type(err).__name__})") from None
+            raise self._oom(nbytes, name, host, index, err) from None
         vk.vkBindBufferMemory(self.device, handle, memory, 0)
         self.bytes_allocated += req.size
         buf = Buffer(handle, memory, nbytes, host)
+        self._live[id(buf)] = buf
         if host:
             buf.mapped = vk.vkMapMemory(self.device, memory, 0, nbytes, 0)  # stays mapped: views dangle after unmap
             buf.pointer = self.ffi.from_buffer(buf.mapped)
         return buf
+
+    def _oom(self, nbytes: int, name: str, host: bool, index: int | None, err: Exception) -> LlmoptError:
+        heap = f", heap {self.heap_bytes[self._types[index][1]] / 2**20:.0f} MiB" if index is not None else ""
+        return LlmoptError(f"out of {'host' if host else 'device'} memory on '{self.info['name']}' allocating "
+                           f"{nbytes / 2**20:.1f} MiB for {name} ({self.bytes_allocated / 2**20:.0f} MiB already "
+                           f"allocated{heap}; {type(err).__name__})")
 
     def free(self, buf: Buffer) -> None:
         if buf.host:
@@ -264,6 +272,7 @@ class Device:
         self.vk.vkDestroyBuffer(self.device, buf.handle, None)
         self.vk.vkFreeMemory(self.device, buf.memory, None)
         self.bytes_allocated -= buf.nbytes
+        del self._live[id(buf)]
 
     # --- transfers --------------------------------------------------------------------------------------
     def upload(self, dst: Buffer, data: np.ndarray, dst_offset: int = 0) -> None:
@@ -443,7 +452,7 @@ class Device:
         self._stamps = []
 
     def close(self) -> None:
-        """Release every Vulkan object (buffers the caller still holds must not be used afterwards)."""
+        """Release every Vulkan object, every buffer included (handles still held must not be used afterwards)."""
         if self.device is None:
             return
         vk = self.vk
@@ -460,8 +469,8 @@ class Device:
             vk.vkDestroyDescriptorPool(self.device, pool, None)
         if self.profile:
             vk.vkDestroyQueryPool(self.device, self.query_pool, None)
-        self.free(self.staging)
-        self.free(self.readback)
+        for buf in list(self._live.values()):
+            self.free(buf)
         vk.vkDestroyFence(self.device, self.fence, None)
         vk.vkDestroyCommandPool(self.device, self.command_pool, None)
         vk.vkDestroyDevice(self.device, None)

@@ -1,0 +1,206 @@
+"""The Vulkan compile stage and runtime: incremental rebuilds, stale/missing SPIR-V, absent device, out of memory,
+the no-subgroup variant, and a run under the Khronos validation layer that must print no message.
+
+The validation layer comes from Debian's ``vulkan-validationlayers`` extracted (not installed) to
+``~/.cache/llmopt/vulkan-validationlayers`` (or ``$LLMOPT_VK_VALIDATION_DIR``):
+``apt-get download vulkan-validationlayers && dpkg-deb -x vulkan-validationlayers_*.deb DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmopt.errors import LlmoptError
+
+vulkan = pytest.importorskip("llmopt.backends.vulkan")
+from llmopt.backends.vulkan import compile as vk_compile  # noqa: E402
+
+pytestmark = pytest.mark.vulkan
+PROBE = vulkan.probe()
+if not PROBE["present"]:
+    pytest.skip(f"no Vulkan device: {PROBE['reason']}", allow_module_level=True)
+
+SHADERS = vk_compile.REPO_SHADERS
+VALIDATION_DIR = Path(os.environ.get("LLMOPT_VK_VALIDATION_DIR",
+                                     Path.home() / ".cache" / "llmopt" / "vulkan-validationlayers"))
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    src = tmp_path_factory.mktemp("shaders")
+    for f in SHADERS.iterdir():
+        shutil.copy(f, src / f.name)
+    out = tmp_path_factory.mktemp("spv")
+    return src, out, vk_compile.compile_shaders(src, out, PROBE)
+
+
+def test_one_spirv_per_shader_and_incremental_rebuild(compiled):
+    src, out, manifest = compiled
+    stems = sorted(p.stem for p in src.glob("*.comp"))
+    assert sorted(manifest["shaders"]) == stems and all((out / f"{s}.spv").stat().st_size > 0 for s in stems)
+    again = vk_compile.compile_shaders(src, out, PROBE)
+    assert not any(e["rebuilt"] for e in again["shaders"].values())
+    (src / "add.comp").write_text((src / "add.comp").read_text() + "\n// edited\n")
+    edited = vk_compile.compile_shaders(src, out, PROBE)
+    assert [s for s, e in edited["shaders"].items() if e["rebuilt"]] == ["add"]
+    (src / "act.glsl").write_text((src / "act.glsl").read_text() + "\n// header edited\n")
+    header = vk_compile.compile_shaders(src, out, PROBE)
+    assert all(e["rebuilt"] for e in header["shaders"].values())  # every shader hashes the headers
+    assert vk_compile.check_manifest(out, src)["spec"] == vk_compile.device_config(PROBE)["spec"]
+
+
+def test_stale_missing_or_corrupt_spirv_is_refused(compiled, tmp_path):
+    src, out, _ = compiled
+    shaders, spv = tmp_path / "shaders", tmp_path / "spv"
+    shutil.copytree(src, shaders)
+    shutil.copytree(out, spv)
+    vk_compile.check_manifest(spv, shaders)
+    (shaders / "rope.comp").write_text((shaders / "rope.comp").read_text() + "\n// changed\n")
+    with pytest.raises(LlmoptError, match=r"rope\.spv: stale"):
+        vk_compile.check_manifest(spv, shaders)
+    with pytest.raises(LlmoptError, match="stale"):
+        vulkan.VulkanBackend(kernel_dir=spv) if shaders == SHADERS else vk_compile.check_manifest(spv, shaders)
+    shutil.copy(src / "rope.comp", shaders / "rope.comp")
+    (spv / "argmax.spv").write_bytes((spv / "argmax.spv").read_bytes()[:-8])
+    with pytest.raises(LlmoptError, match=r"argmax\.spv: contents differ"):
+        vk_compile.check_manifest(spv, shaders)
+    (spv / "argmax.spv").unlink()
+    with pytest.raises(LlmoptError, match=r"argmax\.spv: SPIR-V for shader 'argmax' is missing"):
+        vk_compile.check_manifest(spv, shaders)
+    (spv / "manifest.json").unlink()
+    with pytest.raises(LlmoptError, match="manifest.json: missing"):
+        vulkan.VulkanBackend(kernel_dir=spv)
+
+
+def test_compile_errors_name_the_cause(tmp_path):
+    with pytest.raises(LlmoptError, match="vulkan target absent, nothing to compile: no GPU here"):
+        vk_compile.compile_shaders(SHADERS, tmp_path, {"present": False, "reason": "no GPU here"})
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.comp").write_text("#version 450\nvoid main() { undefined_call(); }\n")
+    with pytest.raises(LlmoptError, match=r"broken\.comp: glslc failed"):
+        vk_compile.compile_shaders(bad, tmp_path / "out", PROBE)
+    assert not (tmp_path / "out" / "broken.spv").exists()  # nothing half-written
+    with pytest.raises(LlmoptError, match="no .comp shaders found"):
+        vk_compile.compile_shaders(tmp_path / "out", tmp_path / "o2", PROBE)
+
+
+def test_no_vulkan_driver_is_reported_not_raised():
+    code = ("import json; from llmopt.backends.vulkan import probe, VulkanBackend\n"
+            "from llmopt.errors import LlmoptError\n"
+            "p = probe()\n"
+            "try:\n    VulkanBackend(); err = None\nexcept LlmoptError as e:\n    err = str(e)\n"
+            "print(json.dumps({'probe': p, 'error': err}))\n")
+    env = dict(os.environ, VK_ICD_FILENAMES="/nonexistent/icd.json", VK_DRIVER_FILES="/nonexistent/icd.json")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["probe"]["present"] is False and "no usable Vulkan driver" in out["probe"]["reason"]
+    assert out["error"].startswith("vulkan backend unavailable: ")
+
+
+def test_out_of_device_memory_names_the_allocation():
+    be = vulkan.VulkanBackend()
+    try:
+        with pytest.raises(LlmoptError, match=r"out of device memory on .* allocating 4194304\.0 MiB for huge weight"):
+            be.dev.buffer(1 << 42, name="huge weight")
+    finally:
+        be.close()
+
+
+def test_kv_cache_beyond_storage_range_is_refused():
+    be = vulkan.VulkanBackend()
+    try:
+        with pytest.raises(LlmoptError, match="exceeds the device's storage-buffer range"):
+            be.kv_cache(1, 64, 1 << 20, 8, 128, [None])
+    finally:
+        be.close()
+
+
+def test_variant_without_subgroups(tmp_path):
+    """Devices lacking subgroup arithmetic get shared-memory reductions; same results."""
+    from llmopt.backends.base import AttnSpec
+    from llmopt.backends.cpu import CpuBackend
+
+    probe = json.loads(json.dumps(PROBE))
+    probe["features"]["subgroup_arithmetic"] = False
+    manifest = vk_compile.compile_shaders(SHADERS, tmp_path, probe)
+    assert manifest["defines"] == {"USE_SUBGROUP": 0}
+    be, cpu = vulkan.VulkanBackend(kernel_dir=tmp_path), CpuBackend(quant="reference")
+    try:
+        gen = torch.Generator().manual_seed(int(torch.seed() % 2**31))
+        x = torch.randn(2, 3, 48, generator=gen)
+        w = torch.randn(48, generator=gen)
+        assert torch.allclose(be.to_host(be.rmsnorm(be.from_host(x), be.param("w", w), 1e-6, True)),
+                              cpu.rmsnorm(x, w, 1e-6, True), atol=1e-5)
+        head = torch.randn(37, 48, generator=gen)
+        xa = be.from_host(x)
+        logits = be.logits(xa, be.linear_weight("h", head))
+        assert torch.allclose(logits, x[:, -1] @ head.T, atol=1e-4)
+        assert torch.equal(be.argmax(be.logits_device(xa, be.linear_weight("h", head))), logits.argmax(-1))
+        spec = AttnSpec(4, 2, 12, 0.3, window=3, softcap=10.0)
+        q, k, v = torch.randn(1, 5, 48, generator=gen), torch.randn(1, 5, 24, generator=gen), torch.randn(1, 5, 24, generator=gen)
+        cv, cc = be.kv_cache(1, 1, 8, 2, 12, [3]), cpu.kv_cache(1, 1, 8, 2, 12, [3])
+        out = be.to_host(be.attention(be.from_host(q), be.from_host(k), be.from_host(v), cv, 0, 0, None, spec))
+        assert torch.allclose(out, cpu.attention(q, k, v, cc, 0, 0, None, spec), atol=1e-5)
+    finally:
+        be.close()
+
+
+VALIDATED_RUN = r'''
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
+from llmopt.backends.base import AttnSpec
+from llmopt.backends.vulkan import VulkanBackend
+from llmopt.engine import load_model
+from llmopt.quant.format import QuantizedTensor, pack_bits
+import sys
+
+folder = sys.argv[1]
+cfg = Gemma2Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, sliding_window=5, attn_logit_softcapping=5.0,
+                   final_logit_softcapping=3.0, query_pre_attn_scalar=24)
+Gemma2ForCausalLM(cfg).save_pretrained(folder)
+be = VulkanBackend()
+model = load_model(folder, backend=be)
+print("tokens", model.generate([[5, 6, 7], [8, 9]], max_new_tokens=6, stop_ids=[]).tokens)
+for bits in (2, 3, 4, 8):  # every packed width, decode and prefill kernels
+    codes = torch.randint(0, 2**bits, (24, 64), dtype=torch.int32).to(torch.uint8)
+    qt = QuantizedTensor(pack_bits(codes, bits), torch.rand(24, 2).half(), torch.rand(24, 2).half(), bits, 32, (24, 64))
+    w = be.linear_weight("q", qt, torch.randn(24))
+    for m in (1, 12):
+        be.to_host(be.linear(be.from_host(torch.randn(1, m, 64)), w))
+x = be.from_host(torch.randn(1, 10, 32))
+y = be.layernorm(x, be.param("w", torch.randn(32)), be.param("b", torch.randn(32)), 1e-5)
+y = be.attention_full(y, y, y, [(0, 4), (4, 10)], AttnSpec(2, 2, 16, 0.25))
+be.to_host(be.act(y, "quick_gelu"))
+be.to_host(be.embedding(torch.tensor([[1, 2]]), be.embedding_table("e", torch.randn(4, 8)), 2.0))
+be.copy(x.buf, be._new(x.shape).buf, 4 * 320)
+be.close()
+print("done")
+'''
+
+
+def test_runs_clean_under_validation_layer(tmp_path):
+    manifest = VALIDATION_DIR / "usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json"
+    if not manifest.exists():
+        pytest.skip(f"Khronos validation layer not extracted at {VALIDATION_DIR} "
+                    "(apt-get download vulkan-validationlayers && dpkg-deb -x vulkan-validationlayers_*.deb DIR)")
+    env = dict(os.environ, VK_LAYER_PATH=str(manifest.parent), VK_INSTANCE_LAYERS="VK_LAYER_KHRONOS_validation",
+               VK_LOADER_DEBUG="layer",
+               LD_LIBRARY_PATH=f"{VALIDATION_DIR / 'usr/lib/x86_64-linux-gnu'}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+    res = subprocess.run([sys.executable, "-c", VALIDATED_RUN, str(tmp_path / "model")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert 'Insert instance layer "VK_LAYER_KHRONOS_validation"' in log  # the layer really ran
+    assert "done" in res.stdout
+    messages = [ln for ln in log.splitlines() if "Validation" in ln and ("Error" in ln or "Warning" in ln) or "VUID-" in ln]
+    assert not messages, "\n".join(messages[:20])
