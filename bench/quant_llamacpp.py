@@ -46,9 +46,28 @@ def tensor_bytes(path: Path) -> tuple[int, int, dict]:
     return sum(int(t.n_bytes) for t in reader.tensors), sum(int(t.n_elements) for t in reader.tensors), kinds
 
 
+def _no_extra_buffer_types() -> None:
+    """Load models without llama.cpp's extra CPU buffer types (AMX / repacked weights): this VM advertises AMX but
+    executing it raises SIGILL (exit 132) for every quantized model; plain CPU kernels work."""
+    import llama_cpp
+
+    default = llama_cpp.llama_cpp.llama_model_default_params
+    if getattr(default, "no_extra_bufts", False):
+        return
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    params.no_extra_bufts = True
+    llama_cpp.llama_cpp.llama_model_default_params = params
+
+
 def perplexity(path: Path, ids: list[int], bos: int, window: int = 512) -> float:
     from llama_cpp import Llama
 
+    _no_extra_buffer_types()
     llm = Llama(model_path=str(path), n_ctx=window + 1, n_batch=window + 1, n_ubatch=window + 1,
                 logits_all=True, n_threads=1, verbose=False)
     total, count = 0.0, 0

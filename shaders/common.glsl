@@ -7,6 +7,14 @@
 #extension GL_KHR_shader_subgroup_arithmetic : enable
 #endif
 
+// SMALL_CODE (CPU devices): keep big constant-trip loops rolled; lavapipe's LLVM needs minutes for the
+// fully unrolled tile loops, while GPUs want them unrolled (accumulators in registers, not local memory).
+#if SMALL_CODE
+#define TILE_LOOP [[dont_unroll]]
+#else
+#define TILE_LOOP [[unroll]]
+#endif
+
 layout(constant_id = 0) const uint WG = 64;  // invocations per workgroup, a power of two
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
 

@@ -38,14 +38,14 @@ void main() {
     for (uint i = 0; i < PER_THREAD; ++i) acc[i] = 0.0;
 
     for (uint k0 = 0; k0 < p.K; k0 += BK) {
-        [[dont_unroll]] for (uint i = tid; i < TILE * BK; i += WG) {
+        TILE_LOOP for (uint i = tid; i < TILE * BK; i += WG) {
             const uint r = i / BK, k = k0 + i % BK;
             const uint m = m0 + r, n = n0 + r;
             xs[i] = (m < p.M && k < p.K) ? x[(m * p.x_step + p.x_off) * p.K + k] : 0.0;
             ws[i] = (n < p.N && k < p.K) ? weight_at(n, k, p.K, p.group) : 0.0;
         }
         barrier();
-        [[dont_unroll]] for (uint i = 0; i < PER_THREAD; ++i) {
+        TILE_LOOP for (uint i = 0; i < PER_THREAD; ++i) {
             const uint o = tid + i * WG;
             const uint om = o / TILE, on = o % TILE;
             float d = 0.0;

@@ -9,9 +9,9 @@ Two modes, chosen at construction:
   ``aten._weight_int8pack_mm``; other shapes (2/3-bit, 8-bit group-wise, N not a multiple of 16) are dequantized
   at load to ``lowbit_dtype`` (bfloat16 by default: half the bytes of float32 for a memory-bound decode).
   The kernels take their input in ``kernel_dtype``: bfloat16 by default, because torch's float32 variants of both
-  kernels are 15-30x slower on AVX-512 (measured, docs/benchmarks.md); ``kernel_dtype=torch.float32`` gives
-  results exact to float rounding against ``dequantize()``. Everything else (norms, attention, residual stream,
-  KV cache) stays float32.
+  kernels are 40-100x slower on this AVX-512 CPU (measured, docs/benchmarks.md); ``kernel_dtype=torch.float32``
+  gives results exact to float rounding against ``dequantize()``. Everything else (norms, attention, residual
+  stream, KV cache) stays float32. The int4 repack is cached on disk (``$LLMOPT_CACHE/repack``).
 
 ``bench/engine_cpu.py`` measures the choices. The same class runs on CUDA (``llmopt.backends.cuda``) by
 swapping the device and the int4 kernel.
@@ -223,7 +223,9 @@ class CpuBackend(Backend):
         shape = x.shape
         if group is not None:
             x = x.view(*shape[:-1], shape[-1] // group, group)
-        return F.rms_norm(x, (x.shape[-1],), 1.0 + weight if unit_offset else weight, eps).view(shape)
+        # written out: F.rms_norm decomposes into ~16 ops on CPU (two dtype copies), this is 6
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return (y * (1.0 + weight) if unit_offset else y * weight).view(shape)
 
     def layernorm(self, x, weight, bias, eps):
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

@@ -4,7 +4,7 @@ Keys (docs/FORMAT.md "Schemes" has the same table):
 
 | key | meaning | default |
 |---|---|---|
-| ``name`` | scheme name; a preset name alone (``{"name": "w4g128"}``) means that preset | required |
+| ``name`` | scheme name; without ``method`` it names a preset (other keys given override the preset's) | required |
 | ``method`` | ``none`` (float copy), ``rtn``, ``mse`` (clip/scale search), ``gptq`` (calibrated), ``mixed`` | required |
 | ``bits`` | 2, 3, 4 or 8 (rtn / mse / gptq) | required |
 | ``group`` | group size along the input dim; 0 = one group per row (per output channel) | 0 for 8 bits, else 128 |
@@ -60,10 +60,10 @@ def resolve(scheme: dict | str) -> dict:
     if not isinstance(scheme, dict) or not isinstance(scheme.get("name"), str):
         raise LlmoptError(f"scheme: expected a dict with a string 'name', got {scheme!r}")
     name = scheme["name"]
-    if set(scheme) == {"name"}:
+    if "method" not in scheme:  # a preset, possibly with some keys overridden
         if name not in PRESETS:
             raise LlmoptError(f"scheme '{name}': unknown scheme (presets: {', '.join(PRESETS)}); give 'method' and its keys")
-        scheme = {"name": name, **PRESETS[name]}
+        scheme = {"name": name, **PRESETS[name], **scheme}
     unknown = sorted(set(scheme) - _KEYS)
     if unknown:
         raise LlmoptError(f"scheme '{name}': unknown key(s) {unknown} (known: {sorted(_KEYS)})")

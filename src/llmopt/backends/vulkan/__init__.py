@@ -9,7 +9,15 @@ pipelines, command recording, timestamps), ``backend`` (the ops). Set ``LLMOPT_V
 physical device than the first.
 """
 
-from llmopt.backends.vulkan.backend import VulkanBackend
 from llmopt.backends.vulkan.device import probe
 
 __all__ = ["VulkanBackend", "probe"]
+
+
+def __getattr__(name: str):
+    # imported on first use, so `python -m llmopt.backends.vulkan.compile` runs without importing the backend
+    if name == "VulkanBackend":
+        from llmopt.backends.vulkan.backend import VulkanBackend
+
+        return VulkanBackend
+    raise AttributeError(name)

@@ -4,8 +4,8 @@
 
 Naming rule (the workflow's outputs): one SPIR-V file per shader, ``{out_dir}/{stem}.spv`` for
 ``shaders/{stem}.comp`` (e.g. ``results/kernels/vulkan/matvec_quant.spv``), plus ``{out_dir}/manifest.json``.
-The device variant is chosen here from the probe: the define ``USE_SUBGROUP`` (subgroup arithmetic in compute
-shaders, else shared-memory reductions) is compiled in, and the sizes the runtime passes as specialization
+The device variant is chosen here from the probe: the defines ``USE_SUBGROUP`` (subgroup arithmetic in compute
+shaders, else shared-memory reductions) and ``SMALL_CODE`` (CPU devices: tile loops kept rolled) are compiled in, and the sizes the runtime passes as specialization
 constants (workgroup size, rows per workgroup, matmul tile) are written to the manifest's ``spec``. A shader is
 rebuilt only when its source, an included header, its defines or glslc's version changed (the manifest keeps a
 hash of each); ``check_manifest`` makes the runtime refuse missing or stale SPIR-V with the shader's name.
@@ -48,7 +48,8 @@ def device_config(probe: dict) -> dict:
     else:  # measured on an H200 (bench/vulkan_decode.py, docs/benchmarks.md)
         wg, rows, tile, wg_reduce, min_groups = 128, 8, 32, 1024, 1024
     return {
-        "defines": {"USE_SUBGROUP": int(bool(features.get("subgroup_arithmetic")) and subgroup > 0)},
+        "defines": {"USE_SUBGROUP": int(bool(features.get("subgroup_arithmetic")) and subgroup > 0),
+                    "SMALL_CODE": int(device.get("type") == "cpu")},
         "spec": {"wg": min(wg, max_wg), "rows": rows, "tile": tile, "wg_reduce": min(wg_reduce, max_wg),
                  "matvec_min_groups": min_groups},
     }

@@ -304,7 +304,7 @@ class Device:
         self._begin()
         region = self.ffi.new("VkBufferCopy*", {"srcOffset": src_offset, "dstOffset": dst_offset, "size": nbytes})
         self.lib.vkCmdCopyBuffer(self.cmd, src.handle, dst.handle, 1, region)
-        self._after("copy")
+        self._after("transfer")  # vkCmdCopyBuffer; "copy" is the copy shader
 
     # --- pipelines and dispatch -------------------------------------------------------------------------
     def pipeline(self, name: str, n_bindings: int, spec: tuple[int, ...]) -> Pipeline:
