@@ -152,3 +152,12 @@ def test_packed_vl_model_fast_matches_reference(tiny_vl, tmp_path):
     a, b = fast.forward_logits(ids, images=[image]), ref.forward_logits(ids, images=[image])
     assert (a - b).abs().max() <= 2e-2 * b.abs().max(), f"seed={seed}"
     assert fast.backends["cpu"].kinds["int4pack"] > 0
+
+
+def test_unreadable_image_file(tiny_vl, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(LlmoptError, match="not a readable image"):
+        preprocess_image(bad, tiny_vl[2].args.vision)
+    with pytest.raises(LlmoptError, match="aspect ratio"):
+        preprocess_image(random_image(2, 600), tiny_vl[2].args.vision)

@@ -29,7 +29,7 @@ def run(tmp_path_factory):
     override.write_text(yaml.safe_dump({"shaders_dir": str(workdir / "shaders"),
                                         "models_file": str(workdir / "models.yaml")}))
     args = ["--cores", "2", "--configfile", str(REPO / ".test/config.yaml"), str(override)]
-    snakemake(workdir, *args)
+    snakemake(workdir, *args, timeout=3600)
     return workdir, args
 
 

@@ -73,9 +73,10 @@ def quantize_model(source_dir: Path, scheme: dict | str, out_dir: Path, model_en
                 report["tensors"][name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(shape),
                                            "bytes": t.numel() * t.element_size()}
             else:
-                t, rel = quantize_measured(w, spec, base, importance=_diag(stats, "hessians", name),
+                t, rel = quantize_measured(w, spec, _method_for(base, shape), importance=_diag(stats, "hessians", name),
                                            hessian=(stats.get("hessians") or {}).get(name), name=name)
-                report["tensors"][name] = {"format": spec.label, **t.meta(), "bytes": t.nbytes, "rel_error": rel}
+                report["tensors"][name] = {"format": spec.label, "method": _method_for(base, shape), **t.meta(),
+                                           "bytes": t.nbytes, "rel_error": rel}
                 if budget:
                     report["tensors"][name]["loss"] = budget["losses"][name]
             writer.add(name, t)
@@ -179,6 +180,15 @@ def _calibrate(source_dir: Path, scheme: dict, plan: dict, real: bool) -> dict:
 _STATS_CACHE: dict = {}  # calibration statistics of the last model, reused by the next scheme in this process
 
 
+def _method_for(base: str, shape) -> str:
+    """GPTQ's column-by-column update costs O(rows x in^2) and vocabulary-sized tables (embeddings, heads) have
+    10^5 rows: as in common GPTQ practice those get the imatrix-weighted mse search instead."""
+    return "mse" if base == "gptq" and shape[0] >= VOCAB_ROWS else base
+
+
+VOCAB_ROWS = 32768
+
+
 def _diag(stats: dict, key: str, name: str) -> torch.Tensor | None:
     h = (stats.get(key) or {}).get(name)
     return None if h is None else torch.diagonal(h).clone()
@@ -201,7 +211,7 @@ def _choose_mixed(index: dict, scheme: dict, plan: dict, stats: dict, model_entr
                 row_c.append(budget_b + 1)  # never affordable
                 row_l.append(float("inf"))
                 continue
-            qt = quantize(w, spec, scheme["base"], importance=_diag(stats, "hessians", name),
+            qt = quantize(w, spec, _method_for(scheme["base"], shape), importance=_diag(stats, "hessians", name),
                           hessian=(stats.get("hessians") or {}).get(name), name=name)
             row_c.append(qt.nbytes)
             row_l.append(tensor_loss(w, qt, kind, (stats.get("fisher") or {}).get(name),
