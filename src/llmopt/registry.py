@@ -1,6 +1,6 @@
 """The registry: config/config.yaml, config/models.yaml and config/targets.yaml, loaded and schema-checked.
 
-    python -m llmopt.registry [config/config.yaml]     # validate and print what a run would cover
+    python -m llmopt.registry [.test/config.yaml]     # validate (with overrides) and print what a run covers
 
 The Snakefile and the command line both go through ``load``: every YAML file is validated against its JSON schema in
 ``workflow/schemas/`` and cross-checked (a model id, scheme or target the config names must exist), so a bad file
@@ -124,10 +124,22 @@ def load(config: dict | str | Path | None = None, base: str | Path = REPO, where
     )
 
 
+def merged(base: dict, override: dict) -> dict:
+    """``override`` merged over ``base`` as Snakemake merges config files: dicts key by key, the rest replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m llmopt.registry [OVERRIDE.yaml ...]``: config/config.yaml with overrides (like --configfile)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        reg = load(argv[0] if argv else None)
+        config = load_yaml(DEFAULT_CONFIG)
+        for path in argv:
+            config = merged(config, load_yaml(path) or {})
+        reg = load(config, where=" + ".join(["config/config.yaml", *argv]))
     except LlmoptError as err:
         print(f"llmopt: error: {err}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ rule benchmark:
     output:
         "results/{model}/{scheme}/{target}/bench.json",
     params:
-        settings=config["bench"],
+        settings=bench_settings,
     threads: workflow.cores
     log:
         "results/logs/benchmark/{model}/{scheme}/{target}.log",

@@ -94,3 +94,15 @@ def present_plans(wildcards):
     """partition.json of every model x scheme on the targets the probes found present."""
     present = [t for t in TARGETS if probe_of(t)["present"]]
     return expand("results/{model}/{scheme}/{target}/partition.json", model=MODELS, scheme=SCHEMES, target=present)
+
+
+def bench_settings(wildcards):
+    """The benchmark protocol of a model: `bench`, with `bench_tiny` merged over it for synthetic tiny models."""
+    if download_scale(wildcards) == "tiny":
+        return {**config["bench"], **config["bench_tiny"]}
+    return dict(config["bench"])
+
+
+def partition_settings(wildcards):
+    """Partition settings: the model's benchmark protocol (lengths, batches) with the `partition` block."""
+    return {**bench_settings(wildcards), **config["partition"]}

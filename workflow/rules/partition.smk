@@ -10,7 +10,7 @@ rule partition:
         "results/{model}/{scheme}/{target}/partition.json",
     params:
         entry=lambda wildcards: REG.all_models[wildcards.model],
-        settings={**config["bench"], **config["partition"]},
+        settings=partition_settings,
     log:
         "results/logs/partition/{model}/{scheme}/{target}.log",
     benchmark:

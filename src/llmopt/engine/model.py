@@ -39,6 +39,7 @@ class State:
     max_len: int
     padded: bool = False  # any sequence left-padded (else attention needs no padding mask)
     timings: dict = field(default_factory=dict)
+    static: object = None  # llmopt.engine.cudagraph.StaticDecoder, when the backend asks for graph decode
 
 
 class Model:
@@ -193,7 +194,7 @@ class Model:
     def _block(self, be: Backend, w: dict, x, rope, state: State, i: int, valid):
         a, spec = self.args, self.specs[i]
         h = be.rmsnorm(x, w["attn_norm"], a.norm_eps, a.norm_unit_offset)
-        q, k, v = be.linear(h, w["q"]), be.linear(h, w["k"]), be.linear(h, w["v"])
+        q, k, v = _linears(be, h, (w["q"], w["k"], w["v"]))
         if a.qk_norm:
             q = be.rmsnorm(q, w["q_norm"], a.norm_eps, a.norm_unit_offset, group=a.head_dim)
             k = be.rmsnorm(k, w["k_norm"], a.norm_eps, a.norm_unit_offset, group=a.head_dim)
@@ -205,7 +206,7 @@ class Model:
             h = be.rmsnorm(h, w["post_attn_norm"], a.norm_eps, a.norm_unit_offset)
         x = be.add(x, h)
         h = be.rmsnorm(x, w["ffn_norm"], a.norm_eps, a.norm_unit_offset)
-        h = be.linear(be.gated_act(be.linear(h, w["gate"]), be.linear(h, w["up"]), a.act), w["down"])
+        h = be.linear(be.gated_act(*_linears(be, h, (w["gate"], w["up"])), a.act), w["down"])
         if a.sandwich_norm:
             h = be.rmsnorm(h, w["post_ffn_norm"], a.norm_eps, a.norm_unit_offset)
         return be.add(x, h)
@@ -250,7 +251,16 @@ class Model:
         return logits, state
 
     def decode_step(self, state: State, ids) -> torch.Tensor:
-        """Append one token per sequence (``ids [B]``) and return the next logits ``[B, vocab]``."""
+        """Append one token per sequence (``ids [B]``) and return the next logits ``[B, vocab]``.
+
+        A backend with ``cuda_graphs`` set runs the whole model's unpadded decode as one captured CUDA graph."""
+        if state.static is None and not state.padded and len(self.backends) == 1 and \
+                getattr(next(iter(self.backends.values())), "cuda_graphs", False):
+            from llmopt.engine.cudagraph import StaticDecoder
+
+            state.static = StaticDecoder(self, state)
+        if state.static is not None:
+            return state.static.step(torch.as_tensor(ids, dtype=torch.int64)).to("cpu", torch.float32)
         ids = torch.as_tensor(ids, dtype=torch.int64).view(-1, 1)
         state.valid[:, state.start] = True
         positions = state.next_pos.view(-1, 1)
@@ -287,6 +297,12 @@ class Model:
                               f"images give {features.shape[0]} features")
         positions = mrope_positions(ids, mask, images, self.args)
         return positions, {"mask": image_mask, "features": features}
+
+
+def _linears(be: Backend, x, weights: tuple) -> tuple:
+    """Several projections of one input; a backend offering ``linears`` may run them as one fused matmul."""
+    fused = getattr(be, "linears", None)
+    return fused(x, weights) if fused is not None else tuple(be.linear(x, w) for w in weights)
 
 
 def load_model(folder: str | Path, backend: str | Backend = "cpu", plan: dict | None = None,

@@ -5,8 +5,8 @@
     be = VulkanBackend(kernel_dir="results/kernels/vulkan")   # SPIR-V from the compile stage (checked fresh)
 
 Activations (``VkAct``) are float32 device buffers ``[B, T, F]`` from a size-keyed pool: a handle's buffer
-returns to the pool when Python drops the handle, and since every recorded command is followed by a full
-barrier, reusing it later in the same command buffer is safe. Ops only record; ``to_host``, ``logits``,
+returns to the pool when Python drops the handle, and since consecutive recorded commands are separated by
+barriers, reusing it later in the same command buffer is safe. Ops only record; ``to_host``, ``logits``,
 ``argmax`` and ``synchronize`` submit, so a whole decode step is one command buffer. Weights stay in the packed
 format on the device (int2/3/4/8 codes as 32-bit words, fp16/bf16 scales); a weight or table larger than the
 device's storage-buffer range is split into row pieces, one dispatch each. The KV cache lives on the device

@@ -2,8 +2,8 @@
 
     python -m llmopt.backends.vulkan.device      # prints the probe record of this machine's Vulkan device
 
-``Device`` owns one logical device and queue. Work is recorded lazily into one command buffer (a full memory
-barrier after each command, so buffers can be reused in recording order) and submitted by ``flush()``, which
+``Device`` owns one logical device and queue. Work is recorded lazily into one command buffer (a memory
+barrier between consecutive commands, so buffers can be reused in recording order) and submitted by ``flush()``, which
 waits for it. Hot-path commands call the C entry points (``vulkan.lib``) directly; the package's Python
 wrappers are used only for setup. Buffers are device-local; uploads go through a host-visible staging arena
 recorded into the same command buffer; readbacks through a host-visible (cached where offered) buffer.
@@ -198,12 +198,19 @@ class Device:
         self.staging = self.buffer(1 << 24, host=True)
         self.staging_used = 0
         self.readback = self.buffer(1 << 20, host=True, cached=True)
-        self._barrier = self.ffi.new("VkMemoryBarrier*", {
-            "sType": vk.VK_STRUCTURE_TYPE_MEMORY_BARRIER,
-            "srcAccessMask": vk.VK_ACCESS_SHADER_WRITE_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT,
-            "dstAccessMask": vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT
-            | vk.VK_ACCESS_TRANSFER_READ_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT | vk.VK_ACCESS_HOST_READ_BIT})
-        self._stages = vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | vk.VK_PIPELINE_STAGE_TRANSFER_BIT
+        # Barriers go between consecutive commands, from the stage of the one before to the stage of this one
+        # (compute->compute between dispatches, the common case), and to the host before a submit.
+        stage = {"compute": vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, "transfer": vk.VK_PIPELINE_STAGE_TRANSFER_BIT,
+                 "host": vk.VK_PIPELINE_STAGE_HOST_BIT}
+        writes = {"compute": vk.VK_ACCESS_SHADER_WRITE_BIT, "transfer": vk.VK_ACCESS_TRANSFER_WRITE_BIT}
+        uses = {"compute": vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT,
+                "transfer": vk.VK_ACCESS_TRANSFER_READ_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT,
+                "host": vk.VK_ACCESS_HOST_READ_BIT}
+        self._barriers = {
+            (a, b): (stage[a], stage[b], self.ffi.new("VkMemoryBarrier*", {
+                "sType": vk.VK_STRUCTURE_TYPE_MEMORY_BARRIER, "srcAccessMask": writes[a], "dstAccessMask": uses[b]}))
+            for a in ("compute", "transfer") for b in ("compute", "transfer", "host")}
+        self._last_stage: str | None = None
         self.profile = profile and self.features["timestamps"]
         self.kernel_times: dict[str, float] = {}
         self.kernel_counts: dict[str, int] = {}
@@ -302,6 +309,7 @@ class Device:
 
     def copy(self, src: Buffer, dst: Buffer, nbytes: int, src_offset: int = 0, dst_offset: int = 0) -> None:
         self._begin()
+        self._barrier("transfer")
         region = self.ffi.new("VkBufferCopy*", {"srcOffset": src_offset, "dstOffset": dst_offset, "size": nbytes})
         self.lib.vkCmdCopyBuffer(self.cmd, src.handle, dst.handle, 1, region)
         self._after("transfer")  # vkCmdCopyBuffer; "copy" is the copy shader
@@ -370,6 +378,7 @@ class Device:
                                   f"storage-buffer range {self.max_range} or alignment {self.align}")
         dset = self._descriptor_set(pipe, key)
         self._begin()
+        self._barrier("compute")
         lib, cmd = self.lib, self.cmd
         lib.vkCmdBindPipeline(cmd, self.vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipe.handle)
         lib.vkCmdBindDescriptorSets(cmd, self.vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipe.layout, 0, 1, dset, 0, self.ffi.NULL)
@@ -378,9 +387,14 @@ class Device:
         lib.vkCmdDispatch(cmd, *groups)
         self._after(pipe.name)
 
+    def _barrier(self, stage: str) -> None:
+        """Make the previous command's writes visible to a command of ``stage`` and order the two."""
+        if self._last_stage is not None:
+            src, dst, barrier = self._barriers[(self._last_stage, stage)]
+            self.lib.vkCmdPipelineBarrier(self.cmd, src, dst, 0, 1, barrier, 0, self.ffi.NULL, 0, self.ffi.NULL)
+        self._last_stage = stage if stage != "host" else None
+
     def _after(self, label: str) -> None:
-        self.lib.vkCmdPipelineBarrier(self.cmd, self._stages, self._stages | self.vk.VK_PIPELINE_STAGE_HOST_BIT, 0,
-                                      1, self._barrier, 0, self.ffi.NULL, 0, self.ffi.NULL)
         self.n_commands += 1
         if self.profile:
             if len(self._stamps) + 1 >= MAX_TIMESTAMPS:
@@ -398,6 +412,7 @@ class Device:
         # begin resets the previous recording (pool flag RESET); simultaneous use lets replay() queue it repeatedly
         vk.vkBeginCommandBuffer(self.cmd, vk.VkCommandBufferBeginInfo(flags=vk.VK_COMMAND_BUFFER_USAGE_SIMULTANEOUS_USE_BIT))
         self.recording = True
+        self._last_stage = None  # the previous submission was waited for
         if self.profile:
             self.lib.vkCmdResetQueryPool(self.cmd, self.query_pool, 0, MAX_TIMESTAMPS)
             self.lib.vkCmdWriteTimestamp(self.cmd, vk.VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, self.query_pool, 0)
@@ -408,6 +423,7 @@ class Device:
         if not self.recording:
             return
         vk = self.vk
+        self._barrier("host")
         vk.vkEndCommandBuffer(self.cmd)
         self.recording = False
         submit = vk.VkSubmitInfo(commandBufferCount=1, pCommandBuffers=[self.cmd])
