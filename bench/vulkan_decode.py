@@ -8,8 +8,8 @@
 1. Copy bandwidth: vkCmdCopyBuffer and our copy shader (shaders/copy.comp) over a large device-local buffer,
    timed by timestamp queries, counting bytes read plus written (the usual "copy bandwidth"); the larger of
    the two is the ceiling the rest is compared with.
-2. int4 mat-vec (group 128, fp16 scales) on the decode shapes of Qwen2.5-7B, each workgroup-size/rows
-   specialization: weight bytes read per second, against the copy bandwidth. Four weight copies rotate so the
+2. int4 mat-vec (group 128, fp16 scales) on the decode shapes of Qwen2.5-7B, each workgroup-size/rows/x-staging
+   specialization (SWEEP): weight bytes read per second, against the copy bandwidth. Four weight copies rotate so the
    L2 cache cannot serve repeats.
 3. Decode at batch 1 through the engine (``llmopt.engine.Model`` on ``VulkanBackend``) for full-scale
    synthetic Qwen2.5-7B and Gemma 2 9B with random int4 weights made here (nothing large is shipped):
@@ -47,9 +47,11 @@ MODELS = {
                    "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
                    "max_position_embeddings": 8192},
 }
-SWEEP = [(64, 2), (64, 4), (64, 8), (128, 2), (128, 4), (128, 8), (256, 2), (256, 8)]
-# end-to-end variants (wg, rows, wg_reduce, matvec_min_groups), each timed on the same loaded model
-VARIANTS = [(128, 8, 1024, 1024), (64, 8, 1024, 1024), (128, 8, 256, 1)]
+# mat-vec specializations (wg, rows, x values staged in shared memory; 0: x read from global memory)
+SWEEP = [(128, 8, 0), (128, 8, 4096), (128, 16, 4096), (256, 16, 4096), (64, 16, 4096), (128, 16, 2048),
+         (256, 8, 8192), (128, 32, 4096)]
+# end-to-end variants (wg, rows, wg_reduce, matvec_min_groups, matvec_xtile), each timed on the same loaded model
+VARIANTS = [(128, 8, 1024, 1024, 0), (128, 8, 1024, 1024, 4096), (128, 16, 1024, 256, 4096), (256, 16, 1024, 256, 4096)]
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:
@@ -102,8 +104,8 @@ def matvec_sweep(be: VulkanBackend, shapes: dict, rng, configs, reps: int = 50) 
         ref = x_host = be.to_host(x)
         ref = (x_host[0].double() @ copies[0].dequantize(torch.float64).T).float()
         be.matvec_min_groups = 1  # measure each configuration as given
-        for wg, rpw in configs:
-            be.wg, be.rows_per_wg = wg, rpw
+        for wg, rpw, xtile in configs:
+            be.wg, be.rows_per_wg, be.matvec_xtile = wg, rpw, xtile
             err = float((be.to_host(be.linear(x, weights[0]))[0] - ref).norm() / ref.norm())
             for _ in range(reps):  # warm-up: pipeline creation, then enough back-to-back work to raise clocks
                 for w in weights:
@@ -115,9 +117,9 @@ def matvec_sweep(be: VulkanBackend, shapes: dict, rng, configs, reps: int = 50) 
                     be.linear(x, w)
             be.synchronize()
             ms = be.dev.kernel_times["matvec_quant"] / be.dev.kernel_counts["matvec_quant"]
-            rows.append({"shape": label, "n": shape[0], "k": shape[1], "wg": wg, "rows": rpw, "ms": ms,
+            rows.append({"shape": label, "n": shape[0], "k": shape[1], "wg": wg, "rows": rpw, "xtile": xtile, "ms": ms,
                          "gbps": wbytes / (ms * 1e-3) / 1e9, "rel_err": err})
-            print(f"  matvec {label:10s} wg={wg:3d} rows={rpw}: {ms * 1e3:7.1f} us  {rows[-1]['gbps']:7.1f} GB/s  err {err:.1e}")
+            print(f"  matvec {label:10s} wg={wg:3d} rows={rpw:2d} xtile={xtile:4d}: {ms * 1e3:7.1f} us  {rows[-1]['gbps']:7.1f} GB/s  err {err:.1e}")
         del weights
     return rows
 
@@ -151,8 +153,8 @@ def decode_run(be: VulkanBackend, name: str, config: dict, layers: int | None, v
         be.synchronize()
         token = logits.argmax(-1)
         runs = []
-        for wg, rows, wg_reduce, min_groups in variants:
-            be.wg, be.rows_per_wg, be.wg_reduce, be.matvec_min_groups = wg, rows, wg_reduce, min_groups
+        for wg, rows, wg_reduce, min_groups, xtile in variants:
+            be.wg, be.rows_per_wg, be.wg_reduce, be.matvec_min_groups, be.matvec_xtile = wg, rows, wg_reduce, min_groups, xtile
             walls, gpus = [], []
             for _ in range(steps + 2):
                 reset_times(be)
@@ -164,12 +166,12 @@ def decode_run(be: VulkanBackend, name: str, config: dict, layers: int | None, v
             walls, gpus = walls[2:], gpus[2:]  # the first steps create pipelines
             be.dev.replay(max(1, int(500 / max(min(gpus), 0.05))))  # ~0.5 s of back-to-back steps: clocks up
             replay_ms = be.dev.replay(4 * steps) * 1e3
-            runs.append({"wg": wg, "rows": rows, "wg_reduce": wg_reduce, "matvec_min_groups": min_groups,
+            runs.append({"wg": wg, "rows": rows, "wg_reduce": wg_reduce, "matvec_min_groups": min_groups, "matvec_xtile": xtile,
                          "replay_ms": replay_ms,
                          "wall_ms": statistics.median(walls) * 1e3, "wall_ms_spread": [min(walls) * 1e3, max(walls) * 1e3],
                          "gpu_ms": statistics.median(gpus), "gpu_ms_spread": [min(gpus), max(gpus)],
                          "last_step_kernels_ms": {k: round(v, 4) for k, (v, _) in be.kernel_times().items()}})
-            print(f"    variant wg={wg} rows={rows} wg_reduce={wg_reduce} min_groups={min_groups}: "
+            print(f"    variant wg={wg} rows={rows} wg_reduce={wg_reduce} min_groups={min_groups} xtile={xtile}: "
                   f"wall {runs[-1]['wall_ms']:.2f} ms, GPU {runs[-1]['gpu_ms']:.2f} ms, replayed {replay_ms:.2f} ms")
         del model, state
     kv_bytes = 2 * args.n_layers * (prompt + len(variants) * steps // 2) * args.n_kv_heads * args.head_dim * 4
@@ -177,7 +179,7 @@ def decode_run(be: VulkanBackend, name: str, config: dict, layers: int | None, v
     return {"model": name, "layers": args.n_layers, "vocab": args.vocab_size, "prompt": prompt, "steps": steps,
             "load_s": load_s, "bytes_per_token": weight_bytes + kv_bytes, "variants": runs,
             **{k: best[k] for k in ("wall_ms", "wall_ms_spread", "gpu_ms", "gpu_ms_spread", "replay_ms", "last_step_kernels_ms")},
-            "best_variant": {k: best[k] for k in ("wg", "rows", "wg_reduce", "matvec_min_groups")}}
+            "best_variant": {k: best[k] for k in ("wg", "rows", "wg_reduce", "matvec_min_groups", "matvec_xtile")}}
 
 
 def real_side_by_side(folder: Path, steps: int) -> list[dict]:
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
             h, f, v = 3584, 18944, args.vocab or 152064
             shapes = {"gate/up": (f, h), "down": (h, f), "k/v": (512, h), "lm_head": (v, h)}
             result["matvec"] = matvec_sweep(be, shapes, np.random.default_rng(1), SWEEP)
-        variants = VARIANTS if be.probe["device"]["type"] != "cpu" else [(be.wg, be.rows_per_wg, be.wg_reduce, be.matvec_min_groups)]
+        variants = VARIANTS if be.probe["device"]["type"] != "cpu" else [(be.wg, be.rows_per_wg, be.wg_reduce, be.matvec_min_groups, be.matvec_xtile)]
         result["decode"] = []
         for name in args.models:
             row = decode_run(be, name, MODELS[name], args.layers, args.vocab, args.prompt, args.steps, variants)

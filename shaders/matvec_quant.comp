@@ -3,6 +3,10 @@
 // float32 weights (BITS). One workgroup owns ROWS rows; its invocations stride over the row in chunks of 32
 // codes (BITS words, so one scale per chunk when the group is a multiple of 32), reusing each x chunk for all
 // ROWS rows (x and 4/8-bit codes read 16 bytes at a time); grid z walks the M input vectors. Dispatch: ceil(N / ROWS) workgroups (folded into x, y), M in z.
+// XTILE > 0 (GPUs): x is staged XTILE values at a time in shared memory, each 32-value chunk padded by one vec4,
+// because an invocation reads the 32 x values of its own chunk: straight from global memory, the 32 invocations
+// of a subgroup touch 32 different cache lines per load, which made the L1 the bottleneck (23-36% of copy
+// bandwidth on an H200); from the padded shared array each quarter-subgroup's vec4 loads hit distinct banks.
 #include "common.glsl"
 
 layout(constant_id = 1) const uint ROWS = 4;
@@ -10,6 +14,7 @@ layout(constant_id = 2) const uint BITS = 4;
 layout(constant_id = 3) const uint SCALE_BF16 = 0;
 layout(constant_id = 4) const uint HAS_ZEROS = 0;
 layout(constant_id = 5) const uint HAS_BIAS = 0;
+layout(constant_id = 6) const uint XTILE = 0;  // x values staged in shared memory per K tile: 0 or a multiple of 32
 
 layout(std430, binding = 0) readonly buffer XBuf { float x[]; };
 layout(std430, binding = 0) readonly buffer X4Buf { vec4 x4[]; };   // the same x, 16-byte loads
@@ -32,6 +37,8 @@ layout(push_constant) uniform Params {
 
 #include "packed.glsl"
 
+shared vec4 xs[XTILE / 32u * 9u + 1u];  // chunk c of the tile at xs[9c .. 9c+7]; the 9th vec4 is padding
+
 void main() {
     const uint tid = gl_LocalInvocationID.x;
     const uint first = group_index() * ROWS;
@@ -45,7 +52,16 @@ void main() {
     float acc[ROWS];
     [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] = 0.0;
 
-    for (uint c = tid; c < n_chunks; c += WG) {
+    const bool staged = XTILE > 0 && BITS != 32;  // packed rows have K % 4 == 0, so x chunks are 16-byte aligned
+    const uint tile_chunks = staged ? XTILE / 32u : max(n_chunks, 1u);
+    for (uint t0 = 0; t0 < n_chunks; t0 += tile_chunks) {  // uniform across the workgroup: barriers are safe
+    const uint t1 = min(n_chunks, t0 + tile_chunks);
+    if (staged) {
+        barrier();
+        for (uint i = tid; i < (t1 - t0) * 8u; i += WG) xs[(i >> 3) * 9u + (i & 7u)] = x4[((xbase >> 2) + t0 * 8u) + i];
+        barrier();
+    }
+    for (uint c = t0 + tid; c < t1; c += WG) {
         const uint xc = xbase + c * 32u;
         if (BITS == 32) {
             [[unroll]] for (uint r = 0; r < ROWS; ++r) {
@@ -56,9 +72,12 @@ void main() {
             }
             continue;
         }
-        vec4 xv[8];  // packed rows have K % 4 == 0, so x chunks are 16-byte aligned
+        vec4 xv[8];
         float xsum = 0.0;
-        [[unroll]] for (uint i = 0; i < 8u; ++i) { xv[i] = x4[(xc >> 2) + i]; xsum += dot(xv[i], vec4(1.0)); }
+        [[unroll]] for (uint i = 0; i < 8u; ++i) {
+            xv[i] = staged ? xs[(c - t0) * 9u + i] : x4[(xc >> 2) + i];
+            xsum += dot(xv[i], vec4(1.0));
+        }
         [[unroll]] for (uint r = 0; r < ROWS; ++r) {
             const uint row = min(first + r, p.N - 1u);
             const uint wb = row * row_words + c * BITS;
@@ -88,6 +107,7 @@ void main() {
             const uint g = row * groups + (c * 32u) / p.group;
             acc[r] += scale_at(g) * (d - zero_at(g) * xsum);
         }
+    }
     }
     // Tail of a row that is not a multiple of 32 codes (only 2-, 4- and 8-bit rows can have one).
     for (uint j = n_chunks * 32u + tid; j < p.K; j += WG) {

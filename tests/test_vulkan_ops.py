@@ -234,16 +234,19 @@ def test_logits_and_argmax(be, gen, softcap):
     assert torch.equal(be.argmax(be.logits_device(xa, w, softcap)), out.argmax(-1))
 
 
-@pytest.mark.parametrize("wg,rows,wg_reduce", [(64, 4, 256), (32, 16, 64)])
-def test_gpu_specializations(be, cpu, gen, monkeypatch, wg, rows, wg_reduce):
+@pytest.mark.parametrize("wg,rows,wg_reduce,xtile", [(64, 4, 256, 4096), (32, 16, 64, 64)])
+def test_gpu_specializations(be, cpu, gen, monkeypatch, wg, rows, wg_reduce, xtile):
     """The workgroup/row sizes chosen for GPUs compute the same results (run here on lavapipe)."""
     monkeypatch.setattr(be, "wg", wg)
     monkeypatch.setattr(be, "rows_per_wg", rows)
     monkeypatch.setattr(be, "wg_reduce", wg_reduce)
-    qt = random_qt(75, 256, 4, 128, True, torch.float16, gen)
-    x = torch.randn(1, 1, 256, generator=gen)
-    out = be.to_host(be.linear(be.from_host(x), be.linear_weight("w", qt)))
-    assert rel_err(out, x.double() @ qt.dequantize(torch.float64).T) < RTOL
+    monkeypatch.setattr(be, "matvec_xtile", xtile)
+    for n_out, k, bits, group in [(75, 256, 4, 128), (33, 296, 4, 296), (21, 224, 8, 32), (19, 160, 2, 32), (17, 96, 3, 32)]:
+        qt = random_qt(n_out, k, bits, group, False, torch.float16, gen)  # k: several x tiles, a partial one, a tail
+        for m in (1, 3):
+            x = torch.randn(1, m, k, generator=gen)
+            out = be.to_host(be.linear(be.from_host(x), be.linear_weight("w", qt)))
+            assert rel_err(out, x.double() @ qt.dequantize(torch.float64).T) < RTOL, (n_out, k, bits, m)
     test_rmsnorm(be, gen, True)
     for spec in (AttnSpec(6, 2, 16, 0.25, window=4, softcap=30.0), AttnSpec(2, 1, 80, 0.1), AttnSpec(2, 2, 256, 0.06)):
         _attn_case(be, cpu, gen, spec, steps=[5, 1, 1], batch=2, pad=[0, 2])

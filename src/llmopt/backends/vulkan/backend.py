@@ -124,6 +124,7 @@ class VulkanBackend(Backend):
         self.wg, self.rows_per_wg, self.tile = int(spec["wg"]), int(spec["rows"]), int(spec["tile"])
         self.wg_reduce = int(spec.get("wg_reduce", self.wg))
         self.matvec_min_groups = int(spec.get("matvec_min_groups", 1))
+        self.matvec_xtile = int(spec.get("matvec_xtile", 0))
         self.dev = Device(Path(kernel_dir), spec, profile=profile)
         self.probe = info
         self._pool: dict[int, list[Buffer]] = {}
@@ -303,7 +304,7 @@ class VulkanBackend(Backend):
                     rows //= 2
                 gx, gy, _ = self._grid(-(-pc.rows // rows))
                 push = pack_push("IIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off)
-                self._run("matvec_quant", 6, (rows, *spec_tail), bindings, push, (gx, gy, m))
+                self._run("matvec_quant", 6, (rows, *spec_tail, self.matvec_xtile), bindings, push, (gx, gy, m))
             else:
                 push = pack_push("IIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m)
                 self._run("matmul_quant", 6, (self.tile, *spec_tail), bindings, push,
