@@ -1,12 +1,12 @@
 #version 450
 // Decode matrix-vector product y[m, row0 + r] = sum_j W[r, j] x[m, j] (+ bias[r]) for packed int2/3/4/8 or
-// float32 weights (BITS). One workgroup owns ROWS rows; its invocations stride over the row in chunks of 32
-// codes (BITS words, so one scale per chunk when the group is a multiple of 32), reusing each x chunk for all
-// ROWS rows (x and 4/8-bit codes read 16 bytes at a time); grid z walks the M input vectors. Dispatch: ceil(N / ROWS) workgroups (folded into x, y), M in z.
-// XTILE > 0 (GPUs): x is staged XTILE values at a time in shared memory, each 32-value chunk padded by one vec4,
-// because an invocation reads the 32 x values of its own chunk: straight from global memory, the 32 invocations
-// of a subgroup touch 32 different cache lines per load, which made the L1 the bottleneck (23-36% of copy
-// bandwidth on an H200); from the padded shared array each quarter-subgroup's vec4 loads hit distinct banks.
+// float32 weights (BITS). A workgroup holds WG / SPLIT sets of SPLIT invocations (SPLIT = 0: one set of WG);
+// each set owns ROWS rows and strides over them in chunks of 32 codes (BITS words, so one scale per chunk when
+// the group is a multiple of 32), reusing each x chunk for all ROWS rows (x and 4/8-bit codes read 16 bytes at
+// a time); grid z walks the M input vectors. Dispatch: ceil(N / (ROWS * WG / SPLIT)) workgroups (folded into
+// x, y), M in z. SPLIT = 32 (a set per subgroup) gives each invocation several chunks of its rows, more loads in
+// flight; on an H200 whole-workgroup sets in many small workgroups still measured faster (docs/benchmarks.md).
+// Either way a workgroup's rows are all reduced behind a single barrier.
 #include "common.glsl"
 
 layout(constant_id = 1) const uint ROWS = 4;
@@ -14,7 +14,7 @@ layout(constant_id = 2) const uint BITS = 4;
 layout(constant_id = 3) const uint SCALE_BF16 = 0;
 layout(constant_id = 4) const uint HAS_ZEROS = 0;
 layout(constant_id = 5) const uint HAS_BIAS = 0;
-layout(constant_id = 6) const uint XTILE = 0;  // x values staged in shared memory per K tile: 0 or a multiple of 32
+layout(constant_id = 6) const uint SPLIT = 0;  // invocations a row set: a power of two dividing WG; 0 means WG
 
 layout(std430, binding = 0) readonly buffer XBuf { float x[]; };
 layout(std430, binding = 0) readonly buffer X4Buf { vec4 x4[]; };   // the same x, 16-byte loads
@@ -37,11 +37,14 @@ layout(push_constant) uniform Params {
 
 #include "packed.glsl"
 
-shared vec4 xs[XTILE / 32u * 9u + 1u];  // chunk c of the tile at xs[9c .. 9c+7]; the 9th vec4 is padding
+const uint SET = SPLIT == 0u ? WG : SPLIT;
+const uint SETS = WG / SET;
+shared float part[ROWS * WG];  // partial sums, row r of invocation t at part[r * WG + t]
 
 void main() {
     const uint tid = gl_LocalInvocationID.x;
-    const uint first = group_index() * ROWS;
+    const uint lane = tid % SET;
+    const uint first = (group_index() * SETS + tid / SET) * ROWS;
     const uint m = gl_WorkGroupID.z;
     const uint xbase = (m * p.x_step + p.x_off) * p.K;
     const uint n_chunks = p.K / 32u;
@@ -52,16 +55,7 @@ void main() {
     float acc[ROWS];
     [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] = 0.0;
 
-    const bool staged = XTILE > 0 && BITS != 32;  // packed rows have K % 4 == 0, so x chunks are 16-byte aligned
-    const uint tile_chunks = staged ? XTILE / 32u : max(n_chunks, 1u);
-    for (uint t0 = 0; t0 < n_chunks; t0 += tile_chunks) {  // uniform across the workgroup: barriers are safe
-    const uint t1 = min(n_chunks, t0 + tile_chunks);
-    if (staged) {
-        barrier();
-        for (uint i = tid; i < (t1 - t0) * 8u; i += WG) xs[(i >> 3) * 9u + (i & 7u)] = x4[((xbase >> 2) + t0 * 8u) + i];
-        barrier();
-    }
-    for (uint c = t0 + tid; c < t1; c += WG) {
+    for (uint c = lane; c < n_chunks; c += SET) {
         const uint xc = xbase + c * 32u;
         if (BITS == 32) {
             [[unroll]] for (uint r = 0; r < ROWS; ++r) {
@@ -75,7 +69,7 @@ void main() {
         vec4 xv[8];
         float xsum = 0.0;
         [[unroll]] for (uint i = 0; i < 8u; ++i) {
-            xv[i] = staged ? xs[(c - t0) * 9u + i] : x4[(xc >> 2) + i];
+            xv[i] = x4[(xc >> 2) + i];
             xsum += dot(xv[i], vec4(1.0));
         }
         [[unroll]] for (uint r = 0; r < ROWS; ++r) {
@@ -108,16 +102,29 @@ void main() {
             acc[r] += scale_at(g) * (d - zero_at(g) * xsum);
         }
     }
-    }
     // Tail of a row that is not a multiple of 32 codes (only 2-, 4- and 8-bit rows can have one).
-    for (uint j = n_chunks * 32u + tid; j < p.K; j += WG) {
+    for (uint j = n_chunks * 32u + lane; j < p.K; j += SET) {
         const float xj = x[xbase + j];
         [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] += weight_at(min(first + r, p.N - 1u), j, p.K, p.group) * xj;
     }
 
-    [[unroll]] for (uint r = 0; r < ROWS; ++r) {
-        const float s = wg_sum(acc[r]);
-        const uint row = first + r;
-        if (tid == 0 && row < p.N) y[m * p.n_out + p.row0 + row] = s + (HAS_BIAS != 0 ? bias[p.row0 + row] : 0.0);
+    // One barrier for all rows: each subgroup's sums (or, without subgroups, each invocation's) go to `part`,
+    // then invocation r + ROWS * set (mod WG) adds its set's partials of row r. Subgroups are assumed to be aligned
+    // runs of invocations, so one lies inside one set whenever it is no larger.
+    uint stride = 1u;
+#if USE_SUBGROUP
+    if (gl_SubgroupSize <= SET) {
+        stride = gl_SubgroupSize;
+        [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] = subgroupAdd(acc[r]);
+    }
+#endif
+    if (tid % stride == 0u) [[unroll]] for (uint r = 0; r < ROWS; ++r) part[r * WG + tid] = acc[r];
+    barrier();
+    for (uint o = tid; o < ROWS * SETS; o += WG) {
+        const uint r = o % ROWS, set = o / ROWS;
+        float s = 0.0;
+        for (uint j = set * SET; j < (set + 1u) * SET; j += stride) s += part[r * WG + j];
+        const uint row = (group_index() * SETS + set) * ROWS + r;
+        if (row < p.N) y[m * p.n_out + p.row0 + row] = s + (HAS_BIAS != 0 ? bias[p.row0 + row] : 0.0);
     }
 }

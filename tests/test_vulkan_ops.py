@@ -234,15 +234,15 @@ def test_logits_and_argmax(be, gen, softcap):
     assert torch.equal(be.argmax(be.logits_device(xa, w, softcap)), out.argmax(-1))
 
 
-@pytest.mark.parametrize("wg,rows,wg_reduce,xtile", [(64, 4, 256, 4096), (32, 16, 64, 64)])
-def test_gpu_specializations(be, cpu, gen, monkeypatch, wg, rows, wg_reduce, xtile):
+@pytest.mark.parametrize("wg,rows,wg_reduce,split", [(64, 4, 256, 0), (32, 16, 64, 8), (64, 2, 64, 32)])
+def test_gpu_specializations(be, cpu, gen, monkeypatch, wg, rows, wg_reduce, split):
     """The workgroup/row sizes chosen for GPUs compute the same results (run here on lavapipe)."""
     monkeypatch.setattr(be, "wg", wg)
     monkeypatch.setattr(be, "rows_per_wg", rows)
     monkeypatch.setattr(be, "wg_reduce", wg_reduce)
-    monkeypatch.setattr(be, "matvec_xtile", xtile)
+    monkeypatch.setattr(be, "matvec_split", split)
     for n_out, k, bits, group in [(75, 256, 4, 128), (33, 296, 4, 296), (21, 224, 8, 32), (19, 160, 2, 32), (17, 96, 3, 32)]:
-        qt = random_qt(n_out, k, bits, group, False, torch.float16, gen)  # k: several x tiles, a partial one, a tail
+        qt = random_qt(n_out, k, bits, group, False, torch.float16, gen)  # k: a row tail; n_out: partial row sets
         for m in (1, 3):
             x = torch.randn(1, m, k, generator=gen)
             out = be.to_host(be.linear(be.from_host(x), be.linear_weight("w", qt)))

@@ -33,9 +33,24 @@ wildcard_constraints:
     shader=alternatives(SHADERS),
 
 
+def canonical(obj):
+    """``obj`` with every dict's keys sorted: params compare equal whatever the key order in the YAML, so
+    reordering a file reruns nothing while a changed value reruns what depends on it."""
+    if isinstance(obj, dict):
+        return {key: canonical(obj[key]) for key in sorted(obj)}
+    if isinstance(obj, list):
+        return [canonical(item) for item in obj]
+    return obj
+
+
+def model_entry(wildcards):
+    """The registry entry of the job's model (a param: editing it reruns that model's chain)."""
+    return canonical(REG.all_models[wildcards.model])
+
+
 def scheme_dict(name):
     """The scheme dict handed to quantize_model: the config's definition with its name."""
-    return {"name": name, **config["schemes"][name]}
+    return canonical({"name": name, **config["schemes"][name]})
 
 
 def probe_of(target):
@@ -99,10 +114,10 @@ def present_plans(wildcards):
 def bench_settings(wildcards):
     """The benchmark protocol of a model: `bench`, with `bench_tiny` merged over it for synthetic tiny models."""
     if download_scale(wildcards) == "tiny":
-        return {**config["bench"], **config["bench_tiny"]}
-    return dict(config["bench"])
+        return canonical({**config["bench"], **config["bench_tiny"]})
+    return canonical(config["bench"])
 
 
 def partition_settings(wildcards):
     """Partition settings: the model's benchmark protocol (lengths, batches) with the `partition` block."""
-    return {**bench_settings(wildcards), **config["partition"]}
+    return canonical({**bench_settings(wildcards), **config["partition"]})

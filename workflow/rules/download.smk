@@ -8,7 +8,7 @@ rule download:
     output:
         directory("results/{model}/source"),
     params:
-        entry=lambda wildcards: REG.all_models[wildcards.model],
+        entry=model_entry,
         scale=download_scale,
     log:
         "results/logs/download/{model}.log",

@@ -9,7 +9,7 @@ rule partition:
     output:
         "results/{model}/{scheme}/{target}/partition.json",
     params:
-        entry=lambda wildcards: REG.all_models[wildcards.model],
+        entry=model_entry,
         settings=partition_settings,
     log:
         "results/logs/partition/{model}/{scheme}/{target}.log",

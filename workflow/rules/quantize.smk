@@ -8,7 +8,7 @@ rule quantize:
         directory("results/{model}/{scheme}/quant"),
     params:
         scheme=lambda wildcards: scheme_dict(wildcards.scheme),
-        entry=lambda wildcards: REG.all_models[wildcards.model],
+        entry=model_entry,
     log:
         "results/logs/quantize/{model}/{scheme}.log",
     benchmark:

@@ -17,7 +17,7 @@ rule report:
             category="Figures",
         ),
     params:
-        config=config,
+        config=canonical(config),
     log:
         "results/logs/report.log",
     resources:

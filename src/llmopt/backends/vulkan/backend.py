@@ -124,7 +124,7 @@ class VulkanBackend(Backend):
         self.wg, self.rows_per_wg, self.tile = int(spec["wg"]), int(spec["rows"]), int(spec["tile"])
         self.wg_reduce = int(spec.get("wg_reduce", self.wg))
         self.matvec_min_groups = int(spec.get("matvec_min_groups", 1))
-        self.matvec_xtile = int(spec.get("matvec_xtile", 0))
+        self.matvec_split = int(spec.get("matvec_split", 0))
         self.dev = Device(Path(kernel_dir), spec, profile=profile)
         self.probe = info
         self._pool: dict[int, list[Buffer]] = {}
@@ -299,12 +299,12 @@ class VulkanBackend(Backend):
             bindings = [self._whole(x.buf), pc.w, pc.s or self._whole(self.dummy), pc.z or self._whole(self.dummy),
                         bias, self._whole(out.buf)]
             if m <= MATVEC_MAX_M:
-                rows = self.rows_per_wg
-                while rows > 1 and -(-pc.rows // rows) < self.matvec_min_groups:
+                rows, sets = self.rows_per_wg, self.wg // self.matvec_split if self.matvec_split else 1
+                while rows > 1 and -(-pc.rows // (rows * sets)) < self.matvec_min_groups:
                     rows //= 2
-                gx, gy, _ = self._grid(-(-pc.rows // rows))
+                gx, gy, _ = self._grid(-(-pc.rows // (rows * sets)))
                 push = pack_push("IIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off)
-                self._run("matvec_quant", 6, (rows, *spec_tail, self.matvec_xtile), bindings, push, (gx, gy, m))
+                self._run("matvec_quant", 6, (rows, *spec_tail, self.matvec_split), bindings, push, (gx, gy, m))
             else:
                 push = pack_push("IIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m)
                 self._run("matmul_quant", 6, (self.tile, *spec_tail), bindings, push,

@@ -34,8 +34,8 @@ def device_config(probe: dict) -> dict:
     ``tile``: mat-mul tile edge; ``wg_reduce``: invocations of the one-workgroup-a-row shaders (norms,
     attention, argmax), whose latency at batch 1 falls with more invocations in flight; ``matvec_min_groups``:
     a mat-vec halves its rows a workgroup until it has this many workgroups (short outputs such as k/v and
-    down projections need them to keep a GPU's memory system busy); ``matvec_xtile``: x values a mat-vec
-    workgroup stages in shared memory at a time (0: read x from global memory; GPUs, see matvec_quant.comp).
+    down projections need them to keep a GPU's memory system busy); ``matvec_split``: invocations sharing one
+    set of mat-vec rows (0: the whole workgroup; GPUs want one subgroup, see matvec_quant.comp).
 
     CPU devices (lavapipe) run one invocation per SIMD lane group and pay for every barrier, so small workgroups
     (16 invocations, 8 rows each) win there by about 5x (FACTS §6); GPUs want 64-256 invocations a workgroup.
@@ -45,14 +45,14 @@ def device_config(probe: dict) -> dict:
     subgroup = int(device.get("subgroup_size") or 0)
     max_wg = int(device.get("max_workgroup_invocations") or 128)
     if device.get("type") == "cpu":
-        wg, rows, tile, wg_reduce, min_groups, xtile = 16, 8, 16, 16, 1, 0
+        wg, rows, tile, wg_reduce, min_groups, split = 16, 8, 16, 16, 1, 0
     else:  # measured on an H200 (bench/vulkan_decode.py, docs/benchmarks.md)
-        wg, rows, tile, wg_reduce, min_groups, xtile = 128, 8, 32, 1024, 1024, 4096
+        wg, rows, tile, wg_reduce, min_groups, split = 128, 8, 32, 1024, 1024, 0
     return {
         "defines": {"USE_SUBGROUP": int(bool(features.get("subgroup_arithmetic")) and subgroup > 0),
                     "SMALL_CODE": int(device.get("type") == "cpu")},
         "spec": {"wg": min(wg, max_wg), "rows": rows, "tile": tile, "wg_reduce": min(wg_reduce, max_wg),
-                 "matvec_min_groups": min_groups, "matvec_xtile": xtile},
+                 "matvec_min_groups": min_groups, "matvec_split": split},
     }
 
 
