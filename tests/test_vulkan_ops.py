@@ -254,6 +254,17 @@ def test_gpu_specializations(be, cpu, gen, monkeypatch, wg, rows, wg_reduce, spl
     assert torch.equal(be.argmax(be.from_host(logits)), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("attr,value,message", [("matvec_split", 24, "power of two"), ("matvec_split", 64, "power of two"),
+                                                  ("rows_per_wg", 4096, "shared memory")])
+def test_matvec_bad_specialization(be, gen, monkeypatch, attr, value, message):
+    """Sizes the mat-vec shader cannot run (a set size not dividing wg = 16, too much shared memory) are refused."""
+    monkeypatch.setattr(be, "wg", 16)
+    monkeypatch.setattr(be, attr, value)
+    w = be.linear_weight("w", random_qt(8, 64, 4, 32, True, torch.float16, gen))
+    with pytest.raises(LlmoptError, match=message):
+        be.linear(be.from_host(torch.randn(1, 1, 64, generator=gen)), w)
+
+
 def test_copy_shader(be, gen):
     data = torch.randint(-2**31, 2**31 - 1, (4096 + 12,), generator=gen, dtype=torch.int32)
     src = be.from_host(data.view(torch.float32).view(1, 1, -1))

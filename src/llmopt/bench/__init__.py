@@ -65,6 +65,20 @@ def _plan_of(plan_rec: dict) -> dict | None:
             "embedding": plan_rec.get("embedding"), "head": plan_rec.get("head")}
 
 
+# Constructor option naming the compile stage's output, per backend that loads compiled kernels.
+_KERNEL_DIR_OPTION = {"vulkan": "kernel_dir", "iree-cpu": "kernels_dir"}
+
+
+def _backends(names, kernel_dirs: dict) -> dict:
+    """Backend instances for ``names``, loading the compile stage's kernels (``kernel_dirs``) where it made them,
+    so what is measured is what the workflow compiled."""
+    from llmopt.backends import get_backend
+
+    return {name: get_backend(name, **({_KERNEL_DIR_OPTION[name]: kernel_dirs[name]}
+                                       if name in _KERNEL_DIR_OPTION and name in kernel_dirs else {}))
+            for name in names}
+
+
 def _measure(label, quant_dir, backend, plan, reference, vocab, s, target, progress) -> dict:
     """Load, check, time one configuration; every failure lands in the returned dict."""
     from llmopt.bench.measure import PeakMemory, check_correctness, time_engine
@@ -73,7 +87,10 @@ def _measure(label, quant_dir, backend, plan, reference, vocab, s, target, progr
     run = {"config": label, "plan": plan, "backend": backend if plan is None else None}
     try:
         with PeakMemory() as mem:
-            model = load_model(quant_dir, backend=backend, plan=plan)
+            names = {backend} if plan is None else {seg["device"] for seg in plan["segments"]} | {
+                plan["embedding"], plan["head"]}
+            instances = _backends(sorted(names), s.get("kernel_dirs") or {})
+            model = load_model(quant_dir, backend=instances.get(backend, backend), plan=plan, backends=instances)
             run["load_s"] = model.load_seconds
             run["devices"] = list(model.backends)
             run["correctness"] = check_correctness(model, reference, vocab, s["check_tokens"],

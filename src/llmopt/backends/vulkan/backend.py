@@ -299,7 +299,7 @@ class VulkanBackend(Backend):
             bindings = [self._whole(x.buf), pc.w, pc.s or self._whole(self.dummy), pc.z or self._whole(self.dummy),
                         bias, self._whole(out.buf)]
             if m <= MATVEC_MAX_M:
-                rows, sets = self.rows_per_wg, self.wg // self.matvec_split if self.matvec_split else 1
+                rows, sets = self.rows_per_wg, self._matvec_sets()
                 while rows > 1 and -(-pc.rows // (rows * sets)) < self.matvec_min_groups:
                     rows //= 2
                 gx, gy, _ = self._grid(-(-pc.rows // (rows * sets)))
@@ -309,6 +309,18 @@ class VulkanBackend(Backend):
                 push = pack_push("IIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m)
                 self._run("matmul_quant", 6, (self.tile, *spec_tail), bindings, push,
                           (-(-pc.rows // self.tile), -(-m // self.tile), 1))
+
+    def _matvec_sets(self) -> int:
+        """Row sets a mat-vec workgroup holds, after checking the specialization sizes against the shader and device."""
+        split, wg = self.matvec_split, self.wg
+        if split and (split & (split - 1) or wg % split):
+            raise LlmoptError(f"matvec_split {split}: expected 0 or a power of two dividing the workgroup size {wg}")
+        shared = 4 * self.rows_per_wg * wg  # matvec_quant.comp's `part` array
+        limit = int(self.probe["device"].get("max_shared_memory_bytes") or shared)
+        if shared > limit:
+            raise LlmoptError(f"mat-vec rows {self.rows_per_wg} x workgroup {wg} need {shared} bytes of shared memory; "
+                              f"the device allows {limit}")
+        return wg // split if split else 1
 
     def rmsnorm(self, x, weight, eps, unit_offset, group=None):
         group = group or x.features
