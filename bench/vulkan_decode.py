@@ -10,7 +10,7 @@
    the two is the ceiling the rest is compared with.
 2. int4 mat-vec (group 128, fp16 scales) on the decode shapes of Qwen2.5-7B, each workgroup-size/rows/set-size
    specialization (SWEEP): weight bytes read per second, against the copy bandwidth. Four weight copies rotate so the
-   L2 cache cannot serve repeats.
+   L2 cache cannot serve repeats; configurations are taken round-robin and the fastest round kept (clocks drift).
 3. Decode at batch 1 through the engine (``llmopt.engine.Model`` on ``VulkanBackend``) for full-scale
    synthetic Qwen2.5-7B and Gemma 2 9B with random int4 weights made here (nothing large is shipped):
    wall-clock tok/s of ``decode_step`` (Python recording of every dispatch included) and the GPU time of one

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llmopt.backends.base import AttnSpec
+from llmopt.errors import LlmoptError
 from llmopt.quant.format import QuantizedTensor, pack_bits
 
 vulkan = pytest.importorskip("llmopt.backends.vulkan")

@@ -201,6 +201,10 @@ def _choose_mixed(index: dict, scheme: dict, plan: dict, stats: dict, model_entr
     budget_b, bpw = schemes.budget_bytes(scheme, model_entry, total_params)
     fixed = sum(_numel(shape) * _DTYPE_BYTES.get(dtype, 4) for name, (_, dtype, shape) in index.items() if name not in plan)
     names, costs, losses = list(plan), [], []
+    floor = fixed + sum(min(_format_bytes(s, index[n][2]) for s in specs if s.fits(index[n][2])) for n in names)
+    if budget_b < floor:  # checked before the (slow) sensitivity pass
+        raise LlmoptError(f"scheme '{scheme['name']}': budget {budget_b} bytes ({bpw:.3f} bpw) is below the floor "
+                          f"{floor} bytes ({8 * floor / total_params:.3f} bpw: every tensor at its smallest format)")
     kind = stats["sensitivity"]
     for name in tqdm(names, desc=f"sensitivity ({kind}, {len(specs)} formats)", unit="tensor"):
         path, _, shape = index[name]
@@ -220,10 +224,6 @@ def _choose_mixed(index: dict, scheme: dict, plan: dict, stats: dict, model_entr
         losses.append(row_l)
         del w
         _release_freed_memory()
-    floor = fixed + sum(min(c) for c in costs)
-    if budget_b < floor:
-        raise LlmoptError(f"scheme '{scheme['name']}': budget {budget_b} bytes ({bpw:.3f} bpw) is below the floor "
-                          f"{floor} bytes ({8 * floor / total_params:.3f} bpw: every tensor at its smallest format)")
     picks = knapsack(costs, [[x if x != float("inf") else 1e300 for x in row] for row in losses], budget_b - fixed)
     chosen = {n: specs[p] for n, p in zip(names, picks)}
     used = fixed + sum(c[p] for c, p in zip(costs, picks))
@@ -233,6 +233,12 @@ def _choose_mixed(index: dict, scheme: dict, plan: dict, stats: dict, model_entr
     return chosen, {"bytes": budget_b, "bpw": bpw, "used_bytes": used, "floor_bytes": floor,
                     "sensitivity": kind, "formats": counts, "total_loss": sum(l[p] for l, p in zip(losses, picks)),
                     "losses": {n: l[p] for n, l, p in zip(names, losses, picks)}}
+
+
+def _format_bytes(spec: Spec, shape) -> int:
+    """Stored bytes of a ``shape`` weight in ``spec`` (codes + fp16/bf16 scales + zeros), as format.py lays it out."""
+    out, n_in = shape
+    return out * n_in * spec.bits // 8 + 2 * out * (n_in // spec.group_for(n_in)) * (1 if spec.sym else 2)
 
 
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
