@@ -9,5 +9,5 @@ from llmopt.workflow import rule_step
 with rule_step(snakemake):  # noqa: F821 (injected by Snakemake)
     smk = snakemake  # noqa: F821
     probes = {Path(p).stem: read_json(p) for p in smk.input.probes}
-    settings = {**smk.params.settings, "calibration": smk.input.calibration}
+    settings = {**smk.params.settings, "calibration": smk.input.calibration, "laptop": smk.input.laptop}
     write_plan(Path(smk.input.quant), smk.params.entry, smk.wildcards.target, probes, settings, Path(smk.output[0]))

@@ -270,10 +270,38 @@ def laptop_plan(arch: Arch, precision: Precision, settings: dict, budgets: dict,
     return out
 
 
+def laptop_record(quant_dir: Path, model_entry: dict, settings: dict) -> dict:
+    """The full-scale Phoenix laptop plans of a model at the bits per weight of its quantized folder (it depends on
+    the model and scheme, not on the target: the workflow computes it once, ``write_laptop_plan``)."""
+    quant_dir = Path(quant_dir)
+    model_id = model_entry.get("id") or quant_dir.parent.parent.name
+    scheme = quant_dir.parent.name
+    arch = Arch.from_hf(read_json(quant_dir / "config.json"), where=str(quant_dir / "config.json"))
+    linear_bpw, embed_bpw = measured_bpw(arch, measured_unit_bytes(quant_dir))
+    # At this scheme's bits per weight: quant.json's figure for the quantized tensors when present (exact for the
+    # scheme at any scale); the file sizes otherwise (they include the norms, which weigh more in a tiny model).
+    qjson = read_json(quant_dir / "quant.json") if (quant_dir / "quant.json").is_file() else {}
+    full_bpw = qjson.get("quantized_bits_per_weight") or linear_bpw
+    try:
+        full_arch = Arch.from_hf(entry_config(model_entry, model_id), where=f"models.yaml: {model_id}")
+        full = Precision(full_bpw, min(embed_bpw, 16.0), 2.0, 2.0, name=scheme)  # float tables ship as bf16
+        return laptop_plan(full_arch, full, settings, budgets_from(settings), model_entry.get("seed"))
+    except LlmoptError as err:
+        return {"error": str(err)}
+
+
+def write_laptop_plan(quant_dir: Path, model_entry: dict, settings: dict, out: Path) -> dict:
+    """Write ``laptop.json``: the record ``laptop_record`` computes, which every target's partition.json embeds."""
+    record = laptop_record(quant_dir, model_entry, settings)
+    write_json(out, record)
+    return record
+
+
 def write_plan(quant_dir: Path, model_entry: dict, target: str, probes: dict, settings: dict, out: Path) -> dict:
     """Write ``partition.json`` (+ ``partition.png``) for ``target``: the optimal plan over the present devices,
-    the seed heuristic, and the full-scale Phoenix laptop plan. An absent target or infeasible budget is
-    recorded (``skipped`` / ``error``) rather than raised, so the report can show it."""
+    the seed heuristic, and the full-scale Phoenix laptop plan (read from ``settings["laptop"]``, a file of
+    ``write_laptop_plan``, when given). An absent target or infeasible budget is recorded (``skipped`` /
+    ``error``) rather than raised, so the report can show it."""
     quant_dir, out = Path(quant_dir), Path(out)
     model_id = model_entry.get("id") or quant_dir.parent.parent.name
     scheme = quant_dir.parent.name
@@ -286,17 +314,8 @@ def write_plan(quant_dir: Path, model_entry: dict, target: str, probes: dict, se
     record = {"model": model_id, "scheme": scheme, "target": target, "budgets": budgets,
               "scale": (read_json(quant_dir / "manifest.json").get("scale") if (quant_dir / "manifest.json").is_file()
                         else None)}
-    # The seed's question at full scale, at this scheme's bits per weight: quant.json's figure for the quantized
-    # tensors when present (exact for the scheme at any scale); the file sizes otherwise (they include the norms,
-    # which weigh more in a tiny model).
-    qjson = read_json(quant_dir / "quant.json") if (quant_dir / "quant.json").is_file() else {}
-    full_bpw = qjson.get("quantized_bits_per_weight") or linear_bpw
-    try:
-        full_arch = Arch.from_hf(entry_config(model_entry, model_id), where=f"models.yaml: {model_id}")
-        full = Precision(full_bpw, min(embed_bpw, 16.0), 2.0, 2.0, name=scheme)  # float tables ship as bf16
-        record["laptop"] = laptop_plan(full_arch, full, settings, budgets, model_entry.get("seed"))
-    except LlmoptError as err:
-        record["laptop"] = {"error": str(err)}
+    record["laptop"] = (read_json(settings["laptop"]) if settings.get("laptop")
+                        else laptop_record(quant_dir, model_entry, settings))
     devices_wanted = (settings.get("partition_devices") or DEFAULT_DEVICES).get(target, [target, "cpu"])
     absent = {d: probes.get(d, {}).get("reason", "no probe") for d in devices_wanted
               if not probes.get(d, {}).get("present")}
