@@ -103,7 +103,6 @@ def test_partition_plan_across_vulkan_and_cpu(tiny, tmp_path):
     assert rec["plan_summary"]["predicted"] == {"decode_tok_s": 100.0}
 
 
-@pytest.mark.slow
 @pytest.mark.real_model
 def test_llama_cpp_baseline_on_the_real_gguf():
     pytest.importorskip("llama_cpp")

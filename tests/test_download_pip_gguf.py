@@ -67,7 +67,6 @@ def test_tokenizer_and_chat_template(reference_model_dir):
     assert chat == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
 
 
-@pytest.mark.slow
 def test_real_weights_know_english(reference_model_dir):
     """Real, correctly converted weights: Hamlet's line is far likelier than the same tokens shuffled."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

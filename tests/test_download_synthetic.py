@@ -160,7 +160,6 @@ def test_bad_entries():
         build_config({k: v for k, v in entry.items() if k != "tiny"}, "tiny")
 
 
-@pytest.mark.slow
 def test_full_scale_streams_with_low_peak_memory(tmp_path):
     """Full-scale Gemma 3 270M shapes (536 MB of bf16) written with ~constant memory: peak RSS grows < 150 MB."""
     code = f"""

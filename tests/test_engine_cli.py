@@ -44,7 +44,6 @@ def test_reference_flag_only_for_torch_backends(tiny_folder, capsys):
 
 
 @pytest.mark.real_model
-@pytest.mark.slow
 def test_streams_greedy_text(reference_model_dir, capsys):
     from llmopt.engine import load_model
 

@@ -14,7 +14,7 @@ import torch
 from llmopt.backends import get_backend
 from llmopt.engine import load_model
 
-pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+pytestmark = pytest.mark.real_model
 PROMPT = "The history of the city of Rome begins"
 
 

@@ -148,7 +148,6 @@ def test_tiny_qwen25_vl_with_image(backends, tmp_path):
 
 
 @pytest.mark.real_model
-@pytest.mark.slow
 def test_real_gemma3_270m_matches_cpu(backends, reference_model_dir):
     vk_model, cpu_model = (load_model(reference_model_dir, backend=b) for b in backends)
     prompt = "The history of the city of Rome begins"

@@ -15,7 +15,7 @@ import yaml
 
 from test_workflow_dag import REPO, job_counts, snakemake
 
-pytestmark = [pytest.mark.workflow, pytest.mark.slow]
+pytestmark = pytest.mark.workflow
 MODELS = ["gemma-2-2b-it", "qwen2.5-14b-instruct"]
 
 
@@ -65,7 +65,8 @@ def test_model_edit_reruns_only_that_models_chain(run):
     finally:
         models.write_text(original)
     counts = job_counts(out)
-    assert counts == {"download": 1, "quantize": 1, "partition": 2, "benchmark": 2, "report": 1, "all": 1}, counts
+    assert counts == {"download": 1, "quantize": 1, "laptop_plan": 1, "partition": 2, "benchmark": 2, "report": 1,
+                      "all": 1}, counts
     assert "gemma-2-2b-it/w4g128" not in out.split("rule report")[0]
     assert "Nothing to be done" in snakemake(workdir, *args, "-n").out  # the same entry again: nothing to redo
 
