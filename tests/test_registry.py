@@ -34,7 +34,7 @@ def test_default_config_covers_eight_seed_models_and_the_reference():
     assert reg.config["scale"] == "tiny"
     assert set(reg.targets) == {"cpu", "vulkan", "npu", "iree-cpu", "cuda"}
     assert reg.schemes["w4g128"] == {"name": "w4g128", "method": "rtn", "bits": 4, "group": 128, "sym": True,
-                                     "scale_dtype": "float16"}
+                                     "scale_dtype": "float16", "perplexity": {"texts": ["hamlet"], "tokens": 2048}}
     assert {"w4g128", "w8", "seed-size"} <= set(reg.config["schemes"])
     assert all(entry["id"] == mid for mid, entry in reg.all_models.items())
 
