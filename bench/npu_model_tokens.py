@@ -18,7 +18,6 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from llmopt.backends.cpu import CpuBackend
+from llmopt.bench.measure import engine_once
 from llmopt.download.pip_gguf import ensure_reference_model
 from llmopt.engine import load_model
 from llmopt.fsutil import write_json
@@ -47,13 +47,9 @@ def quantized_copy(src: Path, dst: Path) -> None:
 
 
 def run(model, prompt: torch.Tensor, gen: int) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    logits, state = model.prefill(prompt, max_len=prompt.shape[1] + gen + 1)
-    t1 = time.perf_counter()
-    for _ in range(gen):
-        logits = model.decode_step(state, logits.argmax(-1))
-    t2 = time.perf_counter()
-    return prompt.shape[1] / (t1 - t0), gen / (t2 - t1)
+    """Prefill and decode tok/s of one run, timed as the benchmark stage times it."""
+    prefill_s, decode_s = engine_once(model, prompt, gen)
+    return prompt.shape[1] / prefill_s, gen / decode_s
 
 
 def main() -> None:

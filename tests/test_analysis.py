@@ -28,7 +28,7 @@ def registry_models():
 def test_full_scale_parameter_counts_match_published(registry_models):
     assert set(PUBLISHED) <= set(registry_models)
     for model_id, count in PUBLISHED.items():
-        an = analyze(Arch.from_hf(entry_config(registry_models[model_id], model_id)))
+        an = analyze(Arch.from_entry(registry_models[model_id], model_id))
         assert an.params == count, model_id
 
 
@@ -65,13 +65,13 @@ def test_precision_from_scheme():
 
 def test_decode_bytes_and_kv_cache_follow_windows(registry_models):
     e = registry_models["gemma-2-9b-it"]
-    arch = Arch.from_hf(entry_config(e, "gemma-2-9b-it"))
-    an = analyze(arch, Precision(linear_bpw=4.125, kv_bytes=2))
-    kv_per_tok = 2 * arch.n_kv_heads * arch.head_dim * 2  # K and V, fp16
-    assert an.kv_bytes_per_token() == arch.n_layers * kv_per_tok
+    arch = Arch.from_entry(e, "gemma-2-9b-it")
+    an, a = analyze(arch, Precision(linear_bpw=4.125, kv_bytes=2)), arch.args
+    kv_per_tok = 2 * a.n_kv_heads * a.head_dim * 2  # K and V, fp16
+    assert an.kv_bytes_per_token() == a.n_layers * kv_per_tok
     # Gemma 2 alternates 4096-token sliding layers with global ones: past the window only globals keep growing.
-    n_global = sum(w is None for w in arch.windows)
-    assert n_global == arch.n_layers // 2
+    n_global = sum(w is None for w in a.windows)
+    assert n_global == a.n_layers // 2
     grow = an.kv_cache_bytes(8192) - an.kv_cache_bytes(4096)
     assert grow == n_global * kv_per_tok * 4096
     # Batch-1 decode reads every linear weight once, the head once, one embedding row, and the cache.
@@ -91,10 +91,10 @@ def test_prefill_counts_causal_attention_exactly():
 
 
 def test_vision_towers_are_counted(registry_models):
-    vl = analyze(Arch.from_hf(entry_config(registry_models["qwen2.5-vl-7b-instruct"], "vl")))
+    vl = analyze(Arch.from_entry(registry_models["qwen2.5-vl-7b-instruct"], "vl"))
     assert vl.arch.vision["params"] == 676_550_144  # Qwen2.5-VL-7B 'visual.*' tensors
     assert vl.arch.vision["tokens_per_image"] == 256
-    g3 = analyze(Arch.from_hf(entry_config(registry_models["gemma-3-27b-it"], "g3")))
+    g3 = analyze(Arch.from_entry(registry_models["gemma-3-27b-it"], "g3"))
     assert g3.arch.vision["tokens_per_image"] == 256 and g3.arch.vision["flops_per_image"] > 1e12
 
 
@@ -115,6 +115,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         Arch.from_hf({"model_type": "llama", "hidden_size": 8})
     with pytest.raises(LlmoptError, match="needs 'family'"):
         entry_config({"family": "mamba", "architecture": {}}, "m")
+    with pytest.raises(LlmoptError, match="models.yaml: m: missing field 'hidden_size'"):
+        Arch.from_entry({"family": "qwen2", "architecture": {"num_attention_heads": 4}}, "m")
+    with pytest.raises(LlmoptError, match="config.json: file not found"):
+        Arch.from_folder(tmp_path)
     with pytest.raises(LlmoptError, match="no \\*.safetensors"):
         measured_unit_bytes(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")

@@ -111,3 +111,14 @@ def test_llama_cpp_baseline_on_the_real_gguf():
 
     b = llama_cpp_baseline(assemble_gguf(), prompt=32, gen=8, warmup=0, repeats=1)
     assert b["decode_tok_s"]["median"] > 0 and b["prefill_tok_s"]["median"] > 0 and "llama-cpp-python" in b["engine"]
+
+
+def test_time_runs_drops_warmup_and_counts_every_token():
+    from llmopt.bench.measure import time_runs
+
+    calls = iter([(9.0, 9.0), (0.5, 2.0), (0.25, 4.0)])  # one warm-up run, then two timed ones
+    t = time_runs(lambda: next(calls), batch=2, prompt=10, gen=8, warmup=1, repeats=2)
+    assert t["prefill_tok_s"]["samples"] == [40.0, 80.0]  # batch x prompt / prefill seconds
+    assert t["decode_tok_s"]["samples"] == [8.0, 4.0]  # batch x gen / decode seconds
+    assert t["ttft_s"]["samples"] == [0.5, 0.25] and t["decode_tok_s"]["median"] == 6.0
+    assert (t["batch"], t["prompt"], t["gen"]) == (2, 10, 8)

@@ -1,8 +1,8 @@
 """Engine vs Hugging Face transformers at tiny scale, every family, fresh random weights on every run.
 
-Each test builds a tiny HF model from transformers' own config class, randomizes every parameter (norm weights
-and biases included, so no term is trivially zero), saves it, loads it with llmopt and compares float32 logits.
-Sliding windows (5) are shorter than the sequences (13+), so window masking is exercised.
+Each test builds a tiny HF model (tests/tiny_models.py: transformers' own config classes, every parameter random,
+norm weights and biases included, so no term is trivially zero), saves it, loads it with llmopt and compares
+float32 logits. Sliding windows (5) are shorter than the sequences (13+), so window masking is exercised.
 Tolerance: |llmopt - HF| <= 1e-4 absolute on logits of magnitude ~1-10 (float32, different op order).
 """
 
@@ -12,51 +12,9 @@ import pytest
 import torch
 
 from llmopt.engine import load_model
+from tiny_models import COMMON, FAMILIES, randomize
 
 ATOL = 1e-4
-COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
-    return model.eval()
-
-
-def gemma2():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    return Gemma2ForCausalLM(Gemma2Config(**COMMON, sliding_window=5, attn_logit_softcapping=5.0,
-                                          final_logit_softcapping=3.0, query_pre_attn_scalar=24))
-
-
-def gemma3():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
-    types = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
-    return Gemma3ForCausalLM(Gemma3TextConfig(**COMMON, sliding_window=5, query_pre_attn_scalar=24,
-                                              rope_parameters=rope, layer_types=types))
-
-
-def qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
-
-
-def qwen2_sliding():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=True, use_sliding_window=True, sliding_window=5,
-                                        max_window_layers=2))
-
-
-FAMILIES = {"gemma2": gemma2, "gemma3": gemma3, "qwen2": qwen2, "qwen2-sliding": qwen2_sliding}
 
 
 @pytest.fixture(params=list(FAMILIES), scope="module")

@@ -14,27 +14,13 @@ import torch
 from llmopt.engine import load_model
 from llmopt.engine.vision import ImageInput, preprocess_image
 from llmopt.errors import LlmoptError
-
-IMAGE_TOKEN, VSTART, VEND = 300, 301, 302
+from tiny_models import IMAGE_TOKEN, VISION_END, VISION_START, qwen25_vl, randomize
 
 
 @pytest.fixture(scope="module")
 def tiny_vl(tmp_path_factory):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    text = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6})
-    vision = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, patch_size=14,
-                  window_size=56, fullatt_block_indexes=[1, 3], spatial_merge_size=2, temporal_patch_size=2)
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
-                           vision_start_token_id=VSTART, vision_end_token_id=VEND, video_token_id=303)
     seed = int(torch.randint(0, 2**30, ()))
-    torch.manual_seed(seed)
-    hf = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.copy_(torch.randn(p.shape) * 0.1)
+    hf = randomize(qwen25_vl(), seed, scale=0.1)
     folder = tmp_path_factory.mktemp("qwen25vl")
     hf.save_pretrained(folder)
     return seed, hf, load_model(folder)
@@ -70,7 +56,7 @@ def test_text_and_image_prompt_logits_match_hf(tiny_vl):
     seed, hf, model = tiny_vl
     image = preprocess_image(random_image(84, 140), model.args.vision)
     n = image.n_tokens(2)
-    ids = torch.tensor([[5, 6, 7, VSTART] + [IMAGE_TOKEN] * n + [VEND, 8, 9, 10, 11]])
+    ids = torch.tensor([[5, 6, 7, VISION_START] + [IMAGE_TOKEN] * n + [VISION_END, 8, 9, 10, 11]])
     with torch.no_grad():
         ref = hf(input_ids=ids, pixel_values=image.pixel_values, image_grid_thw=torch.tensor([image.grid_thw]),
                  mm_token_type_ids=(ids == IMAGE_TOKEN).int()).logits
@@ -115,8 +101,8 @@ def test_generate_with_image_file_expands_placeholder(tiny_vl, tmp_path):
     path = tmp_path / "img.png"
     random_image(70, 90).save(path)
     image = preprocess_image(path, model.args.vision)
-    out = model.generate([5, VSTART, IMAGE_TOKEN, VEND, 7], images=[path], max_new_tokens=5, stop_ids=[])
-    ids = [5, VSTART] + [IMAGE_TOKEN] * image.n_tokens(2) + [VEND, 7]
+    out = model.generate([5, VISION_START, IMAGE_TOKEN, VISION_END, 7], images=[path], max_new_tokens=5, stop_ids=[])
+    ids = [5, VISION_START] + [IMAGE_TOKEN] * image.n_tokens(2) + [VISION_END, 7]
     assert out.prompt_tokens[0] == ids
     logits, state = model.prefill([ids], images=[image], max_len=len(ids) + 5)
     expected = []
@@ -148,7 +134,7 @@ def test_packed_vl_model_fast_matches_reference(tiny_vl, tmp_path):
     fast = load_model(dst, backend=get_backend("cpu", repack_cache=None))
     ref = load_model(dst, backend=get_backend("cpu", quant="reference"))
     image = preprocess_image(random_image(56, 84), model.args.vision)
-    ids = torch.tensor([[5, VSTART] + [IMAGE_TOKEN] * image.n_tokens(2) + [VEND, 6]])
+    ids = torch.tensor([[5, VISION_START] + [IMAGE_TOKEN] * image.n_tokens(2) + [VISION_END, 6]])
     a, b = fast.forward_logits(ids, images=[image]), ref.forward_logits(ids, images=[image])
     assert (a - b).abs().max() <= 2e-2 * b.abs().max(), f"seed={seed}"
     assert fast.backends["cpu"].kinds["int4pack"] > 0

@@ -19,10 +19,10 @@ from llmopt.backends.cpu import CpuBackend
 from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.format import QuantizedTensor, pack_bits, save_packed
+from tiny_models import COMMON, FAMILIES, save_random
 
 ATOL = 1e-4
-COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+SIZES = dict(intermediate_size=128, num_hidden_layers=3)  # tiny_models.COMMON otherwise
 
 
 def rtn(w: torch.Tensor, bits: int, group: int, sym: bool) -> QuantizedTensor:
@@ -41,19 +41,7 @@ def rtn(w: torch.Tensor, bits: int, group: int, sym: bool) -> QuantizedTensor:
 
 
 def tiny_folder(tmp_path, family: str, seed: int, bits=4, sym=True):
-    from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    if family == "gemma2":
-        hf = Gemma2ForCausalLM(Gemma2Config(**COMMON, sliding_window=5, attn_logit_softcapping=5.0,
-                                            final_logit_softcapping=3.0, query_pre_attn_scalar=24))
-    else:
-        hf = Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=False))
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.copy_(torch.randn(p.shape) * 0.15)
-    folder = tmp_path / family
-    hf.save_pretrained(folder)
+    folder = save_random(FAMILIES[family](**SIZES), tmp_path / family, seed)
     tensors = load_file(folder / "model.safetensors")
     packed = {n: rtn(t, bits, 32, sym) if t.ndim == 2 and n.endswith("proj.weight") else t for n, t in tensors.items()}
     save_packed(folder / "model.safetensors", packed)

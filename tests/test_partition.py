@@ -10,7 +10,7 @@ import random
 import pytest
 
 from llmopt import roofline
-from llmopt.analysis import Arch, Precision, analyze, entry_config
+from llmopt.analysis import Arch, Precision, analyze
 from llmopt.errors import LlmoptError
 from llmopt.fsutil import write_json
 from llmopt.partition import DEFAULT_BUDGETS, laptop_plan, parse_bytes, solve, write_plan
@@ -75,7 +75,7 @@ def qwen7b():
 
 
 def test_laptop_plan_beats_or_equals_the_seed_heuristic(qwen7b):
-    arch = Arch.from_hf(entry_config(qwen7b, "qwen2.5-7b-instruct"))
+    arch = Arch.from_entry(qwen7b, "qwen2.5-7b-instruct")
     lap = laptop_plan(arch, Precision(linear_bpw=4.125), {}, DEFAULT_BUDGETS, qwen7b["seed"])
     for prof in ("phoenix-ddr5", "phoenix-lpddr5x"):
         p = lap[prof]
@@ -167,7 +167,7 @@ def test_engine_executes_the_written_plan(tmp_path, qwen7b):
 
 
 def test_roofline_prediction_is_bounded_by_its_ceiling(qwen7b):
-    an = analyze(Arch.from_hf(entry_config(qwen7b, "q")), Precision(linear_bpw=4.125))
+    an = analyze(Arch.from_entry(qwen7b, "q"), Precision(linear_bpw=4.125))
     for prof in roofline.stated_profiles().values():
         for dev in prof.devices:
             p = roofline.predict(an, prof, dev)

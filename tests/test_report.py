@@ -123,3 +123,12 @@ def test_every_plot_renders_in_headless_chromium(results, tmp_path):
 
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[0] >= 2000 and pixels.std() > 0.05  # a rendered page, not a blank one
+
+
+def test_bare_table_columns_are_key_header_and_no_format(tmp_path):
+    from llmopt.report.render import Section, Table, render_markdown
+
+    t = Table(["model", ("tok_s", "tok/s", ".1f")], [{"model": "m", "tok_s": 12.345}])
+    assert t.columns == [("model", "model", None), ("tok_s", "tok/s", ".1f")]
+    md = render_markdown([Section("S", tables=[t])], "T", tmp_path)
+    assert "| model | tok/s |" in md and "| m | 12.3 |" in md

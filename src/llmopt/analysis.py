@@ -17,8 +17,13 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmopt.errors import LlmoptError
+
+if TYPE_CHECKING:  # importing llmopt.engine loads the model code and torch: only from_hf needs it
+    from llmopt.engine.config import ModelArgs
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -50,38 +55,34 @@ class Precision:
 
 @dataclass(frozen=True)
 class Arch:
-    """The decoder facts the cost model needs, normalised across families."""
+    """The decoder exactly as the engine reads it (``ModelArgs``: windows, tied embeddings, QK-norm, biases) and
+    the vision tower's weights and FLOPs per image."""
 
-    model_type: str
-    hidden: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-    tied: bool
-    qkv_bias: bool
-    qk_norm: bool
-    sandwich_norms: bool  # Gemma 2/3: pre- and post- norms around attention and MLP
-    windows: tuple  # per layer: sliding window in tokens, or None for global attention
+    args: ModelArgs
     vision: dict | None = None  # {"params", "flops_per_image", "tokens_per_image"}
 
     @classmethod
     def from_hf(cls, cfg: dict, where: str = "config") -> "Arch":
-        """Decoder facts exactly as the engine reads them (``ModelArgs.from_hf``), plus the vision tower."""
         from llmopt.engine.config import ModelArgs
 
         args = ModelArgs.from_hf(cfg, where=where)
-        return cls(
-            model_type=args.family, hidden=args.hidden, n_layers=args.n_layers, n_heads=args.n_heads,
-            n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, ffn=args.ffn, vocab=args.vocab_size,
-            tied=args.tie_embeddings, qkv_bias=args.qkv_bias, qk_norm=args.qk_norm,
-            sandwich_norms=args.sandwich_norm, windows=tuple(args.windows), vision=_vision(cfg, args),
-        )
+        return cls(args, _vision(cfg, args))
+
+    @classmethod
+    def from_folder(cls, model_dir: str | Path) -> "Arch":
+        """The architecture of a model folder (its ``config.json``)."""
+        from llmopt.fsutil import read_json
+
+        path = Path(model_dir) / "config.json"
+        return cls.from_hf(read_json(path), where=str(path))
+
+    @classmethod
+    def from_entry(cls, entry: dict, model_id: str = "model") -> "Arch":
+        """The full-scale architecture of a registry entry (``entry_config``)."""
+        return cls.from_hf(entry_config(entry, model_id), where=f"models.yaml: {model_id}")
 
 
-def _vision(cfg: dict, args) -> dict | None:
+def _vision(cfg: dict, args: ModelArgs) -> dict | None:
     """Weights and FLOPs per image of the vision tower: SigLIP (Gemma 3, one 896x896 image, pooled to
     ``mm_tokens_per_image``) or the Qwen2.5-VL ViT (one 448x448 image, 2x2 merged)."""
     if args.vision is not None:  # Qwen2.5-VL ViT: RMSNorm, qkv/proj with bias, SwiGLU with bias, merger MLP
@@ -161,14 +162,15 @@ class Analysis:
     ops: list[Op] = field(default_factory=list)
 
     def units(self) -> list[tuple[str, int | None]]:
-        return [("embed", None)] + [("layer", i) for i in range(self.arch.n_layers)] + [("head", None)]
+        return [("embed", None)] + [("layer", i) for i in range(self.arch.args.n_layers)] + [("head", None)]
 
     def unit_ops(self, unit: str, layer: int | None = None) -> list[Op]:
         return [op for op in self.ops if op.unit == unit and op.layer == layer]
 
     def _stored(self) -> list[Op]:
         """Ops whose weights are stored: a tied head reuses the embedding table."""
-        return [op for op in self.ops if not (op.unit == "head" and op.kind == "linear" and self.arch.tied)]
+        tied = self.arch.args.tie_embeddings
+        return [op for op in self.ops if not (op.unit == "head" and op.kind == "linear" and tied)]
 
     @property
     def params(self) -> int:
@@ -217,13 +219,13 @@ class Analysis:
 
 def analyze(arch: Arch, precision: Precision = Precision()) -> Analysis:
     """Every op of the decoder with its parameters, bytes, FLOPs and KV traffic."""
-    a, p = arch, precision
+    a, p = arch.args, precision
     q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    lin_b, flt_b, h = p.linear_bpw / 8.0, p.float_bytes, a.hidden
+    lin_b, flt_b, h, vocab = p.linear_bpw / 8.0, p.float_bytes, a.hidden, a.vocab_size
     act_b = 4.0  # activations are float32 between ops
     result = Analysis(arch, precision)
     ops = result.ops
-    ops.append(Op("embed", None, "embed_tokens", "embedding", a.vocab * h, a.vocab * h * p.embed_bpw / 8.0,
+    ops.append(Op("embed", None, "embed_tokens", "embedding", vocab * h, vocab * h * p.embed_bpw / 8.0,
                   flops_per_token=h, act_bytes_per_token=h * (p.embed_bpw / 8.0 + act_b)))  # one row per token
 
     def linear(i, name, n_in, n_out, bias=False):
@@ -250,20 +252,20 @@ def analyze(arch: Arch, precision: Precision = Precision()) -> Analysis:
                       window=a.windows[i], act_bytes_per_token=2 * q_out * act_b))
         linear(i, "o_proj", q_out, h)
         norm(i, "post_attention_layernorm", h)
-        if a.sandwich_norms:
+        if a.sandwich_norm:
             norm(i, "pre_feedforward_layernorm", h)
         linear(i, "gate_proj", h, a.ffn)
         linear(i, "up_proj", h, a.ffn)
         ops.append(Op("layer", i, "gated_act", "elementwise", 0, 0.0, flops_per_token=10.0 * a.ffn,
                       act_bytes_per_token=3 * a.ffn * act_b))
         linear(i, "down_proj", a.ffn, h)
-        if a.sandwich_norms:
+        if a.sandwich_norm:
             norm(i, "post_feedforward_layernorm", h)
     ops.append(Op("head", None, "norm", "norm", h, h * flt_b, flops_per_token=4.0 * h,
                   act_bytes_per_token=2 * h * act_b))
-    head_bytes = a.vocab * h * p.embed_bpw / 8.0
-    ops.append(Op("head", None, "lm_head", "linear", a.vocab * h, head_bytes, flops_per_token=2.0 * a.vocab * h,
-                  act_bytes_per_token=(h + a.vocab) * act_b))
+    head_bytes = vocab * h * p.embed_bpw / 8.0
+    ops.append(Op("head", None, "lm_head", "linear", vocab * h, head_bytes, flops_per_token=2.0 * vocab * h,
+                  act_bytes_per_token=(h + vocab) * act_b))
     return result
 
 
@@ -325,13 +327,6 @@ def entry_config(entry: dict, model_id: str = "model") -> dict:
                "mm_tokens_per_image": vision.get("mm_tokens_per_image", 256),
                "tie_word_embeddings": arch.get("tie_word_embeddings", True)}
     return cfg
-
-
-def load_arch(model_dir: str | Path) -> Arch:
-    from llmopt.fsutil import read_json
-
-    path = Path(model_dir) / "config.json"
-    return Arch.from_hf(read_json(path), where=str(path))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from llmopt import roofline
-from llmopt.analysis import Analysis, Arch, Precision, analyze, entry_config, measured_unit_bytes
+from llmopt.analysis import Analysis, Arch, Precision, analyze, measured_unit_bytes
 from llmopt.errors import LlmoptError
 from llmopt.fsutil import read_json, write_json
 
@@ -81,7 +81,7 @@ def tied_bytes(an: Analysis, measured: dict | None) -> float:
     """Bytes of the table shared by embedding and head (0 when untied)."""
     if measured is not None:
         return float(measured.get("embed", 0)) if measured.get("tied") else 0.0
-    return an.unit_ops("embed")[0].weight_bytes if an.arch.tied else 0.0
+    return an.unit_ops("embed")[0].weight_bytes if an.arch.args.tie_embeddings else 0.0
 
 
 def unit_costs(an: Analysis, profile: roofline.Profile, devices: list[str], prompt: int, ctx: int, batch: int):
@@ -145,7 +145,7 @@ def _fmt_budgets(budgets: dict) -> str:
 def seed_heuristic(an: Analysis, devices: list[str]) -> tuple[list[str], str]:
     """The seed's rule: a size class fixes the share of layers on the NPU (first layers), the rest and the
     embedding/head on the iGPU (or the CPU without one). Without an NPU: everything on the first device."""
-    n = an.arch.n_layers
+    n = an.arch.args.n_layers
     if "npu" not in devices:
         return [devices[0]] * (n + 2), f"single device ({devices[0]})"
     params = an.params
@@ -276,14 +276,14 @@ def laptop_record(quant_dir: Path, model_entry: dict, settings: dict) -> dict:
     quant_dir = Path(quant_dir)
     model_id = model_entry.get("id") or quant_dir.parent.parent.name
     scheme = quant_dir.parent.name
-    arch = Arch.from_hf(read_json(quant_dir / "config.json"), where=str(quant_dir / "config.json"))
+    arch = Arch.from_folder(quant_dir)
     linear_bpw, embed_bpw = measured_bpw(arch, measured_unit_bytes(quant_dir))
     # At this scheme's bits per weight: quant.json's figure for the quantized tensors when present (exact for the
     # scheme at any scale); the file sizes otherwise (they include the norms, which weigh more in a tiny model).
     qjson = read_json(quant_dir / "quant.json") if (quant_dir / "quant.json").is_file() else {}
     full_bpw = qjson.get("quantized_bits_per_weight") or linear_bpw
     try:
-        full_arch = Arch.from_hf(entry_config(model_entry, model_id), where=f"models.yaml: {model_id}")
+        full_arch = Arch.from_entry(model_entry, model_id)
         full = Precision(full_bpw, min(embed_bpw, 16.0), 2.0, 2.0, name=scheme)  # float tables ship as bf16
         return laptop_plan(full_arch, full, settings, budgets_from(settings), model_entry.get("seed"))
     except LlmoptError as err:
@@ -306,7 +306,7 @@ def write_plan(quant_dir: Path, model_entry: dict, target: str, probes: dict, se
     model_id = model_entry.get("id") or quant_dir.parent.parent.name
     scheme = quant_dir.parent.name
     budgets = budgets_from(settings)
-    arch = Arch.from_hf(read_json(quant_dir / "config.json"), where=str(quant_dir / "config.json"))
+    arch = Arch.from_folder(quant_dir)
     measured = measured_unit_bytes(quant_dir)
     linear_bpw, embed_bpw = measured_bpw(arch, measured)
     kv_bytes = float(settings.get("kv_bytes", 4))

@@ -165,7 +165,7 @@ def unit_time(an: Analysis, unit: tuple, dev: Device, phase: str, n: int, batch:
 def boundary_bytes(an: Analysis, phase: str, n: int, batch: int = 1) -> float:
     """Activation bytes crossing a device boundary between layers (float32 hidden state)."""
     tokens = 1 if phase == "decode" else n
-    return 4.0 * an.arch.hidden * tokens * batch
+    return 4.0 * an.arch.args.hidden * tokens * batch
 
 
 def plan_time(an: Analysis, profile: Profile, assignment: list[str], phase: str, n: int, batch: int = 1,
@@ -350,11 +350,11 @@ def prediction_table(models: dict, precisions: list, profiles: dict, prompt: int
                      batches: tuple = (1,)) -> list[dict]:
     """Predicted and ceiling tok/s for every model (registry entries at full scale), precision and device of
     every profile, beside the seed's target: the table behind ``llmopt analyze``."""
-    from llmopt.analysis import Arch, analyze, entry_config
+    from llmopt.analysis import Arch, analyze
 
     rows = []
     for model_id, entry in models.items():
-        arch = Arch.from_hf(entry_config(entry, model_id), where=f"models.yaml: {model_id}")
+        arch = Arch.from_entry(entry, model_id)
         seed = entry.get("seed") or {}
         lo, hi = (seed.get("tok_s") or [None, None])[:2]
         for prec in precisions:

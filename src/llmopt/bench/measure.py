@@ -100,6 +100,36 @@ def _sync(model) -> None:
         be.synchronize()
 
 
+def time_runs(run_once, batch: int, prompt: int, gen: int, warmup: int, repeats: int, progress=None) -> dict:
+    """Call ``run_once() -> (prefill_s, decode_s)`` ``warmup`` untimed and ``repeats`` timed times: the seconds
+    from the prompt to the first sampled token, then the seconds of ``gen`` greedy decode steps. Our engine and
+    both baselines are timed through this, so their numbers share one definition."""
+    pre, dec, ttft = [], [], []
+    for run in range(warmup + repeats):
+        prefill_s, decode_s = run_once()
+        if run >= warmup:
+            pre.append(batch * prompt / prefill_s)
+            dec.append(batch * gen / decode_s)
+            ttft.append(prefill_s)
+        if progress is not None:
+            progress.update(1)
+    return {"batch": batch, "prompt": prompt, "gen": gen, "prefill_tok_s": stats(pre), "decode_tok_s": stats(dec),
+            "ttft_s": stats(ttft)}
+
+
+def engine_once(model, ids: torch.Tensor, gen: int) -> tuple[float, float]:
+    """One llmopt run: prefill ``ids`` [batch, prompt] and take the greedy token, then ``gen`` decode steps."""
+    _sync(model)
+    t0 = time.perf_counter()
+    logits, state = model.prefill(ids, max_len=ids.shape[1] + gen)
+    tok = logits.argmax(-1)
+    t1 = time.perf_counter()
+    for _ in range(gen):
+        tok = model.decode_step(state, tok).argmax(-1)
+    _sync(model)
+    return t1 - t0, time.perf_counter() - t1
+
+
 def time_engine(model, vocab: int, prompt: int, gen: int, batch: int, warmup: int, repeats: int,
                 progress=None) -> dict:
     """Prefill ``prompt`` tokens and decode ``gen`` tokens greedily, ``warmup`` + ``repeats`` times."""
@@ -107,22 +137,4 @@ def time_engine(model, vocab: int, prompt: int, gen: int, batch: int, warmup: in
         raise LlmoptError(f"bench settings: prompt_len, gen_len, batch and repeats must be >= 1 "
                           f"(got {prompt}, {gen}, {batch}, {repeats})")
     ids = prompt_ids(vocab, batch, prompt)
-    pre, dec, ttft = [], [], []
-    for run in range(warmup + repeats):
-        _sync(model)
-        t0 = time.perf_counter()
-        logits, state = model.prefill(ids, max_len=prompt + gen)
-        tok = logits.argmax(-1)
-        t1 = time.perf_counter()
-        for _ in range(gen):
-            tok = model.decode_step(state, tok).argmax(-1)
-        _sync(model)
-        t2 = time.perf_counter()
-        if run >= warmup:
-            pre.append(batch * prompt / (t1 - t0))
-            dec.append(batch * gen / (t2 - t1))
-            ttft.append(t1 - t0)
-        if progress is not None:
-            progress.update(1)
-    return {"batch": batch, "prompt": prompt, "gen": gen, "prefill_tok_s": stats(pre), "decode_tok_s": stats(dec),
-            "ttft_s": stats(ttft)}
+    return time_runs(lambda: engine_once(model, ids, gen), batch, prompt, gen, warmup, repeats, progress)

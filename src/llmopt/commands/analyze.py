@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from llmopt import registry, roofline
-    from llmopt.analysis import Arch, Precision, analyze, entry_config
+    from llmopt.analysis import Arch, Precision, analyze
     from llmopt.errors import LlmoptError
     from llmopt.fsutil import read_json, write_json, write_text
 
@@ -55,7 +55,7 @@ def run(args) -> int:
     out = Path(args.out)
     summary = {}
     for model_id, entry in models.items():
-        arch = Arch.from_hf(entry_config(entry, model_id), where=f"models.yaml: {model_id}")
+        arch = Arch.from_entry(entry, model_id)
         summary[model_id] = {p.name: analyze(arch, p).summary(args.prompt, args.prompt + args.gen // 2)
                              for p in precisions}
         table = analyze(arch, precisions[0]).table(args.prompt, args.prompt + args.gen // 2)
@@ -79,7 +79,7 @@ def run(args) -> int:
 
 
 def _laptop_rows(models: dict, precisions: list, config: dict, args) -> list[dict]:
-    from llmopt.analysis import Arch, entry_config
+    from llmopt.analysis import Arch
     from llmopt.partition import budgets_from, laptop_plan
 
     settings = {**config.get("bench", {}), **config.get("partition", {}), "prompt_len": args.prompt,
@@ -87,7 +87,7 @@ def _laptop_rows(models: dict, precisions: list, config: dict, args) -> list[dic
     budgets = budgets_from(settings)
     rows = []
     for model_id, entry in models.items():
-        arch = Arch.from_hf(entry_config(entry, model_id), where=f"models.yaml: {model_id}")
+        arch = Arch.from_entry(entry, model_id)
         seed = entry.get("seed") or {}
         low = (seed.get("tok_s") or [None])[0]
         for prec in precisions:

@@ -134,10 +134,10 @@ def _size_row(model, scheme, entry, manifest, qjson, before, after, quant_dir) -
            "ppl_float": (ppl.get("float") or {}).get(text), "ppl_note": ppl.get("skipped"),
            "seed_size_gb": seed.get("size_gb"), "seed_original_gb": seed.get("original_size_gb")}
     if entry.get("architecture") and bpw:
-        from llmopt.analysis import Arch, Precision, analyze, entry_config
+        from llmopt.analysis import Arch, Precision, analyze
 
         try:
-            an = analyze(Arch.from_hf(entry_config(entry, model)), Precision(linear_bpw=bpw))
+            an = analyze(Arch.from_entry(entry, model), Precision(linear_bpw=bpw))
             row.update({"full_params_b": an.params / 1e9, "full_bf16_gb": analyze(an.arch).weight_bytes / GB,
                         "full_at_bpw_gb": an.weight_bytes / GB})
         except LlmoptError:

@@ -25,9 +25,12 @@ nav a{margin-right:1em;font-size:13px}
 
 @dataclass
 class Table:
-    columns: list  # (key, header, format) with format a str.format spec or None
+    columns: list  # (key, header, format) with format a str.format spec or None; a bare key: (key, key, None)
     rows: list
     row_class: str | None = None  # key of a row field holding a CSS class ("bad", "skip")
+
+    def __post_init__(self):
+        self.columns = [(c, c, None) if isinstance(c, str) else tuple(c) for c in self.columns]
 
 
 @dataclass
