@@ -3,20 +3,27 @@
     python bench/vulkan_decode.py --out results.json                       # full-scale synthetic models (a GPU)
     python bench/vulkan_decode.py --kernel-dir results/kernels/vulkan ...  # SPIR-V compiled elsewhere (no glslc)
     python bench/vulkan_decode.py --layers 2 --vocab 4096 --steps 4        # the same code path, small (lavapipe)
-    python bench/vulkan_decode.py --real DIR --steps 16                    # a real model folder: vulkan vs cpu here
+    python bench/vulkan_decode.py --no-sweep --hidden 896 --intermediate 1024 --vocab 4096   # dispatch-bound widths
+    python bench/vulkan_decode.py --real DIR --steps 16                    # a real model: vulkan eager/replayed, cpu
 
 1. Copy bandwidth: vkCmdCopyBuffer and our copy shader (shaders/copy.comp) over a large device-local buffer,
    timed by timestamp queries, counting bytes read plus written (the usual "copy bandwidth"); the larger of
    the two is the ceiling the rest is compared with.
-2. int4 mat-vec (group 128, fp16 scales) on the decode shapes of Qwen2.5-7B, each workgroup-size/rows/set-size
-   specialization (SWEEP): weight bytes read per second, against the copy bandwidth. Four weight copies rotate so the
+2. int4 mat-vec (group 128, fp16 scales) on the decode shapes of Qwen2.5-7B (and its fused q+k+v, gate+up), each
+   workgroup-size/rows/set-size specialization of the float and the int-dot shader (SWEEP, side by side; errors
+   against float64 references of plain x and, for int-dot, of x quantized as the shader does): weight bytes read
+   per second, against the copy bandwidth. Four weight copies rotate so the
    L2 cache cannot serve repeats; configurations are taken round-robin and the fastest round kept (clocks drift).
 3. Decode at batch 1 through the engine (``llmopt.engine.Model`` on ``VulkanBackend``) for full-scale
-   synthetic Qwen2.5-7B and Gemma 2 9B with random int4 weights made here (nothing large is shipped):
-   wall-clock tok/s of ``decode_step`` (Python recording of every dispatch included) and the GPU time of one
-   step from timestamps (what a replayed command buffer would reach), against the ceiling
-   copy_bandwidth / bytes_read_per_token (weights + KV cache at that context). Several specializations
-   (VARIANTS) are timed on the same loaded model; the best is reported, all are kept in the JSON.
+   synthetic Qwen2.5-7B and Gemma 2 9B with random int4 weights made here (nothing large is shipped), greedy,
+   side by side on the same loaded model and state: wall-clock tok/s of the eager ``decode_step`` (Python
+   records every dispatch, logits read back) and of the replayed step (``llmopt.backends.vulkan.replay``: the
+   step recorded once, per token only a few words written, one submit, the argmax on the device, 4 bytes
+   back), next to the GPU time of a step: the sum of the eager step's kernel timestamps, and the replayed step
+   resubmitted back to back (no host in between). Against the ceiling copy_bandwidth / bytes_read_per_token
+   (weights + KV cache at that context). Several specializations (VARIANTS) are timed on the same loaded
+   model (the first is the previous default: float mat-vec, separate q/k/v and gate/up; then fused linears, then
+   the int-dot mat-vec); the best (by replayed wall-clock) is reported, all are kept in the JSON.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import numpy as np
 import torch
 
 from llmopt.backends.vulkan import VulkanBackend
+from llmopt.backends.vulkan.backend import int8_chunks
 from llmopt.quant.format import QuantizedTensor
 
 MODELS = {
@@ -47,10 +55,18 @@ MODELS = {
                    "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
                    "max_position_embeddings": 8192},
 }
-# mat-vec specializations (wg, rows a set, invocations a set; 0: the whole workgroup is one set)
-SWEEP = [(128, 8, 0), (128, 2, 0), (256, 8, 0), (128, 4, 32), (128, 8, 32), (256, 4, 64), (64, 8, 32)]
+# mat-vec specializations (wg, rows a set, invocations a set, int-dot), float (0) and int-dot (1) side by side
+# (more rows a workgroup: x is read and quantized once for more weight bytes; x's float32 traffic per workgroup
+# equals the int4 weights' at 8 rows)
+SWEEP = [(128, 8, 0, 0), (128, 16, 0, 0), (128, 8, 0, 1), (128, 16, 0, 1), (128, 32, 0, 1), (256, 16, 0, 1),
+         (64, 16, 0, 1), (64, 32, 0, 1)]
 # end-to-end variants (wg, rows, wg_reduce, matvec_min_groups, matvec_split), each timed on the same loaded model
-VARIANTS = [(128, 8, 1024, 1024, 0), (128, 4, 1024, 512, 32), (256, 4, 1024, 512, 32), (128, 8, 1024, 256, 32)]
+# (wg, rows, wg_reduce, matvec_min_groups, matvec_split, matvec_int_dot, fuse_linears): the old default first, then
+# fused q/k/v and gate/up, then the int-dot mat-vec on top
+VARIANTS = [(128, 8, 1024, 1024, 0, 0, 0), (128, 8, 1024, 1024, 0, 1, 1), (128, 16, 1024, 1024, 0, 0, 1),
+            (128, 16, 1024, 1024, 0, 1, 1), (128, 16, 1024, 256, 0, 1, 1), (128, 32, 1024, 1024, 0, 1, 1),
+            (128, 32, 1024, 256, 0, 1, 1)]
+VARIANT_KEYS = ("wg", "rows", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:
@@ -105,14 +121,16 @@ def matvec_sweep(be: VulkanBackend, shapes: dict, rng, configs, reps: int = 50, 
         weights = [be.linear_weight(label, w) for w in copies]
         wbytes = copies[0].nbytes
         x = be.from_host(torch.randn(1, 1, shape[1]))
-        ref = (be.to_host(x)[0].double() @ copies[0].dequantize(torch.float64).T).float()
+        w64 = copies[0].dequantize(torch.float64)
+        ref, ref_x8 = (xr @ w64.T for xr in (be.to_host(x)[0].double(), int8_chunks(be.to_host(x)[0])))
         be.matvec_min_groups = 1  # measure each configuration as given
         times, errs = {cfg: [] for cfg in configs}, {}
         for _ in range(rounds):
             for cfg in configs:
-                be.wg, be.rows_per_wg, be.matvec_split = cfg
-                if cfg not in errs:
-                    errs[cfg] = float((be.to_host(be.linear(x, weights[0]))[0] - ref).norm() / ref.norm())
+                be.wg, be.rows_per_wg, be.matvec_split, be.matvec_int_dot = cfg
+                if cfg not in errs:  # int-dot: against x quantized as the shader does, and against plain x
+                    out = be.to_host(be.linear(x, weights[0]))[0].double()
+                    errs[cfg] = [float((out - r).norm() / r.norm()) for r in ((ref_x8 if cfg[3] else ref), ref)]
                 for _ in range(reps):  # warm-up: pipeline creation, then enough back-to-back work to raise clocks
                     for w in weights:
                         be.linear(x, w)
@@ -122,24 +140,27 @@ def matvec_sweep(be: VulkanBackend, shapes: dict, rng, configs, reps: int = 50, 
                     for w in weights:
                         be.linear(x, w)
                 be.synchronize()
-                times[cfg].append(be.dev.kernel_times["matvec_quant"] / be.dev.kernel_counts["matvec_quant"])
-        for (wg, rpw, split), ms_all in times.items():
-            ms, err = min(ms_all), errs[(wg, rpw, split)]
-            rows.append({"shape": label, "n": shape[0], "k": shape[1], "wg": wg, "rows": rpw, "split": split, "ms": ms,
-                         "ms_rounds": ms_all, "gbps": wbytes / (ms * 1e-3) / 1e9, "rel_err": err})
-            print(f"  matvec {label:10s} wg={wg:3d} rows={rpw:2d} split={split:3d}: {ms * 1e3:7.1f} us "
-                  f"(worst round {max(ms_all) * 1e3:7.1f})  {rows[-1]['gbps']:7.1f} GB/s  err {err:.1e}")
+                kernel = "matvec_quant_idot" if cfg[3] else "matvec_quant"
+                times[cfg].append(be.dev.kernel_times[kernel] / be.dev.kernel_counts[kernel])
+        for (wg, rpw, split, idot), ms_all in times.items():
+            ms, (err, err_plain) = min(ms_all), errs[(wg, rpw, split, idot)]
+            rows.append({"shape": label, "n": shape[0], "k": shape[1], "wg": wg, "rows": rpw, "split": split,
+                         "int_dot": idot, "ms": ms, "ms_rounds": ms_all, "gbps": wbytes / (ms * 1e-3) / 1e9,
+                         "rel_err": err, "rel_err_vs_plain_x": err_plain})
+            print(f"  matvec {label:10s} wg={wg:3d} rows={rpw:2d} split={split:3d} {'int-dot' if idot else 'float  '}: "
+                  f"{ms * 1e3:7.1f} us (worst round {max(ms_all) * 1e3:7.1f})  {rows[-1]['gbps']:7.1f} GB/s  "
+                  f"err {err:.1e} (vs plain x {err_plain:.1e})")
         del weights
     return rows
 
 
-def decode_run(be: VulkanBackend, name: str, config: dict, layers: int | None, vocab: int | None,
+def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
                prompt: int, steps: int, variants: list, seed: int = 0) -> dict:
     from llmopt.engine.config import ModelArgs
     from llmopt.engine.model import Model
     from llmopt.engine.weights import expected_shapes
 
-    config = dict(config, **({"num_hidden_layers": layers} if layers else {}), **({"vocab_size": vocab} if vocab else {}))
+    config = dict(config, **overrides)
     args = ModelArgs.from_hf(config, where=name)
     rng = np.random.default_rng(seed)
     tensors, weight_bytes = {}, 0
@@ -155,65 +176,118 @@ def decode_run(be: VulkanBackend, name: str, config: dict, layers: int | None, v
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(config))
         model = Model(args, tensors, Path(folder), backend=be)
+        model.static_decode = False  # decode_step stays eager; the replayed step is made explicitly below
         load_s = time.perf_counter() - t0
         del tensors
         ids = torch.randint(0, args.vocab_size, (1, prompt))
-        logits, state = model.prefill(ids, max_len=prompt + len(variants) * (steps + 2) + 4)
+        # two states fed the same tokens: eager and replayed steps alternate (the machine's speed drifts)
+        logits, state = model.prefill(ids, max_len=prompt + len(variants) * (steps + 3) + 4)
+        _, replay_state = model.prefill(ids, max_len=state.max_len)
         be.synchronize()
         token = logits.argmax(-1)
         runs = []
-        for wg, rows, wg_reduce, min_groups, split in variants:
+        for wg, rows, wg_reduce, min_groups, split, int_dot, fuse in variants:
             be.wg, be.rows_per_wg, be.wg_reduce, be.matvec_min_groups, be.matvec_split = wg, rows, wg_reduce, min_groups, split
-            walls, gpus = [], []
+            be.matvec_int_dot, be.fuse_linears = bool(int_dot), bool(fuse)
+            decoder = be.replay_decoder(model, replay_state)  # recorded with this variant's pipelines
+            walls, gpus, replayed, same = [], [], [], []
             for _ in range(steps + 2):
                 reset_times(be)
                 t = time.perf_counter()
-                logits = model.decode_step(state, token)
+                eager_token = model.decode_step(state, token).argmax(-1)  # what decode_step does without a recording
                 walls.append(time.perf_counter() - t)
                 gpus.append(gpu_ms(be))
-                token = logits.argmax(-1)
-            walls, gpus = walls[2:], gpus[2:]  # the first steps create pipelines
-            be.dev.replay(max(1, int(500 / max(min(gpus), 0.05))))  # ~0.5 s of back-to-back steps: clocks up
-            replay_ms = be.dev.replay(4 * steps) * 1e3
+                t = time.perf_counter()
+                replayed_token = decoder.step(replay_state, token, greedy=True)
+                replayed.append(time.perf_counter() - t)
+                same.append(bool(torch.equal(eager_token, replayed_token)))
+                token = eager_token
+            walls, gpus, replayed = walls[2:], gpus[2:], replayed[2:]  # the first steps create pipelines
+            fed = token  # check on this device: one more step along both paths, logits compared
+            diff = (model.decode_step(state, fed) - decoder.step(replay_state, fed)).abs().max()
+            check = {"max_abs_diff": float(diff), "same_token": all(same)}
+            decoder.replay(max(1, int(0.5 / min(replayed))))  # back to back, the same step: ~0.5 s raises the clocks
+            n = 4 * steps
+            t = time.perf_counter()
+            decoder.replay(n)
+            replay_ms = (time.perf_counter() - t) / n * 1e3
+            decoder.close()
             runs.append({"wg": wg, "rows": rows, "wg_reduce": wg_reduce, "matvec_min_groups": min_groups, "matvec_split": split,
-                         "replay_ms": replay_ms,
+                         "matvec_int_dot": int_dot, "fuse_linears": fuse,
                          "wall_ms": statistics.median(walls) * 1e3, "wall_ms_spread": [min(walls) * 1e3, max(walls) * 1e3],
+                         "replayed_wall_ms": statistics.median(replayed) * 1e3,
+                         "replayed_wall_ms_spread": [min(replayed) * 1e3, max(replayed) * 1e3],
+                         "replay_ms": replay_ms, "replays_timed": n, "replay_vs_eager": check,
                          "gpu_ms": statistics.median(gpus), "gpu_ms_spread": [min(gpus), max(gpus)],
                          "last_step_kernels_ms": {k: round(v, 4) for k, (v, _) in be.kernel_times().items()}})
-            print(f"    variant wg={wg} rows={rows} wg_reduce={wg_reduce} min_groups={min_groups} split={split}: "
-                  f"wall {runs[-1]['wall_ms']:.2f} ms, GPU {runs[-1]['gpu_ms']:.2f} ms, replayed {replay_ms:.2f} ms")
-        del model, state
-    kv_bytes = 2 * args.n_layers * (prompt + len(variants) * steps // 2) * args.n_kv_heads * args.head_dim * 4
-    best = min(runs, key=lambda r: r["replay_ms"])
+            print(f"    variant wg={wg} rows={rows} wg_reduce={wg_reduce} min_groups={min_groups} split={split} "
+                  f"int_dot={int_dot} fuse={fuse}: "
+                  f"wall eager {runs[-1]['wall_ms']:.2f} ms, replayed {runs[-1]['replayed_wall_ms']:.2f} ms; "
+                  f"GPU: eager kernels {runs[-1]['gpu_ms']:.2f} ms, replayed back to back {replay_ms:.2f} ms; "
+                  f"replayed vs eager logits: max |diff| {check['max_abs_diff']:.1e}, same token {check['same_token']}")
+        del model, state, replay_state
+    kv_bytes = 2 * args.n_layers * (prompt + len(variants) * (steps + 2)) * args.n_kv_heads * args.head_dim * 4
+    best = min(runs, key=lambda r: r["replayed_wall_ms"])
+    keys = ("wall_ms", "wall_ms_spread", "replayed_wall_ms", "replayed_wall_ms_spread", "gpu_ms", "gpu_ms_spread",
+            "replay_ms", "last_step_kernels_ms")
     return {"model": name, "layers": args.n_layers, "vocab": args.vocab_size, "prompt": prompt, "steps": steps,
-            "load_s": load_s, "bytes_per_token": weight_bytes + kv_bytes, "variants": runs,
-            **{k: best[k] for k in ("wall_ms", "wall_ms_spread", "gpu_ms", "gpu_ms_spread", "replay_ms", "last_step_kernels_ms")},
-            "best_variant": {k: best[k] for k in ("wg", "rows", "wg_reduce", "matvec_min_groups", "matvec_split")}}
+            "load_s": load_s, "bytes_per_token": weight_bytes + kv_bytes, "variants": runs, **{k: best[k] for k in keys},
+            "best_variant": {k: best[k] for k in VARIANT_KEYS}}
 
 
-def real_side_by_side(folder: Path, steps: int) -> list[dict]:
-    """Decode tok/s of a real model folder on Vulkan and on the CPU backend, one after the other here."""
+REAL_PATHS = ("vulkan-eager", "vulkan-replayed", "cpu-fast", "cpu-reference")
+
+
+def real_side_by_side(folder: Path, steps: int, paths: list[str], rounds: int = 2) -> list[dict]:
+    """Greedy decode tok/s of a real model folder along each path, one after the other in this process.
+
+    Vulkan eager and replayed share one loaded model and alternate ``rounds`` times (the machine's load drifts);
+    each round prefills the same prompt and decodes ``steps`` tokens with ``Model.decode_greedy`` (eager: logits
+    back, argmax on the host; replayed: argmax on the device). Median step time over all rounds."""
     from llmopt.backends.cpu import CpuBackend
     from llmopt.engine import load_model
 
-    rows = []
     prompt = "The history of the city of Rome begins"
-    for label, backend in (("vulkan", VulkanBackend()), ("cpu-fast", CpuBackend()), ("cpu-reference", CpuBackend(quant="reference"))):
-        model = load_model(folder, backend=backend)
-        ids = model.tokenizer.encode(prompt)
-        logits, state = model.prefill([ids], max_len=len(ids) + steps + 4)
-        walls, tokens = [], []
-        token = logits.argmax(-1)
-        for _ in range(steps):
-            t = time.perf_counter()
-            logits = model.decode_step(state, token)
-            walls.append(time.perf_counter() - t)
-            token = logits.argmax(-1)
-            tokens.append(int(token))
-        rows.append({"backend": label, "decode_tok_s": 1 / statistics.median(walls[1:]), "tokens": tokens})
-        print(f"  {label:14s} {rows[-1]['decode_tok_s']:7.2f} tok/s")
-        del model, state
+    loaded = {}
+    if any(p.startswith("vulkan") for p in paths):
+        vk_model = load_model(folder, backend=VulkanBackend())
+        loaded.update({p: vk_model for p in paths if p.startswith("vulkan")})
+    for label, quant in (("cpu-fast", None), ("cpu-reference", "reference")):
+        if label in paths:
+            loaded[label] = load_model(folder, backend=CpuBackend(quant=quant) if quant else CpuBackend())
+    walls = {p: [] for p in paths}
+    tokens = {}
+    for _ in range(rounds):
+        for label in paths:
+            model = loaded[label]
+            model.static_decode = label != "vulkan-eager"
+            ids = model.tokenizer.encode(prompt)
+            logits, state = model.prefill([ids], max_len=len(ids) + steps + 4)
+            token, out = logits.argmax(-1), []
+            for i in range(steps):
+                t = time.perf_counter()
+                token = model.decode_greedy(state, token)
+                if i:  # the first step records the replayed step (and creates pipelines)
+                    walls[label].append(time.perf_counter() - t)
+                out.append(int(token[0]))
+            tokens[label] = out
+            print(f"  {label:16s} {1 / statistics.median(walls[label]):7.3f} tok/s so far ({state.decode_path})")
+    rows = [{"path": p, "decode_tok_s": 1 / statistics.median(walls[p]), "step_s": walls[p], "tokens": tokens[p],
+             "tokens_equal_first": tokens[p] == tokens[paths[0]]} for p in paths]
+    for r in rows:
+        print(f"| {r['path']} | {r['decode_tok_s']:.3f} | {r['decode_tok_s'] / rows[0]['decode_tok_s']:.2f}x | "
+              f"{'identical' if r['tokens_equal_first'] else 'DIFFERENT'} |")
     return rows
+
+
+def print_decode_table(rows: list[dict]) -> None:
+    print("| model | GB/token | ceiling tok/s | wall eager | wall replayed | GPU eager kernels | GPU replayed back to back "
+          "| replayed wall of ceiling |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [f"{r[k]:.1f}" if r[k] else "n/a" for k in ("wall_tok_s", "replayed_wall_tok_s", "gpu_tok_s", "replay_tok_s")]
+        print(f"| {r['model']} | {r['bytes_per_token'] / 1e9:.2f} | {r['ceiling_tok_s']:.0f} | {' | '.join(cells)} | "
+              f"{100 * r['replayed_wall_tok_s'] / r['ceiling_tok_s']:.1f}% |")
 
 
 def main(argv=None) -> int:
@@ -222,38 +296,55 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="synthetic models to decode")
     p.add_argument("--layers", type=int, help="override the layer count (smoke runs)")
     p.add_argument("--vocab", type=int, help="override the vocabulary size (smoke runs)")
+    p.add_argument("--hidden", type=int, help="override the hidden size (a multiple of the head count and of 128; with "
+                   "--intermediate, a narrow model whose step is bound by dispatches: the host overhead replay removes)")
+    p.add_argument("--intermediate", type=int, help="override the FFN size")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding (context of the KV reads)")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per model")
     p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy-bandwidth buffer")
     p.add_argument("--no-sweep", action="store_true", help="skip the mat-vec specialization sweep")
+    p.add_argument("--sweep-reps", type=int, default=50, help="mat-vecs per weight copy, configuration and round")
+    p.add_argument("--sweep-rounds", type=int, default=3, help="round-robin rounds of the sweep (fastest kept)")
+    p.add_argument("--sweep-hidden", type=int, default=3584,
+                   help="hidden size of the sweep's shapes (FFN = hidden * 37 / 7, as Qwen2.5-7B; smaller for smoke runs)")
     p.add_argument("--kernel-dir", type=Path, help="SPIR-V from the compile stage (default: compile here with glslc)")
-    p.add_argument("--real", type=Path, help="instead: a real model folder, decoded on vulkan and cpu side by side")
+    p.add_argument("--real", type=Path, help="instead: a real model folder, decoded along --paths side by side")
+    p.add_argument("--paths", nargs="+", default=list(REAL_PATHS), choices=REAL_PATHS,
+                   help="with --real: decode paths timed (vulkan eager / replayed step, cpu-fast, cpu-reference)")
+    p.add_argument("--rounds", type=int, default=2, help="with --real: rounds, each path once a round")
     args = p.parse_args(argv)
     if args.real:
-        result = {"real": str(args.real), "rows": real_side_by_side(args.real, args.steps)}
+        result = {"real": str(args.real), "date": time.strftime("%Y-%m-%d"),
+                  "rows": real_side_by_side(args.real, args.steps, args.paths, args.rounds)}
     else:
         be = VulkanBackend(kernel_dir=args.kernel_dir, profile=True)
         info = be.probe["device"]
-        print(f"device: {info['name']} ({info['type']}), subgroup {info['subgroup_size']}")
+        print(f"device: {info['name']} ({info['type']}), subgroup {info['subgroup_size']}, features {be.probe['features']}")
+        idot_ok = be.dev.features["integer_dot_product"]  # without it only the float mat-vec runs
         result = {"device": info, "date": time.strftime("%Y-%m-%d")}
         result["copy_gbps"] = copy_bandwidth(be, args.copy_mib << 20)
         ceiling_bw = max(result["copy_gbps"].values())
         print("copy bandwidth (read+write): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in result["copy_gbps"].items()))
+        here = (be.wg, be.rows_per_wg, be.wg_reduce, be.matvec_min_groups, be.matvec_split)  # this device's defaults
         if not args.no_sweep:
-            h, f, v = 3584, 18944, args.vocab or 152064
-            shapes = {"gate/up": (f, h), "down": (h, f), "k/v": (512, h), "lm_head": (v, h)}
-            result["matvec"] = matvec_sweep(be, shapes, np.random.default_rng(1), SWEEP)
-        variants = VARIANTS if be.probe["device"]["type"] != "cpu" else [(be.wg, be.rows_per_wg, be.wg_reduce, be.matvec_min_groups, be.matvec_split)]
+            h = args.sweep_hidden
+            f, v = h * 37 // 7 // 128 * 128, args.vocab or 152064
+            shapes = {"gate/up": (f, h), "down": (h, f), "k/v": (512, h), "o": (h, h), "lm_head": (v, h),
+                      "q+k+v fused": (h + 1024, h), "gate+up fused": (2 * f, h)}
+            result["matvec"] = matvec_sweep(be, shapes, np.random.default_rng(1), [c for c in SWEEP if idot_ok or not c[3]],
+                                           args.sweep_reps, args.sweep_rounds)
+        variants = VARIANTS if be.probe["device"]["type"] != "cpu" else [(*here, 0, 0), (*here, 0, 1), (*here, 1, 1)]
+        variants = [v for v in variants if idot_ok or not v[5]]
         result["decode"] = []
         for name in args.models:
-            row = decode_run(be, name, MODELS[name], args.layers, args.vocab, args.prompt, args.steps, variants)
+            overrides = {key: value for key, value in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab),
+                         ("hidden_size", args.hidden), ("intermediate_size", args.intermediate)) if value}
+            row = decode_run(be, name, MODELS[name], overrides, args.prompt, args.steps, variants)
             row["ceiling_tok_s"] = ceiling_bw * 1e9 / row["bytes_per_token"]
-            row["wall_tok_s"], row["gpu_tok_s"], row["replay_tok_s"] = (1e3 / row[k] for k in ("wall_ms", "gpu_ms", "replay_ms"))
+            for key in ("wall", "replayed_wall", "gpu", "replay"):
+                row[f"{key}_tok_s"] = 1e3 / row[f"{key}_ms"] if row[f"{key}_ms"] else None  # no timestamps: None
             result["decode"].append(row)
-            print(f"  {name}: {row['bytes_per_token'] / 1e9:.2f} GB/token, ceiling {row['ceiling_tok_s']:.0f} tok/s; "
-                  f"wall {row['wall_tok_s']:.1f} tok/s, GPU (timestamps) {row['gpu_tok_s']:.1f} tok/s, replayed "
-                  f"{row['replay_tok_s']:.1f} tok/s ({100 * row['replay_tok_s'] / row['ceiling_tok_s']:.0f}% of ceiling) "
-                  f"with {row['best_variant']}")
+        print_decode_table(result["decode"])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str))

@@ -6,8 +6,12 @@
 //   padded rows stay finite.
 // mode 1 (vision, attention_full): K/V are the step's own [B, T, KV*D]; query t sees keys seg[2t] .. seg[2t+1]-1.
 // softcap > 0 applies softcap * tanh(s / softcap) to the scaled scores. Scores live in a scratch row per
-// workgroup: pass 1 scores and max, pass 2 exponentials and sum, pass 3 the weighted sum of V. Dispatch: (H, T, B).
+// workgroup: pass 1 scores and max, pass 2 exponentials and sum, pass 3 the weighted sum of V.
+// SLOT_FROM_STEP = 1 (replayed decode): start is step[0], written by the host into the step buffer before each
+// submit, so one recorded dispatch serves every position. Dispatch: (H, T, B).
 #include "common.glsl"
+
+layout(constant_id = 1) const uint SLOT_FROM_STEP = 0;
 
 layout(std430, binding = 0) readonly buffer QBuf { float q[]; };
 layout(std430, binding = 1) readonly buffer KBuf { float kc[]; };
@@ -15,6 +19,7 @@ layout(std430, binding = 2) readonly buffer VBuf { float vc[]; };
 layout(std430, binding = 3) readonly buffer MBuf { uint aux[]; };   // valid flags (mode 0) or segments (mode 1)
 layout(std430, binding = 4) buffer ScratchBuf { float scratch[]; };
 layout(std430, binding = 5) writeonly buffer OBuf { float o[]; };
+layout(std430, binding = 6) readonly buffer StepBuf { uint step[]; };  // SLOT_FROM_STEP only
 
 layout(push_constant) uniform Params {
     uint T, H, KV, D;
@@ -43,7 +48,7 @@ void main() {
 
     uint lo, hi;
     if (p.mode == 0u) {
-        hi = p.start + t + 1u;
+        hi = (SLOT_FROM_STEP != 0u ? step[0] : p.start) + t + 1u;
         lo = (p.window > 0u && hi > p.window) ? hi - p.window : 0u;
     } else {
         lo = aux[2u * t];

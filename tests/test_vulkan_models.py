@@ -97,5 +97,5 @@ def test_real_gemma3_270m_matches_cpu(backends, reference_model_dir):
     prompt = "The history of the city of Rome begins"
     ids = vk_model.tokenizer.encode(prompt)
     compare((vk_model, cpu_model), [ids], "gemma-3-270m", atol=3e-3)
-    ours, ref = (m.generate(prompt, max_new_tokens=16).tokens[0] for m in (vk_model, cpu_model))
-    assert ours == ref
+    ours, ref = (m.generate(prompt, max_new_tokens=8) for m in (vk_model, cpu_model))  # vulkan: the replayed step
+    assert ours.tokens == ref.tokens and ours.timings["decode_path"] == "replayed"

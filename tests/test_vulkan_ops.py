@@ -137,6 +137,20 @@ def test_rmsnorm(be, gen, unit_offset):
     assert rel_err(out, ref) < RTOL
 
 
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_add_rmsnorm(be, gen, unit_offset):
+    """The fused residual add + RMSNorm gives the sum and the norm of the sum."""
+    a, b = torch.randn(3, 2, 83, generator=gen) * 2, torch.randn(3, 2, 83, generator=gen)
+    w = torch.randn(83, generator=gen)
+    total, out = be.add_rmsnorm(be.from_host(a), be.from_host(b), be.param("n", w), 1e-6, unit_offset)
+    s = a.double() + b.double()
+    ref = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * ((1.0 if unit_offset else 0.0) + w.double())
+    assert torch.equal(be.to_host(total), a + b)
+    assert rel_err(be.to_host(out), ref) < RTOL
+    with pytest.raises(LlmoptError, match=r"add_rmsnorm: shapes \[3, 2, 83\] and \[1, 2, 83\] differ"):
+        be.add_rmsnorm(be.from_host(a), be.from_host(b[:1]), be.param("n", w), 1e-6, unit_offset)
+
+
 def test_layernorm(be, gen):
     x = torch.randn(3, 11, 83, generator=gen) * 3 + 1
     w, b = torch.randn(83, generator=gen), torch.randn(83, generator=gen)
@@ -249,6 +263,7 @@ def test_gpu_specializations(be, cpu, gen, monkeypatch, wg, rows, wg_reduce, spl
             out = be.to_host(be.linear(be.from_host(x), be.linear_weight("w", qt)))
             assert rel_err(out, x.double() @ qt.dequantize(torch.float64).T) < RTOL, (n_out, k, bits, m)
     test_rmsnorm(be, gen, True)
+    test_add_rmsnorm(be, gen, True)
     for spec in (AttnSpec(6, 2, 16, 0.25, window=4, softcap=30.0), AttnSpec(2, 1, 80, 0.1), AttnSpec(2, 2, 256, 0.06)):
         _attn_case(be, cpu, gen, spec, steps=[5, 1, 1], batch=2, pad=[0, 2])
     logits = torch.randn(3, 777, generator=gen)

@@ -168,13 +168,20 @@ cfg = Gemma2Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hid
 Gemma2ForCausalLM(cfg).save_pretrained(folder)
 be = VulkanBackend()
 model = load_model(folder, backend=be)
-print("tokens", model.generate([[5, 6, 7], [8, 9]], max_new_tokens=6, stop_ids=[]).tokens)
+for temperature in (0.0, 0.8):  # the replayed step: greedy tail (argmax on the device) and logits tail
+    gen = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=6, temperature=temperature, stop_ids=[])
+    assert gen.timings["decode_path"] == "replayed", gen.timings["decode_path"]
+    print("tokens", gen.tokens)
+assert any(f is not None for _, f in be._fused.values())  # q/k/v and gate/up ran as fused dispatches
 for bits in (2, 3, 4, 8):  # every packed width, decode and prefill kernels
     codes = torch.randint(0, 2**bits, (24, 64), dtype=torch.int32).to(torch.uint8)
     qt = QuantizedTensor(pack_bits(codes, bits), torch.rand(24, 2).half(), torch.rand(24, 2).half(), bits, 32, (24, 64))
     w = be.linear_weight("q", qt, torch.randn(24))
     for m in (1, 12):
         be.to_host(be.linear(be.from_host(torch.randn(1, m, 64)), w))
+    be.matvec_int_dot = True  # the packed-dot variant (shaderIntegerDotProduct enabled at device creation)
+    be.to_host(be.linear(be.from_host(torch.randn(1, 1, 64)), w))
+    be.matvec_int_dot = False
 x = be.from_host(torch.randn(1, 10, 32))
 y = be.layernorm(x, be.param("w", torch.randn(32)), be.param("b", torch.randn(32)), 1e-5)
 y = be.attention_full(y, y, y, [(0, 4), (4, 10)], AttnSpec(2, 2, 16, 0.25))

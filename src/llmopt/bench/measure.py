@@ -118,14 +118,15 @@ def time_runs(run_once, batch: int, prompt: int, gen: int, warmup: int, repeats:
 
 
 def engine_once(model, ids: torch.Tensor, gen: int) -> tuple[float, float]:
-    """One llmopt run: prefill ``ids`` [batch, prompt] and take the greedy token, then ``gen`` decode steps."""
+    """One llmopt run: prefill ``ids`` [batch, prompt] and take the greedy token, then ``gen`` greedy decode steps
+    (``decode_greedy``: on a replayed Vulkan step only the ids come back, as in ``generate``)."""
     _sync(model)
     t0 = time.perf_counter()
     logits, state = model.prefill(ids, max_len=ids.shape[1] + gen)
     tok = logits.argmax(-1)
     t1 = time.perf_counter()
     for _ in range(gen):
-        tok = model.decode_step(state, tok).argmax(-1)
+        tok = model.decode_greedy(state, tok)
     _sync(model)
     return t1 - t0, time.perf_counter() - t1
 

@@ -2,7 +2,7 @@
 
     out = generate(model, ["Hello", "Bonjour"], max_new_tokens=32, temperature=0.7, top_p=0.9, seed=1,
                    stream=lambda i, token_id, text: print(text, end=""))
-    out.tokens[i], out.texts[i], out.timings   # prefill_s, decode_s, ttft_s, prefill/decode tokens/s
+    out.tokens[i], out.texts[i], out.timings   # prefill_s, decode_s, ttft_s, prefill/decode tokens/s, decode_path
 
 A prompt is a string (tokenized with the folder's tokenizer; ``chat=True`` applies the chat template), a list of
 token ids, or a list of either for a batch. Each sequence stops at a stop token (config/generation_config eos and
@@ -101,8 +101,8 @@ def generate(model, prompt, max_new_tokens: int = 64, temperature: float = 0.0, 
     logits, state = model.prefill(ids, mask, max_len=max(context, T + 1), images=image_inputs)
     t_prefill = time.perf_counter() - t0
     t_first = None
+    next_ids = sampler(logits)
     for step in range(max_new_tokens):
-        next_ids = sampler(logits)
         if t_first is None:
             t_first = time.perf_counter() - t0
         for i in range(B):
@@ -117,7 +117,9 @@ def generate(model, prompt, max_new_tokens: int = 64, temperature: float = 0.0, 
                 stream(i, token, decoders[i].push(token) if decoders else None)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = model.decode_step(state, next_ids.masked_fill(done, pad))
+        feed = next_ids.masked_fill(done, pad)
+        # greedy: the argmax may run on the device (replayed Vulkan step), so no logits come back
+        next_ids = model.decode_greedy(state, feed) if sampler.greedy else sampler(model.decode_step(state, feed))
     total = time.perf_counter() - t0
     n_decode = max(len(o) for o in out) if out else 0
     decode_s = total - (t_first or t_prefill)
@@ -126,6 +128,7 @@ def generate(model, prompt, max_new_tokens: int = 64, temperature: float = 0.0, 
         "prompt_tokens": int(mask.sum()), "new_tokens": sum(len(o) for o in out),
         "prefill_tok_s": int(mask.sum()) / t_prefill if t_prefill > 0 else None,
         "decode_tok_s": B * (n_decode - 1) / decode_s if n_decode > 1 and decode_s > 0 else None,
+        "decode_path": state.decode_path,
     }
     texts = [tok.decode(o) for o in out] if tok is not None else None
     return Generation(out, batch, texts, finish, timings)

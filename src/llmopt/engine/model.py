@@ -10,7 +10,9 @@ softcaps, windows, RoPE per layer), not code paths.
     print(model.generate("The capital of France is", max_new_tokens=16).texts[0])
 
 Lower level: ``prefill(ids, attention_mask) -> (logits [B, vocab], State)``, ``decode_step(state, ids [B])``,
-``forward_logits(ids) -> [B, T, vocab]`` (every position; for perplexity and parity checks).
+``decode_greedy(state, ids [B]) -> next ids``, ``forward_logits(ids) -> [B, T, vocab]`` (every position; for
+perplexity and parity checks). Decode steps run as a recorded step where the backend offers one (CUDA graph,
+replayed Vulkan step; ``model.static_decode = False`` turns that off); ``state.decode_path`` says which.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class State:
     padded: bool = False  # any sequence left-padded (else attention needs no padding mask)
     timings: dict = field(default_factory=dict)
     static: object = None  # llmopt.engine.cudagraph.StaticDecoder, when the backend asks for graph decode
+    replay: object = None  # a backend's recorded decode step (VulkanBackend.replay_decoder), when it offers one
+    decode_path: str | None = None  # how decode steps run, or why not replayed: set by the first decode step
 
 
 class Model:
@@ -48,6 +52,7 @@ class Model:
     def __init__(self, args: ModelArgs, tensors: dict, folder: Path, backend: str | Backend = "cpu",
                  plan: dict | None = None, backends: dict[str, Backend] | None = None):
         self.args, self.folder = args, Path(folder)
+        self.static_decode = True  # decode through a recorded step where the backend offers one (False: never)
         self._setup_devices(backend, plan, backends or {})
         t0 = time.perf_counter()
         self._upload(tensors)
@@ -191,9 +196,11 @@ class Model:
         y = head.to_host(head.linear(x, self.head))
         return a.final_softcap * torch.tanh(y / a.final_softcap) if a.final_softcap else y
 
-    def _block(self, be: Backend, w: dict, x, rope, state: State, i: int, valid):
+    def _block(self, be: Backend, w: dict, x, rope, state: State, i: int, valid, normed=None, next_norm=None):
+        """Layer ``i`` on ``x``. ``next_norm`` (the next norm's weight) fuses the final residual add with that norm
+        and returns ``(x, its norm)``, which the next block takes as ``normed`` (its attention norm, done)."""
         a, spec = self.args, self.specs[i]
-        h = be.rmsnorm(x, w["attn_norm"], a.norm_eps, a.norm_unit_offset)
+        h = normed if normed is not None else be.rmsnorm(x, w["attn_norm"], a.norm_eps, a.norm_unit_offset)
         q, k, v = _linears(be, h, (w["q"], w["k"], w["v"]))
         if a.qk_norm:
             q = be.rmsnorm(q, w["q_norm"], a.norm_eps, a.norm_unit_offset, group=a.head_dim)
@@ -204,11 +211,12 @@ class Model:
         h = be.linear(attn, w["o"])
         if a.sandwich_norm:
             h = be.rmsnorm(h, w["post_attn_norm"], a.norm_eps, a.norm_unit_offset)
-        x = be.add(x, h)
-        h = be.rmsnorm(x, w["ffn_norm"], a.norm_eps, a.norm_unit_offset)
+        x, h = _add_rmsnorm(be, x, h, w["ffn_norm"], a.norm_eps, a.norm_unit_offset)
         h = be.linear(be.gated_act(*_linears(be, h, (w["gate"], w["up"])), a.act), w["down"])
         if a.sandwich_norm:
             h = be.rmsnorm(h, w["post_ffn_norm"], a.norm_eps, a.norm_unit_offset)
+        if next_norm is not None:
+            return _add_rmsnorm(be, x, h, next_norm, a.norm_eps, a.norm_unit_offset)
         return be.add(x, h)
 
     # --- public steps --------------------------------------------------------------------------------
@@ -253,12 +261,15 @@ class Model:
     def decode_step(self, state: State, ids) -> torch.Tensor:
         """Append one token per sequence (``ids [B]``) and return the next logits ``[B, vocab]``.
 
-        A backend with ``cuda_graphs`` set runs the whole model's unpadded decode as one captured CUDA graph."""
-        if state.static is None and not state.padded and len(self.backends) == 1 and \
+        A backend with ``cuda_graphs`` set runs the whole model's unpadded decode as one captured CUDA graph; one
+        with ``replay_decoder`` (Vulkan) records the step once and replays it (``state.decode_path`` says which)."""
+        if self._replayed(state):
+            return state.replay.step(state, ids)
+        if state.static is None and self.static_decode and not state.padded and len(self.backends) == 1 and \
                 getattr(next(iter(self.backends.values())), "cuda_graphs", False):
             from llmopt.engine.cudagraph import StaticDecoder
 
-            state.static = StaticDecoder(self, state)
+            state.static, state.decode_path = StaticDecoder(self, state), "cuda graph"
         if state.static is not None:
             return state.static.step(torch.as_tensor(ids, dtype=torch.int64)).to("cpu", torch.float32)
         ids = torch.as_tensor(ids, dtype=torch.int64).view(-1, 1)
@@ -268,6 +279,29 @@ class Model:
         state.start += 1
         state.next_pos = state.next_pos + 1
         return logits
+
+    def decode_greedy(self, state: State, ids) -> torch.Tensor:
+        """``decode_step`` followed by argmax: the greedy next ids ``[B]`` (int64). On a replayed Vulkan step the
+        argmax runs on the device and only the ids come back."""
+        if self._replayed(state):
+            return state.replay.step(state, ids, greedy=True)
+        return self.decode_step(state, ids).argmax(dim=-1)
+
+    def _replayed(self, state: State) -> bool:
+        """Whether this state decodes through a backend's recorded step; decided (with the reason) at its first step."""
+        if state.decode_path is None:
+            state.decode_path = "eager"
+            recorder = getattr(next(iter(self.backends.values())), "replay_decoder", None)
+            if not self.static_decode:
+                state.decode_path = "eager: Model.static_decode is off"
+            elif len(self.backends) > 1 and any(hasattr(be, "replay_decoder") for be in self.backends.values()):
+                state.decode_path = f"eager: the plan spans backends {sorted(self.backends)}, a replayed step needs one"
+            elif recorder is not None:
+                try:
+                    state.replay, state.decode_path = recorder(self, state), "replayed"
+                except LlmoptError as err:
+                    state.decode_path = f"eager: {err}"
+        return state.replay is not None
 
     def forward_logits(self, ids, attention_mask: torch.Tensor | None = None, images: list | None = None) -> torch.Tensor:
         """Logits at every position, host float32 ``[B, T, vocab]`` (fresh cache, one prefill pass)."""
@@ -303,6 +337,15 @@ def _linears(be: Backend, x, weights: tuple) -> tuple:
     """Several projections of one input; a backend offering ``linears`` may run them as one fused matmul."""
     fused = getattr(be, "linears", None)
     return fused(x, weights) if fused is not None else tuple(be.linear(x, w) for w in weights)
+
+
+def _add_rmsnorm(be: Backend, x, h, weight, eps: float, unit_offset: bool) -> tuple:
+    """The residual ``x + h`` and its RMSNorm; a backend offering ``add_rmsnorm`` does both in one op."""
+    fused = getattr(be, "add_rmsnorm", None)
+    if fused is not None:
+        return fused(x, h, weight, eps, unit_offset)
+    x = be.add(x, h)
+    return x, be.rmsnorm(x, weight, eps, unit_offset)
 
 
 def load_model(folder: str | Path, backend: str | Backend = "cpu", plan: dict | None = None,

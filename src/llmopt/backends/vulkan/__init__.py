@@ -5,8 +5,8 @@
     be = VulkanBackend() # every op of llmopt.backends.base.Backend on the first Vulkan device
 
 Modules: ``compile`` (glslc to SPIR-V, per-device variants, the compile stage), ``device`` (probe, buffers,
-pipelines, command recording, timestamps), ``backend`` (the ops). Set ``LLMOPT_VULKAN_DEVICE`` to pick another
-physical device than the first.
+pipelines, command recording, timestamps), ``backend`` (the ops), ``fusion`` (q/k/v and gate/up weights
+concatenated on the device for one mat-vec), ``replay`` (a decode step recorded once and replayed per token). Set ``LLMOPT_VULKAN_DEVICE`` to pick another physical device than the first.
 """
 
 from llmopt.backends.vulkan.device import probe

@@ -9,10 +9,15 @@ returns to the pool when Python drops the handle, and since consecutive recorded
 barriers, reusing it later in the same command buffer is safe. Ops only record; ``to_host``, ``logits``,
 ``argmax`` and ``synchronize`` submit, so a whole decode step is one command buffer. Weights stay in the packed
 format on the device (int2/3/4/8 codes as 32-bit words, fp16/bf16 scales); a weight or table larger than the
-device's storage-buffer range is split into row pieces, one dispatch each. The KV cache lives on the device
+device's storage-buffer range is split into row pieces, one dispatch each. ``linears`` runs q/k/v (and gate/up)
+as one mat-vec over their rows concatenated on the device; where the probe says packed 4x8-bit integer dot
+products are accelerated, int2/4/8 mat-vecs run ``matvec_quant_idot`` (x quantized to int8 per 32 values,
+``int8_chunks`` is its reference). The KV cache lives on the device
 (``kv_store`` writes each step's keys and values; sliding-window layers keep every slot and attend to the last
 ``window``). Host tables (RoPE cos/sin, masks, token ids) are uploaded once per submission and reused by every
-layer that passes the same tensor.
+layer that passes the same tensor. ``replay_decoder`` records a model's whole decode step once and replays it per
+token (``llmopt.backends.vulkan.replay``; ``Model.decode_step`` uses it by itself); ``add_rmsnorm`` fuses the
+residual add with the norm after it.
 """
 
 from __future__ import annotations
@@ -36,7 +41,20 @@ MAX_GROUPS = 65535  # workgroups per grid dimension every device supports; wider
 MATVEC_MAX_M = 8  # up to this many input rows the weights are streamed once per row (decode); beyond, tiled matmul
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "quick_gelu": 3}
 MAX_HEAD_DIM = 256  # attention.comp's shared query buffer
-ROW_SHADERS = {"rmsnorm", "layernorm", "attention", "argmax"}  # one workgroup a row/head: sized by wg_reduce
+ROW_SHADERS = {"rmsnorm", "add_rmsnorm", "layernorm", "attention", "argmax"}  # one workgroup a row/head: sized by wg_reduce
+
+
+def int8_chunks(x: torch.Tensor) -> torch.Tensor:
+    """x (float64) as ``matvec_quant_idot`` multiplies it: each whole 32-value chunk of a row as int8 codes times
+    the chunk's scale max|x| / 127 (float32 steps as in the shader: 127 / max|x|, round half to even); a tail
+    shorter than 32 stays exact. The reference the int-dot variant is checked against."""
+    whole = x.shape[-1] // 32 * 32
+    chunks = x[..., :whole].float().reshape(-1, 32)
+    amax = chunks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    q = torch.round(chunks * inv).clamp(-127, 127)
+    xq = (q.double() * (amax / 127.0).double()).reshape(*x.shape[:-1], whole)
+    return torch.cat([xq, x[..., whole:].double()], -1)
 
 
 class VkAct:
@@ -89,13 +107,13 @@ class VkWeight:
     bias: Buffer | None = None
 
     @property
-    def nbytes(self) -> int:
-        return sum(p.buf.nbytes for p in self.pieces) + (self.bias.nbytes if self.bias else 0)
+    def nbytes(self) -> int:  # its own ranges: pieces of a fused weight share one buffer (see VulkanBackend.linears)
+        return sum(r[2] for p in self.pieces for r in (p.w, p.s, p.z) if r) + (self.bias.nbytes if self.bias else 0)
 
 
 @dataclass
 class VkKVCache(KVCache):
-    """Per-layer key and value buffers ``[B, max_len, n_kv * head_dim]`` on the device."""
+    """Per-layer key and value buffers ``[B, max_len, n_kv * head_dim]`` on the device, freed with the cache."""
 
     batch: int
     max_len: int
@@ -104,6 +122,12 @@ class VkKVCache(KVCache):
     windows: list
     k: list = field(default_factory=list)
     v: list = field(default_factory=list)
+    device: Device | None = field(default=None, repr=False)
+
+    def __del__(self):
+        if self.device is not None:
+            for buf in self.k + self.v:
+                self.device.free(buf)
 
 
 class VulkanBackend(Backend):
@@ -125,9 +149,14 @@ class VulkanBackend(Backend):
         self.wg_reduce = int(spec.get("wg_reduce", self.wg))
         self.matvec_min_groups = int(spec.get("matvec_min_groups", 1))
         self.matvec_split = int(spec.get("matvec_split", 0))
+        self.matvec_wg_max = int(spec.get("matvec_wg_max", self.wg))
+        self.matvec_int_dot = bool(spec.get("matvec_int_dot", 0))  # int2/4/8 mat-vecs through matvec_quant_idot
+        self.fuse_linears = True
+        self._fused: dict = {}  # ids of weights given to linears() -> (those weights, fused VkWeight or None)
         self.dev = Device(Path(kernel_dir), spec, profile=profile)
         self.probe = info
         self._pool: dict[int, list[Buffer]] = {}
+        self._owner: dict[int, dict] = {}  # id(buffer) -> the private pool of the recording that uses it
         self._uploads: dict = {}  # host tensor identity -> (device buffer, tensor) for this submission
         self.dummy = self.dev.buffer(16, name="dummy")
         self.weight_bytes = 0
@@ -137,11 +166,29 @@ class VulkanBackend(Backend):
     def _alloc(self, nbytes: int, name: str = "activation") -> Buffer:
         nbytes = max(16, (int(nbytes) + 15) // 16 * 16)
         free = self._pool.get(nbytes)
-        return free.pop() if free else self.dev.buffer(nbytes, name=name)
+        buf = free.pop() if free else self.dev.buffer(nbytes, name=name)
+        if self.dev.capturing:  # a replayed step writes it again later: it never goes back to the shared pool
+            self._owner[id(buf)] = self._pool
+        return buf
 
     def _release(self, buf: Buffer) -> None:
         if getattr(self, "dev", None) is not None and self.dev.device is not None:
-            self._pool.setdefault(buf.nbytes, []).append(buf)
+            self._owner.get(id(buf), self._pool).setdefault(buf.nbytes, []).append(buf)
+
+    def private_pool(self, pool: dict | None) -> dict:
+        """Make ``pool`` (``{}`` for a new one) the pool activations come from; returns the previous one.
+
+        A recording (``llmopt.backends.vulkan.replay``) records its ops with a private pool, so the buffers its
+        replays write never serve other activations; ``free_pool`` releases them when the recording goes."""
+        previous, self._pool = self._pool, pool
+        return previous
+
+    def free_pool(self, pool: dict) -> None:
+        for bufs in pool.values():
+            for buf in bufs:
+                self._owner.pop(id(buf), None)
+                self.dev.free(buf)
+        pool.clear()
 
     def _new(self, shape) -> VkAct:
         return VkAct(self, self._alloc(4 * math.prod(shape)), shape)
@@ -172,8 +219,9 @@ class VulkanBackend(Backend):
             return (n_groups, 1, 1)
         return (MAX_GROUPS, -(-n_groups // MAX_GROUPS), 1)
 
-    def _run(self, shader: str, n_bindings: int, spec: tuple, bindings: list, push: bytes, groups) -> None:
-        wg = self.wg_reduce if shader in ROW_SHADERS else self.wg
+    def _run(self, shader: str, n_bindings: int, spec: tuple, bindings: list, push: bytes, groups,
+             wg: int | None = None) -> None:
+        wg = wg or (self.wg_reduce if shader in ROW_SHADERS else self.wg)
         pipe = self.dev.pipeline(shader, n_bindings, (wg, *spec))
         self.dev.dispatch(pipe, [(b, o, r) for b, o, r in bindings], push, groups)
 
@@ -263,7 +311,7 @@ class VulkanBackend(Backend):
         if nbytes > self.dev.max_range:
             raise LlmoptError(f"KV cache layer of {nbytes / 2**20:.0f} MiB (batch {batch} x {max_len} slots) exceeds the "
                               f"device's storage-buffer range {self.dev.max_range / 2**20:.0f} MiB; lower max_len or batch")
-        cache = VkKVCache(batch, max_len, n_kv_heads, head_dim, list(windows))
+        cache = VkKVCache(batch, max_len, n_kv_heads, head_dim, list(windows), device=self.dev)
         for i in range(n_layers):
             cache.k.append(self.dev.buffer(nbytes, name=f"kv cache layer {i}"))
             cache.v.append(self.dev.buffer(nbytes, name=f"kv cache layer {i}"))
@@ -275,13 +323,16 @@ class VulkanBackend(Backend):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.n_out):
             raise LlmoptError(f"embedding {table.name}: token ids must lie in 0..{table.n_out - 1}, "
                               f"got {int(ids.min())}..{int(ids.max())}")
-        out = self._new((*ids.shape, table.k))
-        id_buf = self._upload_host(ids.to(torch.int64), np.uint32)
-        total = ids.numel() * table.k
+        return self._embed(self._whole(self._upload_host(ids.to(torch.int64), np.uint32)), tuple(ids.shape), table, scale)
+
+    def _embed(self, ids: tuple, shape: tuple, table: VkWeight, scale: float) -> VkAct:
+        """Rows of ``table`` for the uint32 ids bound at ``ids`` (buffer, offset, range), ``shape`` of them."""
+        out = self._new((*shape, table.k))
+        total = math.prod(shape) * table.k
         for pc in table.pieces:
             push = pack_push("IIIIIf", table.k, pc.rows, pc.row0, table.group, total, float(scale))
             self._run("embedding", 5, (table.bits, int(table.scale_bf16), int(table.has_zeros)),
-                      [self._whole(id_buf), pc.w, pc.s or self._whole(self.dummy), pc.z or self._whole(self.dummy),
+                      [ids, pc.w, pc.s or self._whole(self.dummy), pc.z or self._whole(self.dummy),
                        self._whole(out.buf)], push, self._grid(-(-total // self.wg)))
         return out
 
@@ -289,30 +340,62 @@ class VulkanBackend(Backend):
         if x.features != w.k:
             raise LlmoptError(f"linear {w.name}: input has {x.features} features, weight expects {w.k}")
         out = self._new((*x.shape[:-1], w.n_out))
-        self._matmul(x, w, out, x.rows, 1, 0)
+        self._matmul(x, w, [out], x.rows, 1, 0)
         return out
 
-    def _matmul(self, x: VkAct, w: VkWeight, out: VkAct, m: int, x_step: int, x_off: int) -> None:
+    def linears(self, x: VkAct, ws) -> tuple:
+        """``linear(x, w)`` for each of ``ws``, as one dispatch over their rows concatenated on the device where
+        they can be (``llmopt.backends.vulkan.fusion``), else one dispatch each."""
+        from llmopt.backends.vulkan.fusion import fused_weight  # imports this module
+
+        fused = fused_weight(self, tuple(ws)) if self.fuse_linears and 2 <= len(ws) <= 3 else None
+        if fused is None:
+            return tuple(self.linear(x, w) for w in ws)
+        if x.features != fused.k:
+            raise LlmoptError(f"linears {fused.name}: input has {x.features} features, weights expect {fused.k}")
+        outs = [self._new((*x.shape[:-1], w.n_out)) for w in ws]
+        self._matmul(x, fused, outs, x.rows, 1, 0)
+        return tuple(outs)
+
+    def _matmul(self, x: VkAct, w: VkWeight, outs: list, m: int, x_step: int, x_off: int) -> None:
+        """Record ``outs = x W^T (+ bias)`` for ``m`` input rows; several ``outs`` split W's rows in order."""
         bias = self._whole(w.bias) if w.bias is not None else self._whole(self.dummy)
         spec_tail = (w.bits, int(w.scale_bf16), int(w.has_zeros), int(w.bias is not None))
+        bounds = np.cumsum([o.features for o in outs])[:-1].tolist()
+        seg1, seg2 = (bounds + [w.n_out, w.n_out])[:2]
+        ys = [self._whole(o.buf) for o in outs] + [self._whole(self.dummy)] * (3 - len(outs))
         for pc in w.pieces:
             bindings = [self._whole(x.buf), pc.w, pc.s or self._whole(self.dummy), pc.z or self._whole(self.dummy),
-                        bias, self._whole(out.buf)]
+                        bias, *ys]
             if m <= MATVEC_MAX_M:
-                rows, sets = self.rows_per_wg, self._matvec_sets()
+                wg = self._matvec_wg(w.k)
+                rows, sets = self.rows_per_wg, self._matvec_sets(wg)
                 while rows > 1 and -(-pc.rows // (rows * sets)) < self.matvec_min_groups:
                     rows //= 2
                 gx, gy, _ = self._grid(-(-pc.rows // (rows * sets)))
-                push = pack_push("IIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off)
-                self._run("matvec_quant", 6, (rows, *spec_tail, self.matvec_split), bindings, push, (gx, gy, m))
+                push = pack_push("IIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, seg1, seg2)
+                shader = "matvec_quant_idot" if self.matvec_int_dot and w.bits in (2, 4, 8) else "matvec_quant"
+                if shader == "matvec_quant_idot" and not self.dev.features["integer_dot_product"]:
+                    raise LlmoptError(f"Vulkan device '{self.dev.info['name']}' lacks shaderIntegerDotProduct "
+                                      "(VK_KHR_shader_integer_dot_product): the int-dot mat-vec cannot run there")
+                self._run(shader, 8, (rows, *spec_tail, self.matvec_split), bindings, push, (gx, gy, m), wg)
             else:
-                push = pack_push("IIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m)
-                self._run("matmul_quant", 6, (self.tile, *spec_tail), bindings, push,
+                push = pack_push("IIIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m, seg1, seg2)
+                self._run("matmul_quant", 8, (self.tile, *spec_tail), bindings, push,
                           (-(-pc.rows // self.tile), -(-m // self.tile), 1))
 
-    def _matvec_sets(self) -> int:
-        """Row sets a mat-vec workgroup holds, after checking the specialization sizes against the shader and device."""
-        split, wg = self.matvec_split, self.wg
+    def _matvec_wg(self, k: int) -> int:
+        """Mat-vec workgroup size for rows of ``k``: doubled from ``wg`` up to ``matvec_wg_max`` while every invocation
+        keeps two or more 32-value chunks (long rows want more loads in flight, short ones more workgroups)."""
+        wg = self.wg
+        while 2 * wg <= self.matvec_wg_max and k // 32 >= 2 * (2 * wg):
+            wg *= 2
+        return wg
+
+    def _matvec_sets(self, wg: int) -> int:
+        """Row sets a mat-vec workgroup of ``wg`` holds, after checking the specialization sizes against the shader
+        and device."""
+        split = self.matvec_split
         if split and (split & (split - 1) or wg % split):
             raise LlmoptError(f"matvec_split {split}: expected 0 or a power of two dividing the workgroup size {wg}")
         shared = 4 * self.rows_per_wg * wg  # matvec_quant.comp's `part` array
@@ -332,6 +415,16 @@ class VulkanBackend(Backend):
         self._run("rmsnorm", 3, (), [self._whole(x.buf), self._whole(weight), self._whole(out.buf)], push,
                   self._grid(n_chunks))
         return out
+
+    def add_rmsnorm(self, a, b, weight, eps, unit_offset):
+        """``(a + b, rmsnorm(a + b))`` in one dispatch: the residual add and the norm after it (whole rows)."""
+        if a.shape != b.shape:
+            raise LlmoptError(f"add_rmsnorm: shapes {list(a.shape)} and {list(b.shape)} differ")
+        total, out = self._new(a.shape), self._new(a.shape)
+        push = pack_push("IffI", a.features, float(eps), 1.0 if unit_offset else 0.0, a.rows)
+        self._run("add_rmsnorm", 5, (), [self._whole(a.buf), self._whole(b.buf), self._whole(weight),
+                                         self._whole(total.buf), self._whole(out.buf)], push, self._grid(a.rows))
+        return total, out
 
     def layernorm(self, x, weight, bias, eps):
         out = self._new(x.shape)
@@ -353,10 +446,15 @@ class VulkanBackend(Backend):
         if x.features % head_dim or head_dim % 2 or tuple(cos.shape) != (*x.shape[:-1], head_dim) or cos.shape != sin.shape:
             raise LlmoptError(f"rope: tables {list(cos.shape)}/{list(sin.shape)} do not fit x {list(x.shape)} "
                               f"with head_dim {head_dim}")
+        return self._rope(x, self._upload_host(cos, np.float32), self._upload_host(sin, np.float32), head_dim)
+
+    def _rope(self, x: VkAct, cos: Buffer, sin: Buffer, head_dim: int, pos: tuple | None = None) -> VkAct:
+        """RoPE with device tables: one row per row of ``x``, or (``pos`` bound) rows of a table of every
+        position, picked by the uint32 position of each row of ``x`` that ``pos`` holds."""
         out = self._new(x.shape)
         total = x.rows * x.features // 2
-        cbuf, sbuf = self._upload_host(cos, np.float32), self._upload_host(sin, np.float32)
-        self._run("rope", 4, (), [self._whole(x.buf), self._whole(cbuf), self._whole(sbuf), self._whole(out.buf)],
+        self._run("rope", 5, (int(pos is not None),), [self._whole(x.buf), self._whole(cos), self._whole(sin),
+                                                      self._whole(out.buf), pos or self._whole(self.dummy)],
                   pack_push("III", x.features, head_dim, total), self._grid(-(-total // self.wg)))
         return out
 
@@ -365,16 +463,25 @@ class VulkanBackend(Backend):
         self._check_attn(q, k, v, spec)
         if start + T > cache.max_len:
             raise LlmoptError(f"attention: positions {start}..{start + T - 1} exceed the KV cache of {cache.max_len}")
+        mask_len = start + T
+        mask = self._upload_host(valid[:, :mask_len].to(torch.int32), np.uint32) if valid is not None else None
+        return self._cached_attention(q, k, v, cache, layer, start, mask, mask_len, spec)
+
+    def _cached_attention(self, q, k, v, cache: VkKVCache, layer: int, start: int, mask: Buffer | None,
+                          mask_len: int, spec: AttnSpec, slot: tuple | None = None) -> VkAct:
+        """Store this step's K/V at cache slot ``start`` (or, ``slot`` bound: the uint32 slot it holds, read on
+        the device) and attend causally; ``mask`` holds valid flags ``[B, mask_len]`` (None: every slot)."""
+        B, T, _ = q.shape
         kv_f = spec.n_kv_heads * spec.head_dim
         total = B * T * kv_f
-        self._run("kv_store", 4, (), [self._whole(k.buf), self._whole(v.buf), self._whole(cache.k[layer]),
-                                      self._whole(cache.v[layer])],
+        step = slot or self._whole(self.dummy)
+        self._run("kv_store", 5, (int(slot is not None),),
+                  [self._whole(k.buf), self._whole(v.buf), self._whole(cache.k[layer]), self._whole(cache.v[layer]), step],
                   pack_push("IIIII", T, kv_f, cache.max_len, start, total), self._grid(-(-total // self.wg)))
-        mask_len = start + T
-        mask = self._upload_host(valid[:, :mask_len].to(torch.int32), np.uint32) if valid is not None else self.dummy
         window = spec.window if spec.window is not None and spec.window < cache.max_len else 0
-        return self._attend(q, cache.k[layer], cache.v[layer], mask, spec, cache.max_len, start, window, 0,
-                            int(valid is not None), mask_len, mask_len)
+        scratch_len = cache.max_len if slot is not None else start + T
+        return self._attend(q, cache.k[layer], cache.v[layer], mask or self.dummy, spec, cache.max_len, start, window,
+                            0, int(mask is not None), mask_len, scratch_len, slot)
 
     def attention_full(self, q, k, v, segments, spec):
         B, T, _ = q.shape
@@ -389,7 +496,7 @@ class VulkanBackend(Backend):
         if covered != T:
             raise LlmoptError(f"attention_full: segments cover {covered} of {T} tokens (they must tile the sequence)")
         seg = self._upload_host(bounds, np.uint32)
-        return self._attend(q, k.buf, v.buf, seg, spec, T, 0, 0, 1, 0, 0, T)
+        return self._attend(q, k.buf, v.buf, seg, spec, T, 0, 0, 1, 0, 0, T, None)
 
     def _check_attn(self, q, k, v, spec: AttnSpec) -> None:
         if spec.head_dim > MAX_HEAD_DIM or spec.n_heads % spec.n_kv_heads:
@@ -398,14 +505,15 @@ class VulkanBackend(Backend):
         if q.features != spec.n_heads * spec.head_dim or k.shape != v.shape or k.features != spec.n_kv_heads * spec.head_dim:
             raise LlmoptError(f"attention: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not match {spec}")
 
-    def _attend(self, q, kbuf, vbuf, aux, spec, L, start, window, mode, has_mask, mask_len, scratch_len):
+    def _attend(self, q, kbuf, vbuf, aux, spec, L, start, window, mode, has_mask, mask_len, scratch_len, slot):
         B, T, _ = q.shape
         out = self._new(q.shape)
         scratch = self._alloc(4 * B * T * spec.n_heads * scratch_len, "attention scratch")
         push = pack_push("IIIIIIIIIIIff", T, spec.n_heads, spec.n_kv_heads, spec.head_dim, L, start, window, mode,
                          has_mask, mask_len, scratch_len, float(spec.scale), float(spec.softcap or 0.0))
-        self._run("attention", 6, (), [self._whole(q.buf), self._whole(kbuf), self._whole(vbuf), self._whole(aux),
-                                       self._whole(scratch), self._whole(out.buf)], push, (spec.n_heads, T, B))
+        self._run("attention", 7, (int(slot is not None),),
+                  [self._whole(q.buf), self._whole(kbuf), self._whole(vbuf), self._whole(aux), self._whole(scratch),
+                   self._whole(out.buf), slot or self._whole(self.dummy)], push, (spec.n_heads, T, B))
         self._release(scratch)
         return out
 
@@ -437,7 +545,7 @@ class VulkanBackend(Backend):
         if x.features != head.k:
             raise LlmoptError(f"logits: input has {x.features} features, head {head.name} expects {head.k}")
         out = self._new((B, head.n_out))
-        self._matmul(x, head, out, B, T, T - 1)
+        self._matmul(x, head, [out], B, T, T - 1)
         if softcap:
             n = B * head.n_out
             self._run("logits_softcap", 1, (), [self._whole(out.buf)], pack_push("If", n, float(softcap)),
@@ -449,14 +557,24 @@ class VulkanBackend(Backend):
 
     def argmax(self, logits: VkAct) -> torch.Tensor:
         """Greedy ids ``[B]`` (int64) of device logits ``[B, vocab]``: 4 bytes per sequence come back."""
-        rows, n = logits.rows, logits.features
-        idx = self._alloc(4 * rows, "argmax")
-        self._run("argmax", 2, (), [self._whole(logits.buf), self._whole(idx)], pack_push("II", n, rows),
-                  self._grid(rows))
-        out = self.dev.download(idx, 4 * rows, np.uint32)
+        idx = self._alloc(4 * logits.rows, "argmax")
+        self._argmax(logits, idx)
+        out = self.dev.download(idx, 4 * logits.rows, np.uint32)
         self._release(idx)
         self._submitted()
         return torch.from_numpy(out.astype(np.int64))
+
+    def _argmax(self, logits: VkAct, idx: Buffer) -> None:
+        """Record the greedy ids of ``logits [rows, n]`` into ``idx`` (uint32 a row)."""
+        rows, n = logits.rows, logits.features
+        self._run("argmax", 2, (), [self._whole(logits.buf), self._whole(idx)], pack_push("II", n, rows),
+                  self._grid(rows))
+
+    def replay_decoder(self, model, state):
+        """The model's decode step recorded once on this device and replayed per token (``replay.VulkanDecoder``)."""
+        from llmopt.backends.vulkan.replay import VulkanDecoder
+
+        return VulkanDecoder(model, state)
 
     def copy(self, src: Buffer, dst: Buffer, nbytes: int) -> None:
         """Record a shader copy of ``nbytes`` (a multiple of 16) from ``src`` to ``dst``."""

@@ -6,7 +6,10 @@ Naming rule (the workflow's outputs): one SPIR-V file per shader, ``{out_dir}/{s
 ``shaders/{stem}.comp`` (e.g. ``results/kernels/vulkan/matvec_quant.spv``), plus ``{out_dir}/manifest.json``.
 The device variant is chosen here from the probe: the defines ``USE_SUBGROUP`` (subgroup arithmetic in compute
 shaders, else shared-memory reductions) and ``SMALL_CODE`` (CPU devices: tile loops kept rolled) are compiled in, and the sizes the runtime passes as specialization
-constants (workgroup size, rows per workgroup, matmul tile) are written to the manifest's ``spec``. A shader is
+constants (workgroup size, rows per workgroup, matmul tile) are written to the manifest's ``spec``, and so is
+which mat-vec the runtime uses: ``matvec_quant_idot`` (x quantized to int8, packed 4x8-bit integer dot products;
+its SPIR-V is built everywhere, loaded only where used) when the probe says the device accelerates the packed
+signed dot (NVIDIA does; lavapipe emulates it), else ``matvec_quant``. A shader is
 rebuilt only when its source, an included header, its defines or glslc's version changed (the manifest keeps a
 hash of each); ``check_manifest`` makes the runtime refuse missing or stale SPIR-V with the shader's name.
 """
@@ -35,7 +38,12 @@ def device_config(probe: dict) -> dict:
     attention, argmax), whose latency at batch 1 falls with more invocations in flight; ``matvec_min_groups``:
     a mat-vec halves its rows a workgroup until it has this many workgroups (short outputs such as k/v and
     down projections need them to keep a GPU's memory system busy); ``matvec_split``: invocations sharing one
-    set of mat-vec rows (0: the whole workgroup; GPUs want one subgroup, see matvec_quant.comp).
+    set of mat-vec rows (0: the whole workgroup; GPUs want one subgroup, see matvec_quant.comp);
+    ``matvec_int_dot``: 1 to run int2/4/8 mat-vecs through ``matvec_quant_idot`` (x as int8, packed dot products),
+    where the device runs the packed signed 4x8-bit dot product as a native instruction; ``matvec_wg_max``: a
+    mat-vec over long rows doubles its workgroup up to this size while every invocation still gets two or more
+    32-value chunks of a row (on an H200 the 18944-wide down projection ran 27.6 us at 128 invocations and 22.7 us
+    at 256, while rows of 3584 were fastest at 64-128).
 
     CPU devices (lavapipe) run one invocation per SIMD lane group and pay for every barrier, so small workgroups
     (16 invocations, 8 rows each) win there by about 5x (FACTS §6); GPUs want 64-256 invocations a workgroup.
@@ -45,14 +53,15 @@ def device_config(probe: dict) -> dict:
     subgroup = int(device.get("subgroup_size") or 0)
     max_wg = int(device.get("max_workgroup_invocations") or 128)
     if device.get("type") == "cpu":
-        wg, rows, tile, wg_reduce, min_groups, split = 16, 8, 16, 16, 1, 0
-    else:  # measured on an H200 (bench/vulkan_decode.py, docs/benchmarks.md)
-        wg, rows, tile, wg_reduce, min_groups, split = 128, 8, 32, 1024, 1024, 0
+        wg, rows, tile, wg_reduce, min_groups, split, wg_max = 16, 8, 16, 16, 1, 0, 16
+    else:  # the fastest decode step measured on an H200 (bench/vulkan_decode.py, docs/benchmarks.md)
+        wg, rows, tile, wg_reduce, min_groups, split, wg_max = 128, 16, 32, 1024, 256, 0, 256
     return {
         "defines": {"USE_SUBGROUP": int(bool(features.get("subgroup_arithmetic")) and subgroup > 0),
                     "SMALL_CODE": int(device.get("type") == "cpu")},
         "spec": {"wg": min(wg, max_wg), "rows": rows, "tile": tile, "wg_reduce": min(wg_reduce, max_wg),
-                 "matvec_min_groups": min_groups, "matvec_split": split},
+                 "matvec_min_groups": min_groups, "matvec_split": split, "matvec_wg_max": min(wg_max, max_wg),
+                 "matvec_int_dot": int(bool(features.get("integer_dot_4x8_signed_accelerated")))},
     }
 
 

@@ -10,6 +10,8 @@ recorded into the same command buffer; readbacks through a host-visible (cached 
 Pipelines are cached per (shader, specialization constants) and descriptor sets per (pipeline, bindings).
 With ``profile=True`` a timestamp is written after every dispatch and ``kernel_times`` sums them per kernel;
 ``replay(n)`` resubmits the last command buffer (a whole decode step) to time it without Python in the loop.
+``begin_recording``/``end_recording`` keep a command buffer for good (a ``Recording``) and ``submit`` runs a
+sequence of them per call: the replayed decode step (``llmopt.backends.vulkan.replay``) is one.
 FACTS §6 lists the package's quirks this module works around (no VK_API_VERSION constants, list-returning
 vkCreateComputePipelines, dangling mapped views).
 """
@@ -28,6 +30,7 @@ from llmopt.errors import LlmoptError
 
 MIN_API = (1, 1)
 PUSH_BYTES = 128
+INT_DOT_EXTENSION = "VK_KHR_shader_integer_dot_product"
 MAX_TIMESTAMPS = 8192
 
 
@@ -57,8 +60,20 @@ def _describe(vk, pd) -> dict:
     p2 = ffi.new("VkPhysicalDeviceProperties2*", {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, "pNext": sg})
     vk.lib.vkGetPhysicalDeviceProperties2(pd, p2)
     s16 = ffi.new("VkPhysicalDevice16BitStorageFeatures*", {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_16BIT_STORAGE_FEATURES})
-    f2 = ffi.new("VkPhysicalDeviceFeatures2*", {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2, "pNext": s16})
+    idot = ffi.new("VkPhysicalDeviceShaderIntegerDotProductFeatures*",
+                   {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_INTEGER_DOT_PRODUCT_FEATURES, "pNext": s16})
+    f2 = ffi.new("VkPhysicalDeviceFeatures2*", {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2, "pNext": idot})
     vk.lib.vkGetPhysicalDeviceFeatures2(pd, f2)
+    extensions = {e.extensionName for e in vk.vkEnumerateDeviceExtensionProperties(pd, None)}
+    # Packed 4x8-bit dot products (matvec_quant_idot.comp): the feature through the extension
+    # (our instance asks for Vulkan 1.2, so the 1.3 core feature alone does not count), and whether the driver
+    # runs the signed packed dot as one instruction ("accelerated") rather than emulating it.
+    has_idot = bool(idot.shaderIntegerDotProduct) and INT_DOT_EXTENSION in extensions
+    idot_props = ffi.new("VkPhysicalDeviceShaderIntegerDotProductProperties*",
+                         {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_INTEGER_DOT_PRODUCT_PROPERTIES})
+    if has_idot:
+        vk.lib.vkGetPhysicalDeviceProperties2(pd, ffi.new("VkPhysicalDeviceProperties2*", {
+            "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, "pNext": idot_props}))
     mem = vk.vkGetPhysicalDeviceMemoryProperties(pd)
     heaps = [mem.memoryHeaps[i] for i in range(mem.memoryHeapCount)]
     local = sum(h.size for h in heaps if h.flags & vk.VK_MEMORY_HEAP_DEVICE_LOCAL_BIT)
@@ -91,6 +106,8 @@ def _describe(vk, pd) -> dict:
         "storage_buffer_16bit": bool(s16.storageBuffer16BitAccess),
         "shader_int64": bool(f2.features.shaderInt64),
         "timestamps": bool(compute_q) and queues[compute_q[0]].timestampValidBits > 0,
+        "integer_dot_product": has_idot,
+        "integer_dot_4x8_signed_accelerated": has_idot and bool(idot_props.integerDotProduct4x8BitPackedSignedAccelerated),
     }
     return {"api": api, "device": device, "features": features}
 
@@ -149,6 +166,14 @@ class Buffer:
         return np.frombuffer(self.mapped, dtype=dtype, count=-1 if count is None else count, offset=offset)
 
 
+@dataclass(eq=False)
+class Recording:
+    """A command buffer recorded once (``Device.begin_recording``/``end_recording``) and submitted many times."""
+
+    cmd: object
+    n_commands: int
+
+
 @dataclass
 class Pipeline:
     name: str
@@ -178,8 +203,15 @@ class Device:
         self.align = max(4, int(self.info["min_storage_buffer_offset_alignment"]))
         family = self.info["compute_queue_families"][0]
         qinfo = vk.VkDeviceQueueCreateInfo(queueFamilyIndex=family, queueCount=1, pQueuePriorities=[1.0])
+        extensions, chain = [], self.ffi.NULL
+        if self.features["integer_dot_product"]:  # matvec_quant_idot declares the capability
+            extensions.append(INT_DOT_EXTENSION)
+            chain = self.ffi.new("VkPhysicalDeviceShaderIntegerDotProductFeatures*", {
+                "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_INTEGER_DOT_PRODUCT_FEATURES,
+                "shaderIntegerDotProduct": 1})
         self.device = vk.vkCreateDevice(self.physical, vk.VkDeviceCreateInfo(
-            pQueueCreateInfos=[qinfo], queueCreateInfoCount=1), None)
+            pNext=chain, pQueueCreateInfos=[qinfo], queueCreateInfoCount=1,
+            ppEnabledExtensionNames=extensions or None, enabledExtensionCount=len(extensions)), None)
         self.queue = vk.vkGetDeviceQueue(self.device, family, 0)
         self.command_pool = vk.vkCreateCommandPool(self.device, vk.VkCommandPoolCreateInfo(
             flags=vk.VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT, queueFamilyIndex=family), None)
@@ -188,10 +220,15 @@ class Device:
         self.fence = vk.vkCreateFence(self.device, vk.VkFenceCreateInfo(), None)
         self._memory_types()
         self.descriptor_pools: list = []
-        self._pool_left = 0
+        self._pool_room: dict[int, int] = {}  # id(pool) -> descriptor sets it can still give
+        self._sets_of: dict[int, dict] = {}  # id(buffer) -> {(id(pipeline), bindings): (pipeline, pool)} binding it
+        self._deferred: list[Buffer] = []  # freed while commands were being recorded: released after the submit
         self.pipelines: dict = {}
         self.modules: dict = {}
         self.recording = False
+        self.capturing: Recording | None = None  # set between begin_recording and end_recording
+        self._saved_cmd = None
+        self._submits: dict = {}  # tuple of Recordings -> (VkSubmitInfo*, its command-buffer array)
         self.n_commands = 0
         self.bytes_allocated = 0
         self._live: dict[int, Buffer] = {}  # every buffer not yet freed: close() frees them all
@@ -274,6 +311,18 @@ class Device:
                            f"allocated{heap}; {type(err).__name__})")
 
     def free(self, buf: Buffer) -> None:
+        """Release ``buf`` and the descriptor sets that bind it; while commands are being recorded (they may use
+        it) the release waits for the next submission to finish."""
+        if self.device is None or id(buf) not in self._live:
+            return
+        if self.recording:
+            self._deferred.append(buf)
+            return
+        for (_, key), (pipe, pool) in self._sets_of.pop(id(buf), {}).items():
+            self.lib.vkFreeDescriptorSets(self.device, pool, 1, pipe.descriptor_sets.pop(key))
+            self._pool_room[id(pool)] += 1
+            for other, _, _ in key:  # the set is gone for the other buffers it bound too
+                self._sets_of.get(id(other), {}).pop((id(pipe), key), None)
         if buf.host:
             self.vk.vkUnmapMemory(self.device, buf.memory)
         self.vk.vkDestroyBuffer(self.device, buf.handle, None)
@@ -284,6 +333,8 @@ class Device:
     # --- transfers --------------------------------------------------------------------------------------
     def upload(self, dst: Buffer, data: np.ndarray, dst_offset: int = 0) -> None:
         """Record a copy of host ``data`` into ``dst`` (through the staging arena; large data in chunks)."""
+        if self.capturing:  # the staging arena is reused by the next submission: a replay would copy stale bytes
+            raise LlmoptError("upload while recording a replayable step: per-step data must come from the step buffer")
         raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
         done = 0
         while done < raw.size:
@@ -351,14 +402,27 @@ class Device:
         if dset is not None:
             return dset
         vk = self.vk
-        if self._pool_left == 0:
+        dset = None
+        for pool in reversed(self.descriptor_pools):  # the newest first: older ones have room only where sets were freed
+            if self._pool_room[id(pool)] > 0:
+                try:
+                    dset = vk.vkAllocateDescriptorSets(self.device, vk.VkDescriptorSetAllocateInfo(
+                        descriptorPool=pool, descriptorSetCount=1, pSetLayouts=[pipe.set_layout]))
+                    break
+                except (vk.VkErrorOutOfPoolMemory, vk.VkErrorFragmentedPool):
+                    continue
+        if dset is None:
             size = vk.VkDescriptorPoolSize(type=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, descriptorCount=4096 * 8)
-            self.descriptor_pools.append(vk.vkCreateDescriptorPool(self.device, vk.VkDescriptorPoolCreateInfo(
-                maxSets=4096, poolSizeCount=1, pPoolSizes=[size]), None))
-            self._pool_left = 4096
-        dset = vk.vkAllocateDescriptorSets(self.device, vk.VkDescriptorSetAllocateInfo(
-            descriptorPool=self.descriptor_pools[-1], descriptorSetCount=1, pSetLayouts=[pipe.set_layout]))
-        self._pool_left -= 1
+            pool = vk.vkCreateDescriptorPool(self.device, vk.VkDescriptorPoolCreateInfo(
+                flags=vk.VK_DESCRIPTOR_POOL_CREATE_FREE_DESCRIPTOR_SET_BIT, maxSets=4096, poolSizeCount=1,
+                pPoolSizes=[size]), None)
+            self.descriptor_pools.append(pool)
+            self._pool_room[id(pool)] = 4096
+            dset = vk.vkAllocateDescriptorSets(self.device, vk.VkDescriptorSetAllocateInfo(
+                descriptorPool=pool, descriptorSetCount=1, pSetLayouts=[pipe.set_layout]))
+        self._pool_room[id(pool)] -= 1
+        for buf, _, _ in bindings:
+            self._sets_of.setdefault(id(buf), {})[(id(pipe), bindings)] = (pipe, pool)
         infos = [vk.VkDescriptorBufferInfo(buffer=buf.handle, offset=off, range=rng) for buf, off, rng in bindings]
         writes = [vk.VkWriteDescriptorSet(dstSet=dset[0], dstBinding=i, descriptorCount=1,
                                           descriptorType=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, pBufferInfo=[info])
@@ -396,7 +460,7 @@ class Device:
 
     def _after(self, label: str) -> None:
         self.n_commands += 1
-        if self.profile:
+        if self.profile and not self.capturing:
             if len(self._stamps) + 1 >= MAX_TIMESTAMPS:
                 self.flush()
                 self._begin()
@@ -407,6 +471,8 @@ class Device:
     def _begin(self) -> None:
         if self.recording:
             return
+        if self.capturing:
+            raise LlmoptError("internal: a recording was begun without begin_recording")
         self._replayable = False
         vk = self.vk
         # begin resets the previous recording (pool flag RESET); simultaneous use lets replay() queue it repeatedly
@@ -422,6 +488,8 @@ class Device:
         """Submit what is recorded and wait for it; the staging arena is free again afterwards."""
         if not self.recording:
             return
+        if self.capturing:
+            raise LlmoptError("submit while recording a replayable step: an op inside it reads back or uploads")
         vk = self.vk
         self._barrier("host")
         vk.vkEndCommandBuffer(self.cmd)
@@ -435,6 +503,7 @@ class Device:
         vk.vkResetFences(self.device, 1, [self.fence])
         self.staging_used = 0
         self._replayable = True
+        self._free_deferred()
         if self.profile:
             self._collect_timestamps()
 
@@ -454,6 +523,80 @@ class Device:
         seconds = (time.perf_counter() - t0) / times
         vk.vkResetFences(self.device, 1, [self.fence])
         return seconds
+
+    # --- recordings: commands recorded once, resubmitted per decode step -------------------------------
+    def begin_recording(self) -> None:
+        """Record the following commands into a new command buffer that ``end_recording`` returns for
+        ``submit``. Pending work is flushed first. Inside, nothing may upload through the staging arena or
+        submit (both raise): what changes between submissions must be read by the shaders from buffers the host
+        writes. The first command is ordered after whatever precedes it in its submission."""
+        if self.capturing:
+            raise LlmoptError("begin_recording: a recording is already open")
+        self.flush()
+        vk = self.vk
+        cmd = vk.vkAllocateCommandBuffers(self.device, vk.VkCommandBufferAllocateInfo(
+            commandPool=self.command_pool, level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1))[0]
+        vk.vkBeginCommandBuffer(cmd, vk.VkCommandBufferBeginInfo(flags=vk.VK_COMMAND_BUFFER_USAGE_SIMULTANEOUS_USE_BIT))
+        self._saved_cmd, self.cmd = self.cmd, cmd
+        self.capturing = Recording(cmd, self.n_commands)
+        self.recording = True
+        self._last_stage = "compute"  # a barrier before the first command: earlier buffers of the submission
+
+    def end_recording(self) -> Recording:
+        """Close the open recording (its writes made visible to the host at the end) and return it."""
+        rec = self.capturing
+        if rec is None:
+            raise LlmoptError("end_recording: no recording is open")
+        self._barrier("host")
+        self.vk.vkEndCommandBuffer(rec.cmd)
+        self._restore()
+        rec.n_commands = self.n_commands - rec.n_commands
+        return rec
+
+    def abort_recording(self) -> None:
+        """Drop the open recording (after an error inside it); normal recording continues."""
+        rec = self.capturing
+        if rec is not None:
+            self.vk.vkEndCommandBuffer(rec.cmd)
+            self._restore()
+            self.free_recording(rec)
+
+    def _restore(self) -> None:
+        self.cmd, self._saved_cmd = self._saved_cmd, None
+        self.capturing, self.recording, self._last_stage = None, False, None
+
+    def submit(self, recordings: tuple[Recording, ...], times: int = 1) -> None:
+        """Run ``recordings`` in order as one submission, ``times`` times back to back, and wait for the last."""
+        if self.capturing:
+            raise LlmoptError("submit while recording a replayable step")
+        self.flush()  # work recorded before goes first
+        hit = self._submits.get(recordings)
+        if hit is None:
+            cmds = self.ffi.new("VkCommandBuffer[]", [r.cmd for r in recordings])
+            info = self.ffi.new("VkSubmitInfo*", {"sType": self.vk.VK_STRUCTURE_TYPE_SUBMIT_INFO,
+                                                  "commandBufferCount": len(recordings), "pCommandBuffers": cmds})
+            hit = self._submits[recordings] = (info, cmds, self.ffi.new("VkFence[1]", [self.fence]))
+        info, _, fences = hit
+        lib, null = self.lib, self.ffi.NULL
+        for i in range(times):
+            status = lib.vkQueueSubmit(self.queue, 1, info, self.fence if i == times - 1 else null)
+            if status != 0:
+                raise LlmoptError(f"Vulkan device '{self.info['name']}': vkQueueSubmit failed (VkResult {status})")
+        status = lib.vkWaitForFences(self.device, 1, fences, 1, 2**63 - 1)
+        lib.vkResetFences(self.device, 1, fences)
+        if status != 0:
+            raise LlmoptError(f"Vulkan device '{self.info['name']}' failed while running a recorded step (VkResult {status})")
+        self._free_deferred()
+
+    def _free_deferred(self) -> None:
+        while self._deferred and not self.recording:
+            self.free(self._deferred.pop())
+
+    def free_recording(self, rec: Recording) -> None:
+        for key in [k for k in self._submits if rec in k]:
+            del self._submits[key]
+        if self.device is not None:
+            self.vk.vkFreeCommandBuffers(self.device, self.command_pool, 1, [rec.cmd])
 
     def _collect_timestamps(self) -> None:
         n = len(self._stamps)
@@ -483,6 +626,8 @@ class Device:
             vk.vkDestroyShaderModule(self.device, module, None)
         for pool in self.descriptor_pools:
             vk.vkDestroyDescriptorPool(self.device, pool, None)
+        self._sets_of.clear()
+        self._deferred.clear()
         if self.profile:
             vk.vkDestroyQueryPool(self.device, self.query_pool, None)
         for buf in list(self._live.values()):

@@ -1,0 +1,201 @@
+// Included by matvec_quant.comp (float x) and matvec_quant_idot.comp (USE_INT_DOT = 1: x as int8).
+// Decode matrix-vector product y[m, row0 + r] = sum_j W[r, j] x[m, j] (+ bias[r]) for packed int2/3/4/8 or
+// float32 weights (BITS). A workgroup holds WG / SPLIT sets of SPLIT invocations (SPLIT = 0: one set of WG);
+// each set owns ROWS rows and strides over them in chunks of 32 codes (BITS words, so one scale per chunk when
+// the group is a multiple of 32), reusing each x chunk for all ROWS rows (x and 4/8-bit codes read 16 bytes at
+// a time); grid z walks the M input vectors. Dispatch: ceil(N / (ROWS * WG / SPLIT)) workgroups (folded into
+// x, y), M in z. SPLIT = 32 (a set per subgroup) gives each invocation several chunks of its rows, more loads in
+// flight; on an H200 whole-workgroup sets in many small workgroups still measured faster (docs/benchmarks.md).
+// Either way a workgroup's rows are all reduced behind a single barrier.
+// USE_INT_DOT (defined to 1 by matvec_quant_idot.comp, its own SPIR-V): for 2-, 4- and 8-bit codes each
+// invocation quantizes its 32-value x chunk to int8 in registers (scale max|x| / 127, roundEven) and takes packed
+// 4x8-bit dot products (OpSDot) against the codes, masked out of each word byte-wise: for 4 bits
+// w & 0x0F0F0F0F holds codes 0,2,4,6 and (w >> 4) & 0x0F0F0F0F codes 1,3,5,7, so x's bytes are packed in that
+// order; 8-bit codes go in as signed bytes (w ^ 0x80808080 = code - 128, the 128 moved into the zero point).
+// Zero points use the chunk's integer sum of x. Per 16 bytes of int4 codes that is 8 dot products and 12 integer
+// ops a row instead of 32 int->float conversions and 32 shift/masks. 3-bit codes stay on the float path.
+// Fused linears: rows of several weights concatenated into one, written to up to three outputs: global row R
+// (row0 + row) goes to y if R < seg1, to y1 if R < seg2, else to y2, each a plain [M, width] activation.
+#ifndef USE_INT_DOT
+#define USE_INT_DOT 0
+#endif
+#if USE_INT_DOT
+#extension GL_EXT_spirv_intrinsics : require
+// OpSDot (SPV_KHR_integer_dot_product; capabilities DotProduct, DotProductInput4x8BitPacked), packed format 0 =
+// PackedVectorFormat4x8Bit: the sum of the four signed byte products. glslang 11 has no GL_EXT_integer_dot_product.
+spirv_instruction(extensions = ["SPV_KHR_integer_dot_product"], capabilities = [6019, 6018], id = 4450)
+int sdot4x8(int a, int b, spirv_literal int packed_format);
+#endif
+#include "common.glsl"
+
+layout(constant_id = 1) const uint ROWS = 4;
+layout(constant_id = 2) const uint BITS = 4;
+layout(constant_id = 3) const uint SCALE_BF16 = 0;
+layout(constant_id = 4) const uint HAS_ZEROS = 0;
+layout(constant_id = 5) const uint HAS_BIAS = 0;
+layout(constant_id = 6) const uint SPLIT = 0;  // invocations a row set: a power of two dividing WG; 0 means WG
+
+layout(std430, binding = 0) readonly buffer XBuf { float x[]; };
+layout(std430, binding = 0) readonly buffer X4Buf { vec4 x4[]; };   // the same x, 16-byte loads
+layout(std430, binding = 1) readonly buffer WBuf { uint w[]; };
+layout(std430, binding = 1) readonly buffer W4Buf { uvec4 w4[]; };  // the same codes, 16-byte loads
+layout(std430, binding = 2) readonly buffer SBuf { uint sc[]; };
+layout(std430, binding = 3) readonly buffer ZBuf { uint zp[]; };
+layout(std430, binding = 4) readonly buffer BBuf { float bias[]; };
+layout(std430, binding = 5) writeonly buffer YBuf { float y[]; };
+layout(std430, binding = 6) writeonly buffer Y1Buf { float y1[]; };
+layout(std430, binding = 7) writeonly buffer Y2Buf { float y2[]; };
+
+layout(push_constant) uniform Params {
+    uint K;       // input features
+    uint N;       // rows in this weight piece
+    uint n_out;   // features of y (all pieces)
+    uint row0;    // first output feature of this piece
+    uint group;   // codes per scale
+    uint x_step;  // input vector m is row m * x_step + x_off of x
+    uint x_off;
+    uint seg1;    // first output feature written to y1 (n_out when there is one output)
+    uint seg2;    // first output feature written to y2
+} p;
+
+#include "packed.glsl"
+
+const uint SET = SPLIT == 0u ? WG : SPLIT;
+const uint SETS = WG / SET;
+shared float part[ROWS * WG];  // partial sums, row r of invocation t at part[r * WG + t]
+
+void main() {
+    const uint tid = gl_LocalInvocationID.x;
+    const uint lane = tid % SET;
+    const uint first = (group_index() * SETS + tid / SET) * ROWS;
+    const uint m = gl_WorkGroupID.z;
+    const uint xbase = (m * p.x_step + p.x_off) * p.K;
+    const uint n_chunks = p.K / 32u;
+    const uint row_words = p.K * BITS / 32u;
+    const uint groups = p.K / p.group;
+    const bool rows_aligned = (row_words & 3u) == 0u;  // rows start on 16 bytes: uvec4 loads
+
+    float acc[ROWS];
+    [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] = 0.0;
+
+    for (uint c = lane; c < n_chunks; c += SET) {
+        const uint xc = xbase + c * 32u;
+        if (BITS == 32) {
+            [[unroll]] for (uint r = 0; r < ROWS; ++r) {
+                const uint row = min(first + r, p.N - 1u);  // clamped rows are computed and discarded
+                float d = 0.0;
+                [[unroll]] for (uint e = 0; e < 32u; ++e) d += uintBitsToFloat(w[row * p.K + c * 32u + e]) * x[xc + e];
+                acc[r] += d;
+            }
+            continue;
+        }
+        vec4 xv[8];
+        float xsum = 0.0;
+        [[unroll]] for (uint i = 0; i < 8u; ++i) {
+            xv[i] = x4[(xc >> 2) + i];
+            xsum += dot(xv[i], vec4(1.0));
+        }
+#if USE_INT_DOT
+        if (BITS != 3) {
+            // x chunk as int8: code k of a word's byte lane b after shift s is code s + SHIFTS * b (+ the word's
+            // first), so packed x word (i, s) holds q[i * PER_WORD + s + SHIFTS * b] in byte b.
+            const uint PER_WORD = 32u / BITS, SHIFTS = 8u / BITS;
+            const uint LANES = BITS == 8u ? 0xFFFFFFFFu : (BITS == 4u ? 0x0F0F0F0Fu : 0x03030303u);
+            vec4 xa = abs(xv[0]);
+            [[unroll]] for (uint i = 1; i < 8u; ++i) xa = max(xa, abs(xv[i]));
+            const float amax = max(max(xa.x, xa.y), max(xa.z, xa.w));
+            const float inv = amax > 0.0 ? 127.0 / amax : 0.0;
+            int xq[8];
+            int qsum = 0;
+            [[unroll]] for (uint i = 0; i < BITS; ++i) [[unroll]] for (uint s = 0; s < SHIFTS; ++s) {
+                uint packed = 0u;
+                [[unroll]] for (uint b = 0; b < 4u; ++b) {
+                    const uint k = i * PER_WORD + s + SHIFTS * b;
+                    const int q = clamp(int(roundEven(xv[k / 4u][k % 4u] * inv)), -127, 127);
+                    qsum += q;
+                    packed |= uint(q & 0xFF) << (8u * b);
+                }
+                xq[i * SHIFTS + s] = int(packed);
+            }
+            const float xd = amax / 127.0;
+            [[unroll]] for (uint r = 0; r < ROWS; ++r) {
+                const uint row = min(first + r, p.N - 1u);
+                const uint wb = row * row_words + c * BITS;
+                int d = 0;
+                [[unroll]] for (uint i = 0; i < BITS; ++i) {
+                    const uint wd = (BITS % 4u == 0u && rows_aligned) ? w4[(wb >> 2) + i / 4u][i % 4u] : w[wb + i];
+                    if (BITS == 8u) {
+                        d += sdot4x8(int(wd ^ 0x80808080u), xq[i], 0);
+                    } else {
+                        [[unroll]] for (uint s = 0; s < SHIFTS; ++s)
+                            d += sdot4x8(int((wd >> (s * BITS)) & LANES), xq[i * SHIFTS + s], 0);
+                    }
+                }
+                const uint g = row * groups + (c * 32u) / p.group;
+                const float zero = zero_at(g) - (BITS == 8u ? 128.0 : 0.0);
+                acc[r] += scale_at(g) * xd * (float(d) - zero * float(qsum));
+            }
+            continue;
+        }
+#endif
+        [[unroll]] for (uint r = 0; r < ROWS; ++r) {
+            const uint row = min(first + r, p.N - 1u);
+            const uint wb = row * row_words + c * BITS;
+            float d = 0.0;
+            if (BITS == 3) {  // codes straddle words: 32 codes in 3 words
+                const uint w0 = w[wb], w1 = w[wb + 1u], w2 = w[wb + 2u];
+                uint q[32];
+                [[unroll]] for (uint e = 0; e < 10u; ++e) q[e] = (w0 >> (3u * e)) & 7u;
+                q[10] = ((w0 >> 30) | (w1 << 2)) & 7u;
+                [[unroll]] for (uint e = 0; e < 10u; ++e) q[11u + e] = (w1 >> (3u * e + 1u)) & 7u;
+                q[21] = ((w1 >> 31) | (w2 << 1)) & 7u;
+                [[unroll]] for (uint e = 0; e < 10u; ++e) q[22u + e] = (w2 >> (3u * e + 2u)) & 7u;
+                [[unroll]] for (uint i = 0; i < 8u; ++i)
+                    d += dot(vec4(q[4u * i], q[4u * i + 1u], q[4u * i + 2u], q[4u * i + 3u]), xv[i]);
+            } else {  // 2, 4, 8 bits: whole codes in each word
+                const uint per_word = 32u / BITS;
+                [[unroll]] for (uint i = 0; i < BITS; ++i) {
+                    const uint wd = (BITS % 4u == 0u && rows_aligned) ? w4[(wb >> 2) + i / 4u][i % 4u] : w[wb + i];
+                    [[unroll]] for (uint e = 0; e < per_word; e += 4u) {
+                        const uint k = i * per_word + e;  // first of 4 codes, a multiple of 4
+                        const vec4 qv = vec4((wd >> (e * BITS)) & CODE_MASK, (wd >> ((e + 1u) * BITS)) & CODE_MASK,
+                                             (wd >> ((e + 2u) * BITS)) & CODE_MASK, (wd >> ((e + 3u) * BITS)) & CODE_MASK);
+                        d += dot(qv, xv[k / 4u]);
+                    }
+                }
+            }
+            const uint g = row * groups + (c * 32u) / p.group;
+            acc[r] += scale_at(g) * (d - zero_at(g) * xsum);
+        }
+    }
+    // Tail of a row that is not a multiple of 32 codes (only 2-, 4- and 8-bit rows can have one).
+    for (uint j = n_chunks * 32u + lane; j < p.K; j += SET) {
+        const float xj = x[xbase + j];
+        [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] += weight_at(min(first + r, p.N - 1u), j, p.K, p.group) * xj;
+    }
+
+    // One barrier for all rows: each subgroup's sums (or, without subgroups, each invocation's) go to `part`,
+    // then invocation r + ROWS * set (mod WG) adds its set's partials of row r. Subgroups are assumed to be aligned
+    // runs of invocations, so one lies inside one set whenever it is no larger.
+    uint stride = 1u;
+#if USE_SUBGROUP
+    if (gl_SubgroupSize <= SET) {
+        stride = gl_SubgroupSize;
+        [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] = subgroupAdd(acc[r]);
+    }
+#endif
+    if (tid % stride == 0u) [[unroll]] for (uint r = 0; r < ROWS; ++r) part[r * WG + tid] = acc[r];
+    barrier();
+    for (uint o = tid; o < ROWS * SETS; o += WG) {
+        const uint r = o % ROWS, set = o / ROWS;
+        float s = 0.0;
+        for (uint j = set * SET; j < (set + 1u) * SET; j += stride) s += part[r * WG + j];
+        const uint row = (group_index() * SETS + set) * ROWS + r;
+        if (row >= p.N) continue;
+        const uint R = p.row0 + row;
+        s += HAS_BIAS != 0 ? bias[R] : 0.0;
+        if (R < p.seg1) y[m * p.seg1 + R] = s;
+        else if (R < p.seg2) y1[m * (p.seg2 - p.seg1) + R - p.seg1] = s;
+        else y2[m * (p.n_out - p.seg2) + R - p.seg2] = s;
+    }
+}

@@ -1,0 +1,201 @@
+"""Replayed Vulkan decode: one decode step recorded once into command buffers and resubmitted for every token.
+
+A normal ``Model.decode_step`` on ``VulkanBackend`` records ~16 dispatches a layer from Python for every token
+(pipeline and descriptor lookups, push constants, barriers, one cffi call each), which on a GPU costs more than the
+GPU's work (docs/benchmarks.md). Here the step is recorded once, with every per-token input read by the shaders
+from a small step buffer instead of push constants or uploads:
+
+    step buffer (uint32):  [slot]  [ids of the B sequences]  [RoPE position of each sequence]
+                           kv_store, attention   embedding         rope (row of a table of every position)
+
+Before each submit the host writes those few words into a host-visible copy; the recorded body starts by copying
+them to the device buffer. The RoPE tables (cos/sin of every position the state can reach, per RoPE kind) and the
+padding mask (the prompt's valid flags; decode slots are always valid) are uploaded once. In the body every
+residual add is fused with the norm after it (``add_rmsnorm``: the next layer's attention norm, or the final
+norm), one dispatch a layer fewer than the eager step. The body ends at the logits; one of two recorded tails follows in the same submission: the greedy tail (``argmax.comp``, 4 bytes a
+sequence back) or the logits tail (the whole ``[B, vocab]`` back, for sampling).
+
+    dec = VulkanDecoder(model, state)              # after model.prefill(..., max_len=...); records the step
+    ids = dec.step(state, next_ids, greedy=True)   # int64 [B]; state advances like Model.decode_step
+    logits = dec.step(state, next_ids)             # host float32 [B, vocab]
+
+``Model.decode_step`` (and ``Model.decode_greedy``) use it by themselves when the embedding, every layer and the
+head are on one ``VulkanBackend``; ``Model.static_decode = False`` turns it off. Buffers the replay writes come
+from a private activation pool (``VulkanBackend.private_pool``), so no other activation ever shares them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from llmopt.backends.vulkan.backend import VulkanBackend
+from llmopt.engine.rope import rope_tables
+from llmopt.errors import LlmoptError
+
+
+class _ReplayOps:
+    """The backend's ops while recording: embedding, rope and attention read the step buffer; the rest as is."""
+
+    def __init__(self, be: VulkanBackend, dec: "VulkanDecoder"):
+        self._be, self._dec = be, dec
+
+    def __getattr__(self, name):
+        return getattr(self._be, name)
+
+    def embedding(self, ids, table, scale=1.0):
+        return self._be._embed(self._dec.region("ids"), (self._dec.batch, 1), table, scale)
+
+    def rope(self, x, cos, sin, head_dim):  # cos, sin: the decoder's device tables of every position
+        return self._be._rope(x, cos, sin, head_dim, pos=self._dec.region("pos"))
+
+    def attention(self, q, k, v, cache, layer, start, valid, spec):
+        dec = self._dec
+        return self._be._cached_attention(q, k, v, cache, layer, 0, dec.mask, cache.max_len, spec,
+                                          slot=dec.region("slot"))
+
+
+class VulkanDecoder:
+    """The decode step of ``model`` over ``state``'s KV cache, recorded once; see the module docstring."""
+
+    def __init__(self, model, state):
+        devs = {model.embed_dev, model.head_dev, *model.layer_dev}
+        if len(devs) != 1:
+            raise LlmoptError(f"replayed decode needs one backend for the embedding, layers and head; the plan uses "
+                              f"{sorted(devs)}")
+        be = model.backends[devs.pop()]
+        if not isinstance(be, VulkanBackend):
+            raise LlmoptError(f"replayed decode: backend {be.name!r} is not a VulkanBackend")
+        if state.start >= state.max_len:
+            raise LlmoptError(f"{state.start + 1} tokens exceed the KV cache of {state.max_len} tokens")
+        a = model.args
+        self.be, self.dev = be, be.dev
+        self.caches = state.caches  # the recording binds them: they live as long as it does
+        self.batch, self.vocab, self.max_len = int(state.valid.shape[0]), a.vocab_size, state.max_len
+        B, dev = self.batch, be.dev
+        # step buffer regions, each at the device's storage-buffer offset alignment
+        words = {"slot": 1, "ids": B, "pos": B}
+        self.offsets, size = {}, 0
+        for name, n in words.items():
+            self.offsets[name] = size
+            size += -(-4 * n // dev.align) * dev.align
+        self.sizes = {name: 4 * n for name, n in words.items()}
+        self._resources = []
+        self._pool: dict = {}
+        self.body = self.greedy_tail = self.logits_tail = None
+        try:
+            self.step_host = self._buffer(size, host=True, name="decode step (host)")
+            self.step_dev = self._buffer(size, name="decode step")
+            self.step_words = self.step_host.view(np.uint32, size // 4)
+            self.ids_out = self._buffer(4 * B, host=True, cached=True, name="greedy ids")  # read by the host:
+            self.logits_out = self._buffer(4 * B * self.vocab, host=True, cached=True, name="logits readback")  # cached
+            self.table_len = int(state.next_pos.max()) + state.max_len - state.start
+            self.tables = {r: self._table(r, a.head_dim) for r in set(a.rope_layers)}
+            self.mask = None
+            if state.padded:  # prompt slots as valid as they were; every slot a decode step writes is valid
+                valid = state.valid.clone()
+                valid[:, state.start:] = True
+                self.mask = self._buffer(4 * B * state.max_len, name="decode mask")
+                dev.upload(self.mask, valid.to(torch.int32).numpy().astype(np.uint32))
+            dev.flush()
+            self._record(model, state)
+        except BaseException:
+            self.close()
+            raise
+
+    def _buffer(self, nbytes: int, host: bool = False, cached: bool = False, name: str = "replay"):
+        buf = self.dev.buffer(nbytes, host=host, cached=cached, name=name)
+        self._resources.append(buf)
+        return buf
+
+    def _table(self, rope, head_dim: int):
+        cos, sin = rope_tables(rope, torch.arange(self.table_len).view(1, -1), head_dim)  # exactly the host tables
+        bufs = []
+        for t in (cos, sin):
+            buf = self._buffer(t.numel() * 4, name="rope table")
+            self.dev.upload(buf, t.contiguous().numpy())
+            bufs.append(buf)
+        return tuple(bufs)
+
+    def region(self, name: str) -> tuple:
+        return (self.step_dev, self.offsets[name], self.sizes[name])
+
+    def _record(self, model, state) -> None:
+        m, a, be, dev = model, model.args, self.be, self.dev
+        ops = _ReplayOps(be, self)
+        shared = be.private_pool(self._pool)
+        try:
+            dev.begin_recording()
+            dev.copy(self.step_host, self.step_dev, self.step_host.nbytes)
+            x, normed = ops.embedding(None, m.embed, a.embed_scale), None
+            norms = [layer["attn_norm"] for layer in m.layers[1:]] + [m.final_norm]
+            for i, layer in enumerate(m.layers):  # each residual add fused with the norm after it
+                x, normed = m._block(ops, layer, x, self.tables[a.rope_layers[i]], state, i, None, normed, norms[i])
+            self.logits = be.logits_device(normed, m.head, a.final_softcap)
+            del x, normed
+            self.body = dev.end_recording()
+            dev.begin_recording()
+            self.ids_dev = be._alloc(4 * self.batch, "greedy ids")
+            be._argmax(self.logits, self.ids_dev)
+            dev.copy(self.ids_dev, self.ids_out, 4 * self.batch)
+            self.greedy_tail = dev.end_recording()
+            dev.begin_recording()
+            dev.copy(self.logits.buf, self.logits_out, 4 * self.batch * self.vocab)
+            self.logits_tail = dev.end_recording()
+        except BaseException:
+            dev.abort_recording()
+            raise
+        finally:
+            be.private_pool(shared)
+
+    def _write(self, state, ids) -> None:
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        if ids.numel() != self.batch:
+            raise LlmoptError(f"decode step: {ids.numel()} token ids for a batch of {self.batch}")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab:
+            raise LlmoptError(f"decode step: token ids must lie in 0..{self.vocab - 1}, got {int(ids.min())}..{int(ids.max())}")
+        if state.start >= state.max_len:
+            raise LlmoptError(f"{state.start + 1} tokens exceed the KV cache of {state.max_len} tokens")
+        w, o, B = self.step_words, self.offsets, self.batch
+        w[o["slot"] // 4] = state.start
+        w[o["ids"] // 4:o["ids"] // 4 + B] = ids.numpy()
+        w[o["pos"] // 4:o["pos"] // 4 + B] = state.next_pos.numpy()
+
+    def step(self, state, ids, greedy: bool = False) -> torch.Tensor:
+        """Decode one token per sequence (``ids [B]``): greedy next ids ``[B]`` (int64), or host logits ``[B, vocab]``."""
+        self._write(state, ids)
+        self.dev.submit((self.body, self.greedy_tail if greedy else self.logits_tail))
+        state.valid[:, state.start] = True
+        state.start += 1
+        state.next_pos = state.next_pos + 1
+        if greedy:
+            return torch.from_numpy(self.ids_out.view(np.uint32, self.batch).astype(np.int64))
+        return torch.from_numpy(self.logits_out.view(np.float32, self.batch * self.vocab).copy()).view(self.batch, self.vocab)
+
+    def replay(self, times: int, greedy: bool = True) -> None:
+        """Resubmit the last step ``times`` times back to back (timing: the GPU-bound rate of the replayed step)."""
+        self.dev.submit((self.body, self.greedy_tail if greedy else self.logits_tail), times)
+
+    def close(self) -> None:
+        """Free the recording and its buffers (also on garbage collection); the decoder is unusable afterwards."""
+        dev = self.dev
+        if dev.device is None:
+            return
+        for rec in (self.body, self.greedy_tail, self.logits_tail):
+            if rec is not None:
+                dev.free_recording(rec)
+        self.body = self.greedy_tail = self.logits_tail = None
+        self.logits = None  # its buffer returns to the private pool
+        if getattr(self, "ids_dev", None) is not None:
+            self.be._release(self.ids_dev)
+            self.ids_dev = None
+        self.be.free_pool(self._pool)
+        for buf in self._resources:
+            dev.free(buf)
+        self._resources = []
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the device may already be gone
+            pass
