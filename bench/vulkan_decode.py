@@ -63,10 +63,10 @@ SWEEP = [(128, 8, 0, 0), (128, 16, 0, 0), (128, 8, 0, 1), (128, 16, 0, 1), (128,
 # end-to-end variants (wg, rows, wg_reduce, matvec_min_groups, matvec_split), each timed on the same loaded model
 # (wg, rows, wg_reduce, matvec_min_groups, matvec_split, matvec_int_dot, fuse_linears): the old default first, then
 # fused q/k/v and gate/up, then the int-dot mat-vec on top
-VARIANTS = [(128, 8, 1024, 1024, 0, 0, 0), (128, 8, 1024, 1024, 0, 1, 1), (128, 16, 1024, 1024, 0, 0, 1),
-            (128, 16, 1024, 1024, 0, 1, 1), (128, 16, 1024, 256, 0, 1, 1), (128, 32, 1024, 1024, 0, 1, 1),
-            (128, 32, 1024, 256, 0, 1, 1)]
-VARIANT_KEYS = ("wg", "rows", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears")
+VARIANTS = [(128, 8, 1024, 1024, 0, 0, 0, 128), (128, 16, 1024, 256, 0, 1, 1, 128), (128, 16, 1024, 256, 0, 1, 1, 256),
+            (128, 8, 1024, 256, 0, 1, 1, 256), (128, 32, 1024, 256, 0, 1, 1, 256)]
+VARIANT_KEYS = ("wg", "rows", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
+                "matvec_wg_max")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:
@@ -186,9 +186,9 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
         be.synchronize()
         token = logits.argmax(-1)
         runs = []
-        for wg, rows, wg_reduce, min_groups, split, int_dot, fuse in variants:
+        for wg, rows, wg_reduce, min_groups, split, int_dot, fuse, wg_max in variants:
             be.wg, be.rows_per_wg, be.wg_reduce, be.matvec_min_groups, be.matvec_split = wg, rows, wg_reduce, min_groups, split
-            be.matvec_int_dot, be.fuse_linears = bool(int_dot), bool(fuse)
+            be.matvec_int_dot, be.fuse_linears, be.matvec_wg_max = bool(int_dot), bool(fuse), wg_max
             decoder = be.replay_decoder(model, replay_state)  # recorded with this variant's pipelines
             walls, gpus, replayed, same = [], [], [], []
             for _ in range(steps + 2):
@@ -213,7 +213,7 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
             replay_ms = (time.perf_counter() - t) / n * 1e3
             decoder.close()
             runs.append({"wg": wg, "rows": rows, "wg_reduce": wg_reduce, "matvec_min_groups": min_groups, "matvec_split": split,
-                         "matvec_int_dot": int_dot, "fuse_linears": fuse,
+                         "matvec_int_dot": int_dot, "fuse_linears": fuse, "matvec_wg_max": wg_max,
                          "wall_ms": statistics.median(walls) * 1e3, "wall_ms_spread": [min(walls) * 1e3, max(walls) * 1e3],
                          "replayed_wall_ms": statistics.median(replayed) * 1e3,
                          "replayed_wall_ms_spread": [min(replayed) * 1e3, max(replayed) * 1e3],
@@ -221,7 +221,7 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
                          "gpu_ms": statistics.median(gpus), "gpu_ms_spread": [min(gpus), max(gpus)],
                          "last_step_kernels_ms": {k: round(v, 4) for k, (v, _) in be.kernel_times().items()}})
             print(f"    variant wg={wg} rows={rows} wg_reduce={wg_reduce} min_groups={min_groups} split={split} "
-                  f"int_dot={int_dot} fuse={fuse}: "
+                  f"int_dot={int_dot} fuse={fuse} wg_max={wg_max}: "
                   f"wall eager {runs[-1]['wall_ms']:.2f} ms, replayed {runs[-1]['replayed_wall_ms']:.2f} ms; "
                   f"GPU: eager kernels {runs[-1]['gpu_ms']:.2f} ms, replayed back to back {replay_ms:.2f} ms; "
                   f"replayed vs eager logits: max |diff| {check['max_abs_diff']:.1e}, same token {check['same_token']}")
@@ -333,7 +333,8 @@ def main(argv=None) -> int:
                       "q+k+v fused": (h + 1024, h), "gate+up fused": (2 * f, h)}
             result["matvec"] = matvec_sweep(be, shapes, np.random.default_rng(1), [c for c in SWEEP if idot_ok or not c[3]],
                                            args.sweep_reps, args.sweep_rounds)
-        variants = VARIANTS if be.probe["device"]["type"] != "cpu" else [(*here, 0, 0), (*here, 0, 1), (*here, 1, 1)]
+        variants = VARIANTS if be.probe["device"]["type"] != "cpu" else [(*here, 0, 0, here[0]), (*here, 0, 1, here[0]),
+                                                                           (*here, 1, 1, here[0])]
         variants = [v for v in variants if idot_ok or not v[5]]
         result["decode"] = []
         for name in args.models:
