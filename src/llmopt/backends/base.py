@@ -22,6 +22,12 @@ module implementing them for one device (cpu, cuda, vulkan, iree-cpu, npu). Cont
 - ``attention_full`` is non-causal attention within segments (vision tower): ``segments`` lists the
   ``(start, end)`` token ranges, each attending only to itself; no cache.
 - ``logits`` returns host float32 ``[B, vocab]`` for the last token of each sequence, final softcap applied.
+
+Optional methods a backend may add; the engine looks them up with ``getattr`` and falls back to the plain ops:
+``linears(x, weights)`` (several projections of one input, e.g. q/k/v or gate/up, as one fused matmul; CUDA and
+Vulkan), ``add_rmsnorm(a, b, weight, eps, unit_offset)`` returning ``(a + b, rmsnorm(a + b))`` in one pass
+(Vulkan), and ``replay_decoder(model, state)`` returning an object whose ``step(state, ids, greedy)`` runs a
+recorded decode step (Vulkan; CUDA's equivalent is ``llmopt.engine.cudagraph.StaticDecoder``).
 """
 
 from __future__ import annotations
