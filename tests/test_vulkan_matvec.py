@@ -24,11 +24,13 @@ import torch
 
 from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
-from llmopt.quant.format import QuantizedTensor, pack_bits
+from llmopt.quant.quantizers import Spec
 
 vulkan = pytest.importorskip("llmopt.backends.vulkan")
 from llmopt.backends.vulkan import compile as vk_compile  # noqa: E402
 from llmopt.backends.vulkan.backend import int8_chunks  # noqa: E402
+from test_vulkan_ops import random_qt, rel_err  # noqa: E402
+from tiny_models import COMMON, FAMILIES, pack_folder, save_random  # noqa: E402
 
 pytestmark = pytest.mark.vulkan
 PROBE = vulkan.probe()
@@ -50,17 +52,6 @@ def be():
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
-
-
-def rel_err(out, ref) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
-
-
-def random_qt(n_out, k, bits, group, sym, scale_dtype, gen) -> QuantizedTensor:
-    codes = torch.randint(0, 2**bits, (n_out, k), generator=gen, dtype=torch.int32).to(torch.uint8)
-    scales = (torch.rand(n_out, k // group, generator=gen) * 0.02 + 0.005).to(scale_dtype)
-    zeros = None if sym else torch.randint(0, 2**bits, (n_out, k // group), generator=gen).to(scale_dtype)
-    return QuantizedTensor(pack_bits(codes, bits), scales, zeros, bits, group, (n_out, k))
 
 
 @pytest.fixture
@@ -210,33 +201,13 @@ def test_int_dot_needs_its_spirv(be, gen, tmp_path):
         vk_compile.check_manifest(tmp_path)
 
 
-def uniform_quantize(src, dst, bits: int):
-    """Every 2-D weight of a model folder as int``bits`` (group 32, asymmetric): every linear takes the int-dot
-    path and q/k/v and gate/up can fuse."""
-    import shutil
-
-    from llmopt.quant.format import load_packed, save_packed
-    from llmopt.quant.quantizers import Spec, quantize
-
-    spec = Spec(bits, 32, sym=False)
-    tensors = load_packed(src / "model.safetensors")
-    packed = {n: quantize(t.float(), spec, "rtn", name=n) if t.dim() == 2 and spec.fits(t.shape) else t
-              for n, t in tensors.items()}
-    dst.mkdir()
-    save_packed(dst / "model.safetensors", packed)
-    for f in src.iterdir():
-        if f.suffix == ".json":
-            shutil.copy(f, dst / f.name)
-    return dst
-
-
 @pytest.mark.parametrize("family,bits", [("qwen2", 4), ("gemma2", 8), ("gemma3", 4)])
 def test_tiny_model_with_int_dot_forced(int_dot, tmp_path, family, bits):
     from llmopt.backends.cpu import CpuBackend
-    from tiny_models import COMMON, FAMILIES, save_random
 
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    folder = uniform_quantize(save_random(FAMILIES[family](), tmp_path / "f", seed), tmp_path / "q", bits)
+    # every 2-D weight int``bits`` g32 asym: every linear takes the int-dot path, q/k/v and gate/up can fuse
+    folder = pack_folder(save_random(FAMILIES[family](), tmp_path / "f", seed), tmp_path / "q", [Spec(bits, 32, sym=False)])
     name = f"{family} int{bits} seed={seed}"
     fused_before = sum(f is not None for _, f in int_dot._fused.values())
     vk_model, cpu_model = load_model(folder, backend=int_dot), load_model(folder, backend=CpuBackend(quant="reference"))
