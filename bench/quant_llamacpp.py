@@ -4,7 +4,9 @@ The shipped GGUF (Q5_0/Q8_0 tensors) is requantized with ``llama_cpp.llama_model
 llama.cpp dequantizes to float32 first, which is exactly the float model our schemes start from, since the HF
 reference folder is that GGUF dequantized). Perplexity uses llama.cpp's own logits on the token ids of the HF
 tokenizer: windows of BOS + 512 tokens, every token predicted (``llmopt.quant.perplexity``'s protocol). Bits
-per weight count the GGUF's tensor bytes (not its tokenizer metadata) over the parameter count.
+per weight count the GGUF's tensor bytes (not its tokenizer metadata) over the parameter count. ``TYPE+pure``
+quantizes every tensor, the embedding included, to TYPE (``llama_model_quantize_params.pure``): Q4_0+pure is the
+same layout as our w4g32, Q8_0+pure as w8g32. ``+emb=T`` / ``+out=T`` set the embedding / output tensor types.
 Writes ``OUT/llamacpp.json``, which ``bench/quant_quality.py`` merges into its table and plot.
 
     .venv/bin/python bench/quant_llamacpp.py --out bench/out/quant [--type Q4_K_M ...] [--text hamlet]
@@ -21,18 +23,41 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_TYPES = ["Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q3_K_S", "Q2_K"]
+DEFAULT_TYPES = ["Q8_0", "Q8_0+pure", "Q5_K_M", "Q4_K_M", "Q4_0", "Q4_1+pure", "Q4_0+pure", "Q3_K_M", "Q3_K_S", "Q2_K"]
 
 
-def quantize_gguf(src: Path, dst: Path, ftype: str) -> None:
+def parse_type(spec: str) -> dict:
+    """``TYPE[+pure][+emb=T][+out=T]`` -> llama_model_quantize settings. ``pure``: every tensor in TYPE (no
+    K-quant mixture, no 8-bit embedding); ``emb`` / ``out``: the token embedding / output tensor type."""
+    import llama_cpp
+
+    ftype, *mods = spec.split("+")
+    name = "ALL_F32" if ftype == "F32" else f"MOSTLY_{ftype}"
+    if not hasattr(llama_cpp, f"LLAMA_FTYPE_{name}"):
+        raise SystemExit(f"--type {spec}: llama.cpp has no file type {ftype}")
+    out = {"ftype": getattr(llama_cpp, f"LLAMA_FTYPE_{name}"), "pure": False}
+    for mod in mods:
+        key, _, value = mod.partition("=")
+        field = {"emb": "token_embedding_type", "out": "output_tensor_type"}.get(key)
+        if mod == "pure":
+            out["pure"] = True
+        elif field and hasattr(llama_cpp, f"GGML_TYPE_{value}"):
+            out[field] = getattr(llama_cpp, f"GGML_TYPE_{value}")
+        else:
+            raise SystemExit(f"--type {spec}: '{mod}' is not pure, emb=GGML_TYPE or out=GGML_TYPE")
+    return out
+
+
+def quantize_gguf(src: Path, dst: Path, spec: str) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32 if ftype == "F32" else getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    for field, value in parse_type(spec).items():
+        setattr(params, field, value)
     params.allow_requantize = True
     params.nthread = 1
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
-        raise RuntimeError(f"llama_model_quantize {ftype} failed")
+        raise RuntimeError(f"llama_model_quantize {spec} failed")
 
 
 def tensor_bytes(path: Path) -> tuple[int, int, dict]:
@@ -86,7 +111,9 @@ def perplexity(path: Path, ids: list[int], bos: int, window: int = 512) -> float
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench/out/quant"), help="folder for llamacpp.json")
-    p.add_argument("--type", action="append", help=f"llama.cpp quantization type (default {DEFAULT_TYPES})")
+    p.add_argument("--type", action="append",
+                   help=f"llama.cpp file type, TYPE[+pure][+emb=T][+out=T] (e.g. Q4_0+pure: the embedding in Q4_0 too; "
+                        f"default {DEFAULT_TYPES})")
     p.add_argument("--text", action="append", help="evaluation text (default hamlet)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per text (default 4096)")
     args = p.parse_args(argv)
@@ -104,13 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for ftype in ["F32"] + (args.type or DEFAULT_TYPES):
-            path = Path(tmp) / f"{ftype}.gguf"
+            path = Path(tmp) / "model.gguf"
             quantize_gguf(src, path, ftype)
             nbytes, params_n, kinds = tensor_bytes(path)
             ppl = {t: perplexity(path, ids[t], tok.bos_token_id) for t in texts}
-            rows[f"llama.cpp {ftype}"] = {"scheme": f"llama.cpp {ftype}", "method": "llama.cpp", "bpw": 8 * nbytes / params_n,
-                                          "bytes": nbytes, "quant": ppl, "ggml_types": kinds}
-            print(json.dumps(rows[f"llama.cpp {ftype}"]), flush=True)
+            name = "llama.cpp " + ftype.replace("+", " ")
+            rows[name] = {"scheme": name, "method": "llama.cpp", "bpw": 8 * nbytes / params_n,
+                          "bytes": nbytes, "quant": ppl, "ggml_types": kinds}
+            print(json.dumps(rows[name]), flush=True)
             path.unlink()
     base = rows.pop("llama.cpp F32")
     for r in rows.values():

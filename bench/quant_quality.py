@@ -20,33 +20,55 @@ from pathlib import Path
 import torch
 
 from llmopt.download.pip_gguf import ensure_reference_model
+from llmopt.errors import LlmoptError
 from llmopt.fsutil import write_text
 from llmopt.quant.pipeline import quantize_model
 from llmopt.quant.schemes import PRESETS
 
-DEFAULT_SCHEMES = ["w4g128", "w4g128-gptq", "w4g128-mse", "mixed-4.5", "w3g64", "mixed-3.5", "w3g64-gptq",
-                   "w2g32", "mixed-2.8", "w8"]
+DEFAULT_SCHEMES = ["w8", "w8g32", "mixed-gptq-7.36", "mixed-7.36", "w4g128-gptq-emb8", "w4g32", "w4g32-gptq",
+                   "w4g128", "w4g128-gptq", "w4g128-mse", "mixed-4.5", "w3g64", "mixed-3.5", "w3g64-gptq", "w2g32",
+                   "seed-size"]
 MIXED_OPTIONS = [{"bits": 2, "group": 64, "sym": False}, {"bits": 3, "group": 64, "sym": False},
                  {"bits": 4, "group": 64, "sym": False}, {"bits": 8, "group": 0, "sym": True}]
 
 
 def scheme_of(name: str, texts: list[str], tokens: int, calibration_tokens: int) -> dict:
+    """A preset, ``mixed-<bpw>`` (options ``MIXED_OPTIONS``, mse) or ``mixed-gptq-<bpw>`` (the same options by GPTQ,
+    vocabulary tables fixed at int8 per channel), evaluated on ``texts``."""
     common = {"perplexity": {"texts": texts, "tokens": tokens}, "calibration": {"tokens": calibration_tokens}}
+    if name.startswith("mixed-gptq-"):
+        return {"name": name, "method": "mixed", "budget": {"bpw": float(name.split("-")[2])}, "base": "gptq",
+                "embedding": {"bits": 8, "group": 0}, "options": MIXED_OPTIONS, **common}
     if name.startswith("mixed-"):
         return {"name": name, "method": "mixed", "budget": {"bpw": float(name.split("-")[1])},
                 "options": MIXED_OPTIONS, **common}
+    if name not in PRESETS:
+        raise LlmoptError(f"--scheme {name}: not a preset ({', '.join(PRESETS)}) or mixed-<bpw>")
     return {"name": name, **PRESETS[name], **common}
+
+
+def seed_entry(model_id: str) -> dict:
+    """The model entry whose seed size ``seed-size`` applies (as bits per weight): the 270M has no seed target of
+    its own, so by default it gets its family's, Gemma 3 27B's 8 GB (2.37 bpw, FACTS §1)."""
+    from llmopt.registry import load_models
+
+    entry = load_models(Path(__file__).resolve().parents[1] / "config" / "models.yaml").get(model_id)
+    if not entry or not entry.get("seed"):
+        raise LlmoptError(f"--seed-of {model_id}: no model entry with a seed size in config/models.yaml")
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench/out/quant"), help="output folder (table, plot, quant.json copies)")
-    p.add_argument("--scheme", action="append", help=f"scheme (preset or mixed-<bpw>); default {DEFAULT_SCHEMES}")
+    p.add_argument("--scheme", action="append", help=f"scheme (preset, mixed-<bpw> or mixed-gptq-<bpw>); default {DEFAULT_SCHEMES}")
     p.add_argument("--text", action="append", help="evaluation text (default hamlet)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per text (default 4096)")
     p.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine 2 threads stall each other)")
+    p.add_argument("--seed-of", default="gemma-3-27b-it",
+                   help="model entry whose seed size (as bits per weight) the seed-size scheme gets (default gemma-3-27b-it)")
     p.add_argument("--redo", action="store_true", help="recompute schemes already in OUT/results.json")
     p.add_argument("--keep", action="store_true", help="keep the quantized model folders under OUT/models")
     args = p.parse_args(argv)
@@ -60,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.time()
         folder = args.out / "models" / name
-        q = quantize_model(source, scheme_of(name, texts, args.tokens, args.calibration_tokens), folder, {})
+        entry = seed_entry(args.seed_of) if name == "seed-size" else {}
+        q = quantize_model(source, scheme_of(name, texts, args.tokens, args.calibration_tokens), folder, entry)
         ppl = q["perplexity"]
         rows[name] = {"scheme": name, "method": q["method"], "bpw": q["bits_per_weight"], "bytes": q["bytes"],
                       "mean_rel_error": q["mean_rel_error"], "float": ppl["float"], "quant": ppl["quant"],
                       "increase_pct": ppl["increase_pct"], "formats": q.get("budget", {}).get("formats"),
+                      "calibration_tokens": q["calibration"].get("tokens"),
                       "time_s": round(time.time() - t0, 1)}
         print(json.dumps(rows[name]), flush=True)
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
@@ -84,12 +108,13 @@ def write_outputs(rows: dict, out: Path) -> None:
     """Table (md + csv) and plot, ours and llama.cpp's (``llamacpp.json`` beside, if present)."""
     anchors = _load_rows(out / "llamacpp.json")
     texts = sorted({t for r in list(rows.values()) + list(anchors.values()) for t in r["quant"]})
-    lines = ["| scheme | method | bits/weight | " + " | ".join(f"{t} ppl (vs float)" for t in texts) + " |",
-             "|---|---|---|" + "---|" * len(texts)]
+    lines = ["| scheme | method | bits/weight | cal. tokens | " + " | ".join(f"{t} ppl (vs float)" for t in texts) + " |",
+             "|---|---|---|---|" + "---|" * len(texts)]
     table = []
     for r in sorted(list(rows.values()) + list(anchors.values()), key=lambda r: -r["bpw"]):
-        cells = [f"{r['quant'][t]:.2f} ({r['increase_pct'][t]:+.1f}%)" if t in r["quant"] else "" for t in texts]
-        lines.append(f"| {r['scheme']} | {r['method']} | {r['bpw']:.3f} | " + " | ".join(cells) + " |")
+        cells = [f"{r['quant'][t]:.3f} ({r['increase_pct'][t]:+.2f}%)" if t in r["quant"] else "" for t in texts]
+        lines.append(f"| {r['scheme']} | {r['method']} | {r['bpw']:.3f} | {r.get('calibration_tokens') or '-'} | "
+                     + " | ".join(cells) + " |")
         table.append({"scheme": r["scheme"], "method": r["method"], "bpw": r["bpw"],
                       **{f"ppl_{t}": r["quant"].get(t) for t in texts}, **{f"float_{t}": r["float"].get(t) for t in texts}})
     floats = {t: next(r["float"][t] for r in list(rows.values()) + list(anchors.values()) if t in r["float"]) for t in texts}
@@ -104,20 +129,29 @@ def write_outputs(rows: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(texts), figsize=(11 * len(texts), 7), squeeze=False)
     for ax, t in zip(axes[0], texts):
+        top = 2.2 * floats[t]  # beyond +120% the points are off the chart, listed in a note instead
+        off_chart = []
         for label, group, marker in (("llmopt", rows, "o"), ("llama.cpp", anchors, "s")):
             pts = sorted((r["bpw"], r["quant"][t], r["scheme"]) for r in group.values() if t in r["quant"])
+            off_chart += [f"{n}: {y:.0f} at {x:.2f} bpw" for x, y, n in pts if y > top]
+            pts = [p for p in pts if p[1] <= top]
             if pts:
-                ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker, label=label)
-                for x, y, n in pts:
-                    ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.axhline(floats[t], color="gray", ls="--", label="float32")
+                ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker, label=label, ms=7)
+                for i, (x, y, n) in enumerate(pts):  # labels alternate sides so that neighbours stay readable
+                    ax.annotate(n, (x, y), fontsize=8, xytext=(6, 2) if i % 2 else (-6, -10), textcoords="offset points",
+                                ha="left" if i % 2 else "right")
+        ax.axhline(floats[t], color="gray", ls="--", label=f"float32 ({floats[t]:.2f})")
         ax.set_yscale("log")
+        ax.set_ylim(0.97 * floats[t], top)
         ax.set_xlabel("bits per weight (all stored bytes / all parameters)")
-        ax.set_ylabel(f"perplexity, {t}")
+        ax.set_ylabel(f"perplexity, {t} (log)")
         ax.set_title(f"Gemma 3 270M, {t}")
-        ax.legend()
+        if off_chart:
+            ax.text(0.99, 0.99, "off the chart:\n" + "\n".join(off_chart), transform=ax.transAxes, ha="right",
+                    va="top", fontsize=8)
+        ax.legend(loc="upper center")
     fig.tight_layout()
     fig.savefig(out / "ppl_vs_bpw.png", dpi=120)
     print((out / "table.md").read_text())

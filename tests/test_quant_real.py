@@ -2,7 +2,7 @@
 
 Perplexity here uses 512 Hamlet tokens (one window) to stay affordable; the full 4096-token protocol runs in
 bench/quant_quality.py. Tolerances: int8 per channel within +1% of float; calibrated int4 g128 (GPTQ, asym) within
-+25% on this single window (bench: +14% on 1024 tokens; RTN sym int4 is far worse here, see docs/benchmarks.md).
++25% on this single window (bench: +13% on 1024 tokens; RTN sym int4 is far worse here, see docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -43,11 +43,15 @@ def input_hessians(model, windows: list[torch.Tensor]) -> dict[str, torch.Tensor
     hessians: dict[str, torch.Tensor] = {}
     handles = []
 
+    head = model.get_output_embeddings()
+
     def hook(mod_name):
         def accumulate(module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             h = hessians.get(names[mod_name])
             hessians[names[mod_name]] = x.T @ x if h is None else h.add_(x.T @ x)
+            if module is head:  # the head is the last layer: skip its matmul, the costliest of a small model
+                raise _HeadReached
         return accumulate
 
     for mod_name, mod in model.named_modules():
@@ -55,11 +59,18 @@ def input_hessians(model, windows: list[torch.Tensor]) -> dict[str, torch.Tensor
             handles.append(mod.register_forward_pre_hook(hook(mod_name)))
     try:
         for ids in tqdm(windows, desc="calibration (Hessians)", leave=False):
-            model(ids.unsqueeze(0))
+            try:
+                model(ids.unsqueeze(0))
+            except _HeadReached:
+                pass
     finally:
         for h in handles:
             h.remove()
     return hessians
+
+
+class _HeadReached(Exception):
+    """Raised by the output head's hook once its input is recorded: the logits are not needed."""
 
 
 def fisher_diagonal(model, windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from llmopt.errors import LlmoptError
 from llmopt.fsutil import atomic_path, read_json, sha256_file, write_json
 from llmopt.quant import io, schemes
-from llmopt.quant.format import FORMAT_VERSION, QuantizedTensor
+from llmopt.quant.format import FORMAT_VERSION
 from llmopt.quant.mixed import knapsack, tensor_loss
 from llmopt.quant.quantizers import Spec, quantize, quantize_measured
 
@@ -73,11 +73,11 @@ def quantize_model(source_dir: Path, scheme: dict | str, out_dir: Path, model_en
                 report["tensors"][name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(shape),
                                            "bytes": t.numel() * t.element_size()}
             else:
-                t, rel = quantize_measured(w, spec, _method_for(base, shape), importance=_diag(stats, "hessians", name),
+                t, rel = quantize_measured(w, spec, _method_for(base, name), importance=_diag(stats, "hessians", name),
                                            hessian=(stats.get("hessians") or {}).get(name), name=name)
-                report["tensors"][name] = {"format": spec.label, "method": _method_for(base, shape), **t.meta(),
+                report["tensors"][name] = {"format": spec.label, "method": _method_for(base, name), **t.meta(),
                                            "bytes": t.nbytes, "rel_error": rel}
-                if budget:
+                if budget and name in budget["losses"]:  # vocabulary tables fixed by `embedding` have no choice
                     report["tensors"][name]["loss"] = budget["losses"][name]
             writer.add(name, t)
             del w, t
@@ -119,21 +119,24 @@ def is_real(folder: Path) -> bool:
 
 
 def _plan_formats(index: dict, scheme: dict) -> dict[str, Spec | None]:
-    """The format of every quantizable tensor (for mixed: the first option, replaced later); checked up front."""
+    """The format of every quantizable tensor (for mixed: the first option, replaced later, except vocabulary
+    tables that ``embedding`` fixes); checked up front."""
     if scheme["method"] == "none":
         return {}
-    specs = schemes.options(scheme) if scheme["method"] == "mixed" else [schemes.spec(scheme)]
+    default = schemes.options(scheme) if scheme["method"] == "mixed" else [schemes.spec(scheme)]
+    emb = schemes.embedding_spec(scheme)
     plan = {}
     for name, (path, dtype, shape) in index.items():
         if not schemes.is_quantizable(name, shape):
             continue
+        specs = [emb] if emb and schemes.is_vocabulary_table(name) else default
         if not any(s.fits(shape) for s in specs):
             if scheme["on_indivisible"] == "keep":
                 continue
             s = specs[0]
             raise LlmoptError(f"{path}: tensor '{name}' {list(shape)}: width {shape[1]} does not fit int{s.bits} "
                               f"group {s.group_for(shape[1])} (set on_indivisible: keep to store it in float)")
-        plan[name] = specs[0]
+        plan[name] = next(s for s in specs if s.fits(shape))
     return plan
 
 
@@ -180,13 +183,10 @@ def _calibrate(source_dir: Path, scheme: dict, plan: dict, real: bool) -> dict:
 _STATS_CACHE: dict = {}  # calibration statistics of the last model, reused by the next scheme in this process
 
 
-def _method_for(base: str, shape) -> str:
-    """GPTQ's column-by-column update costs O(rows x in^2) and vocabulary-sized tables (embeddings, heads) have
-    10^5 rows: as in common GPTQ practice those get the imatrix-weighted mse search instead."""
-    return "mse" if base == "gptq" and shape[0] >= VOCAB_ROWS else base
-
-
-VOCAB_ROWS = 32768
+def _method_for(base: str, name: str) -> str:
+    """GPTQ's column-by-column update costs O(rows x in^2), vocabulary tables have 10^5 rows, and an untied
+    embedding has no input Hessian at all: as in common GPTQ practice those get the imatrix-weighted mse search."""
+    return "mse" if base == "gptq" and schemes.is_vocabulary_table(name) else base
 
 
 def _diag(stats: dict, key: str, name: str) -> torch.Tensor | None:
@@ -199,8 +199,10 @@ def _choose_mixed(index: dict, scheme: dict, plan: dict, stats: dict, model_entr
     specs = schemes.options(scheme)
     total_params = sum(_numel(shape) for _, _, shape in index.values())
     budget_b, bpw = schemes.budget_bytes(scheme, model_entry, total_params)
+    pinned = {n: plan[n] for n in plan if scheme.get("embedding") and schemes.is_vocabulary_table(n)}
     fixed = sum(_numel(shape) * _DTYPE_BYTES.get(dtype, 4) for name, (_, dtype, shape) in index.items() if name not in plan)
-    names, costs, losses = list(plan), [], []
+    fixed += sum(_format_bytes(s, index[n][2]) for n, s in pinned.items())
+    names, costs, losses = [n for n in plan if n not in pinned], [], []
     floor = fixed + sum(min(_format_bytes(s, index[n][2]) for s in specs if s.fits(index[n][2])) for n in names)
     if budget_b < floor:  # checked before the (slow) sensitivity pass
         raise LlmoptError(f"scheme '{scheme['name']}': budget {budget_b} bytes ({bpw:.3f} bpw) is below the floor "
@@ -215,7 +217,7 @@ def _choose_mixed(index: dict, scheme: dict, plan: dict, stats: dict, model_entr
                 row_c.append(budget_b + 1)  # never affordable
                 row_l.append(float("inf"))
                 continue
-            qt = quantize(w, spec, _method_for(scheme["base"], shape), importance=_diag(stats, "hessians", name),
+            qt = quantize(w, spec, _method_for(scheme["base"], name), importance=_diag(stats, "hessians", name),
                           hessian=(stats.get("hessians") or {}).get(name), name=name)
             row_c.append(qt.nbytes)
             row_l.append(tensor_loss(w, qt, kind, (stats.get("fisher") or {}).get(name),
@@ -225,7 +227,7 @@ def _choose_mixed(index: dict, scheme: dict, plan: dict, stats: dict, model_entr
         del w
         _release_freed_memory()
     picks = knapsack(costs, [[x if x != float("inf") else 1e300 for x in row] for row in losses], budget_b - fixed)
-    chosen = {n: specs[p] for n, p in zip(names, picks)}
+    chosen = {**pinned, **{n: specs[p] for n, p in zip(names, picks)}}
     used = fixed + sum(c[p] for c, p in zip(costs, picks))
     counts: dict[str, int] = {}
     for s in chosen.values():

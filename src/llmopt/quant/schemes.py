@@ -9,6 +9,7 @@ Keys (docs/FORMAT.md "Schemes" has the same table):
 | ``bits`` | 2, 3, 4 or 8 (rtn / mse / gptq) | required |
 | ``group`` | group size along the input dim; 0 = one group per row (per output channel) | 0 for 8 bits, else 128 |
 | ``sym`` | symmetric (no zero point) or asymmetric (float zero point per group) | true |
+| ``embedding`` | format of the vocabulary tables (token embedding, output head; a tied head is the embedding), ``{"bits", "group", "sym"}``, overriding ``bits``/``group``/``sym`` (and fixing them in ``mixed``) | as the other tensors |
 | ``scale_dtype`` | ``float16`` or ``bfloat16`` scales (and zero points) | float16 |
 | ``dtype`` | ``none`` only: float dtype of the copy (``bfloat16``, ``float16``, ``float32``) | the source dtype |
 | ``budget`` | ``mixed`` only: ``seed`` (model entry ``seed.size_gb`` over ``params_full``, as bits per weight), ``{"bpw": x}`` or ``{"bytes": n}`` | required |
@@ -21,7 +22,9 @@ Keys (docs/FORMAT.md "Schemes" has the same table):
 | ``shard_bytes`` | largest output shard | 2e9 |
 
 Quantized: every 2-D ``*.weight`` (linear layers, embeddings, an untied output head); 1-D tensors (norms, biases)
-and tensors of other ranks stay float. ``bpw`` budgets count every stored byte (norms included) over every
+and tensors of other ranks stay float. Vocabulary tables are the tensors named ``*embed_tokens.weight`` and
+``*lm_head.weight``: in small models they are most of the parameters, so llama.cpp keeps them at 6-8 bits even in
+its 4-bit types, and ``embedding`` does the same here. ``bpw`` budgets count every stored byte (norms included) over every
 parameter of the model; GB is 10**9 bytes, as in FACTS §1.
 """
 
@@ -36,9 +39,13 @@ METHODS = ("none", "rtn", "mse", "gptq", "mixed")
 PRESETS: dict[str, dict] = {
     "bf16": {"method": "none", "dtype": "bfloat16"},
     "w8": {"method": "rtn", "bits": 8, "group": 0},
+    "w8g32": {"method": "rtn", "bits": 8, "group": 32},  # llama.cpp Q8_0's layout: 8.5 bits per weight
     "w4g128": {"method": "rtn", "bits": 4, "group": 128},
     "w4g128-mse": {"method": "mse", "bits": 4, "group": 128, "sym": False},
     "w4g128-gptq": {"method": "gptq", "bits": 4, "group": 128, "sym": False},
+    "w4g128-gptq-emb8": {"method": "gptq", "bits": 4, "group": 128, "sym": False, "embedding": {"bits": 8, "group": 0}},
+    "w4g32": {"method": "rtn", "bits": 4, "group": 32},  # llama.cpp Q4_0's layout: 4.5 bits per weight
+    "w4g32-gptq": {"method": "gptq", "bits": 4, "group": 32},
     "w3g64": {"method": "mse", "bits": 3, "group": 64, "sym": False},
     "w3g64-gptq": {"method": "gptq", "bits": 3, "group": 64, "sym": False},
     "w2g32": {"method": "mse", "bits": 2, "group": 32, "sym": False},
@@ -48,7 +55,7 @@ MIXED_OPTIONS = ({"bits": 2, "group": 128, "sym": False}, {"bits": 2, "group": 6
                  {"bits": 3, "group": 128, "sym": False}, {"bits": 3, "group": 64, "sym": False},
                  {"bits": 4, "group": 128, "sym": False}, {"bits": 4, "group": 32, "sym": False},
                  {"bits": 8, "group": 0, "sym": True})
-_KEYS = {"name", "method", "bits", "group", "sym", "scale_dtype", "dtype", "budget", "options", "base",
+_KEYS = {"name", "method", "bits", "group", "sym", "embedding", "scale_dtype", "dtype", "budget", "options", "base",
          "sensitivity", "on_indivisible", "calibration", "perplexity", "shard_bytes"}
 _FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -93,6 +100,14 @@ def _check(s: dict, name: str) -> None:
     if overlap:
         raise LlmoptError(f"{where}: calibration and perplexity texts overlap ({sorted(overlap)}); they must be disjoint")
     method = s["method"]
+    if "embedding" in s:
+        emb = s["embedding"]
+        if method == "none":
+            raise LlmoptError(f"{where}: embedding is set but method 'none' quantizes nothing")
+        if not isinstance(emb, dict) or "bits" not in emb or not set(emb) <= {"bits", "group", "sym"}:
+            raise LlmoptError(f"{where}: embedding must be {{bits, group?, sym?}} (the vocabulary tables' format), got {emb!r}")
+        spec_e = _spec_of(emb, s["scale_dtype"], f"{where} embedding")
+        s["embedding"] = {"bits": spec_e.bits, "group": spec_e.group, "sym": spec_e.sym}
     if method == "none":
         if s.get("dtype", "bfloat16") not in _FLOAT_DTYPES:
             raise LlmoptError(f"{where}: dtype {s['dtype']!r} is not one of {_FLOAT_DTYPES}")
@@ -137,6 +152,17 @@ def spec(scheme: dict) -> Spec:
 def options(scheme: dict) -> list[Spec]:
     """The formats a resolved ``mixed`` scheme chooses from."""
     return [_spec_of(o, scheme["scale_dtype"], f"scheme '{scheme['name']}'") for o in scheme["options"]]
+
+
+def embedding_spec(scheme: dict) -> Spec | None:
+    """The format a resolved scheme gives vocabulary tables, when it sets one (``embedding``)."""
+    emb = scheme.get("embedding")
+    return None if emb is None else _spec_of(emb, scheme["scale_dtype"], f"scheme '{scheme['name']}' embedding")
+
+
+def is_vocabulary_table(name: str) -> bool:
+    """The token embedding or the output head (Hugging Face names, any prefix)."""
+    return name.endswith(("embed_tokens.weight", "lm_head.weight"))
 
 
 def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:

@@ -1,0 +1,57 @@
+"""Calibration statistics on a small random HF model: input Hessians (head matmul skipped) against a direct
+computation, and the Fisher diagonal against autograd on a single window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmopt.quant.calibration import fisher_diagonal, input_hessians
+
+
+def tiny_model(tied: bool):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=tied, max_position_embeddings=64)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_input_hessians_match_direct_computation(tied):
+    model = tiny_model(tied)
+    windows = [torch.randint(0, 96, (n,)) for n in (17, 9)]
+    h = input_hessians(model, windows)
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    assert head in h and ("lm_head.weight" in h) == (not tied)
+    assert all(not mod._forward_pre_hooks for mod in model.modules())  # hooks removed
+    want_head = torch.zeros(32, 32, dtype=torch.float64)
+    want_q0 = torch.zeros(32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        for ids in windows:
+            final = model.model(ids.unsqueeze(0)).last_hidden_state[0].double()  # the head's input (after the norm)
+            x0 = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids)).double()  # q_proj's input
+            want_head += final.T @ final
+            want_q0 += x0.T @ x0
+    # float32 sums of 26 outer products: tolerance relative to the largest entry
+    assert torch.allclose(h[head].double(), want_head, atol=1e-4 * float(want_head.abs().max()))
+    q0 = h["model.layers.0.self_attn.q_proj.weight"].double()
+    assert torch.allclose(q0, want_q0, atol=1e-4 * float(want_q0.abs().max()))
+    # k_proj and v_proj read the same input as q_proj
+    assert torch.equal(h["model.layers.0.self_attn.k_proj.weight"], h["model.layers.0.self_attn.q_proj.weight"])
+    # the model still runs normally afterwards (the early exit left no state behind)
+    assert model(windows[0].unsqueeze(0)).logits.shape == (1, 17, 96)
+
+
+def test_fisher_diagonal_is_squared_gradient():
+    model = tiny_model(tied=True)
+    ids = torch.randint(0, 96, (13,))
+    fisher = fisher_diagonal(model, [ids])
+    weight = model.model.layers[1].mlp.down_proj.weight
+    weight.requires_grad_(True)
+    logits = model(ids.unsqueeze(0)).logits[0, :-1]
+    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, ids[1:]), [weight])
+    weight.requires_grad_(False)
+    assert torch.allclose(fisher["model.layers.1.mlp.down_proj.weight"], grad.square(), rtol=1e-4, atol=1e-12)
+    assert set(fisher) == {n for n, p in model.named_parameters() if p.dim() == 2}

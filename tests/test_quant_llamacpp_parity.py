@@ -1,0 +1,47 @@
+"""Our rtn int4 g32 sym is llama.cpp's Q4_0, code for code, ties included.
+
+Reference: the numpy Q4_0 quantizer of the `gguf` package (ggml's reference rules). The inputs lie on a
+coarser quantization grid, as the pip Gemma 3 270M's float weights do (decoded from Q5_0): half of the values are
+then exact rounding ties, which is where rounding rules differ (round half up, not half to even).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from llmopt.quant.quantizers import Spec, quantize
+
+
+def grid_weights(rows: int, cols: int, levels: int, seed: int) -> torch.Tensor:
+    """Weights ``k * 2**-8`` with integer ``k`` in ``[-levels, levels - 1]``, each block of 32 spanning it all."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randint(-levels, levels, (rows, cols), generator=gen)
+    k.view(rows, -1, 32)[..., 0] = -levels  # the block's extreme: the scale is a power of two, exact in fp16
+    return k.float() * 2.0**-8
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rtn_int4_g32_sym_is_llamacpp_q4_0(seed):
+    # a Q5_0-like grid (32 levels): the int4 scale is twice its step, so every odd level is an exact tie
+    w = grid_weights(64, 256, 16, seed)
+    ref = torch.from_numpy(quants.dequantize(quants.quantize(w.numpy(), GGMLQuantizationType.Q4_0),
+                                             GGMLQuantizationType.Q4_0).copy())
+    ours = quantize(w, Spec(4, 32, True), "rtn").dequantize()
+    ties = (w * 2**8).remainder(2) != 0
+    assert 0.4 < ties.float().mean() < 0.6  # the case under test
+    assert torch.equal(ours, ref)
+    # torch.round (half to even) would differ on about half of the ties
+    half_even = ((w / 2**-7).round() * 2**-7)
+    assert not torch.equal(half_even[ties], ref[ties])
+
+
+def test_rtn_on_generic_weights_matches_llamacpp_up_to_scale_rounding():
+    # fp16 rounding of the scale: llama.cpp divides by the unrounded scale, we by the stored one (exact decode)
+    w = torch.randn(32, 512, generator=torch.Generator().manual_seed(3)) * 0.02
+    ref = quants.dequantize(quants.quantize(w.numpy(), GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+    ours = quantize(w, Spec(4, 32, True), "rtn").dequantize().numpy()
+    assert np.mean(ours != ref) < 0.01
+    assert np.linalg.norm(ours - w.numpy()) <= np.linalg.norm(ref - w.numpy()) * 1.001
