@@ -19,7 +19,9 @@
    side by side on the same loaded model and state: wall-clock tok/s of the eager ``decode_step`` (Python
    records every dispatch, logits read back) and of the replayed step (``llmopt.backends.vulkan.replay``: the
    step recorded once, per token only a few words written, one submit, the argmax on the device, 4 bytes
-   back), next to the GPU time of a step: the sum of the eager step's kernel timestamps, and the replayed step
+   back), and of greedy decoding with two replayed steps in flight (``VulkanDecoder.greedy_steps``, as
+   ``generate`` decodes: step t+1 queued before the host waits for step t's ids), next to the GPU time of a
+   step: the sum of the eager step's kernel timestamps, and the replayed step
    resubmitted back to back (no host in between). Against the ceiling copy_bandwidth / bytes_read_per_token
    (weights + KV cache at that context). Several specializations (VARIANTS) are timed on the same loaded
    model (the first is the previous default: float mat-vec, separate q/k/v and gate/up; then fused linears, then
@@ -181,7 +183,7 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
         del tensors
         ids = torch.randint(0, args.vocab_size, (1, prompt))
         # two states fed the same tokens: eager and replayed steps alternate (the machine's speed drifts)
-        logits, state = model.prefill(ids, max_len=prompt + len(variants) * (steps + 3) + 4)
+        logits, state = model.prefill(ids, max_len=prompt + len(variants) * (2 * steps + 3) + 4)
         _, replay_state = model.prefill(ids, max_len=state.max_len)
         be.synchronize()
         token = logits.argmax(-1)
@@ -211,31 +213,43 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
             t = time.perf_counter()
             decoder.replay(n)
             replay_ms = (time.perf_counter() - t) / n * 1e3
+            # generate's greedy path: two replayed steps in flight; the eager state follows the same ids
+            t = time.perf_counter()
+            flight = decoder.greedy_steps(replay_state, token, steps)[0]
+            flight_ms = (time.perf_counter() - t) / steps * 1e3
+            fed = torch.cat([token, flight[:-1]])
+            eager = torch.cat([model.decode_step(state, fed[i:i + 1]).argmax(-1) for i in range(steps)])
+            check["flight_same_tokens"] = bool(torch.equal(eager, flight))
+            token = flight[-1:]
             decoder.close()
             runs.append({"wg": wg, "rows": rows, "wg_reduce": wg_reduce, "matvec_min_groups": min_groups, "matvec_split": split,
                          "matvec_int_dot": int_dot, "fuse_linears": fuse, "matvec_wg_max": wg_max,
                          "wall_ms": statistics.median(walls) * 1e3, "wall_ms_spread": [min(walls) * 1e3, max(walls) * 1e3],
                          "replayed_wall_ms": statistics.median(replayed) * 1e3,
                          "replayed_wall_ms_spread": [min(replayed) * 1e3, max(replayed) * 1e3],
+                         "flight_wall_ms": flight_ms,
                          "replay_ms": replay_ms, "replays_timed": n, "replay_vs_eager": check,
                          "gpu_ms": statistics.median(gpus), "gpu_ms_spread": [min(gpus), max(gpus)],
                          "last_step_kernels_ms": {k: round(v, 4) for k, (v, _) in be.kernel_times().items()}})
             print(f"    variant wg={wg} rows={rows} wg_reduce={wg_reduce} min_groups={min_groups} split={split} "
                   f"int_dot={int_dot} fuse={fuse} wg_max={wg_max}: "
-                  f"wall eager {runs[-1]['wall_ms']:.2f} ms, replayed {runs[-1]['replayed_wall_ms']:.2f} ms; "
+                  f"wall eager {runs[-1]['wall_ms']:.2f} ms, replayed {runs[-1]['replayed_wall_ms']:.2f} ms, "
+                  f"replayed 2 in flight {flight_ms:.2f} ms; "
                   f"GPU: eager kernels {runs[-1]['gpu_ms']:.2f} ms, replayed back to back {replay_ms:.2f} ms; "
-                  f"replayed vs eager logits: max |diff| {check['max_abs_diff']:.1e}, same token {check['same_token']}")
+                  f"replayed vs eager logits: max |diff| {check['max_abs_diff']:.1e}, "
+                  f"same token {check['same_token']}, "
+                  f"2 in flight same tokens {check['flight_same_tokens']}")
         del model, state, replay_state
-    kv_bytes = 2 * args.n_layers * (prompt + len(variants) * (steps + 2)) * args.n_kv_heads * args.head_dim * 4
+    kv_bytes = 2 * args.n_layers * (prompt + len(variants) * (2 * steps + 3)) * args.n_kv_heads * args.head_dim * 4
     best = min(runs, key=lambda r: r["replayed_wall_ms"])
-    keys = ("wall_ms", "wall_ms_spread", "replayed_wall_ms", "replayed_wall_ms_spread", "gpu_ms", "gpu_ms_spread",
-            "replay_ms", "last_step_kernels_ms")
+    keys = ("wall_ms", "wall_ms_spread", "replayed_wall_ms", "replayed_wall_ms_spread", "flight_wall_ms", "gpu_ms",
+            "gpu_ms_spread", "replay_ms", "last_step_kernels_ms")
     return {"model": name, "layers": args.n_layers, "vocab": args.vocab_size, "prompt": prompt, "steps": steps,
             "load_s": load_s, "bytes_per_token": weight_bytes + kv_bytes, "variants": runs, **{k: best[k] for k in keys},
             "best_variant": {k: best[k] for k in VARIANT_KEYS}}
 
 
-REAL_PATHS = ("vulkan-eager", "vulkan-replayed", "cpu-fast", "cpu-reference")
+REAL_PATHS = ("vulkan-eager", "vulkan-replayed", "vulkan-2-in-flight", "cpu-fast", "cpu-reference")
 
 
 def real_side_by_side(folder: Path, steps: int, paths: list[str], rounds: int = 2) -> list[dict]:
@@ -243,7 +257,9 @@ def real_side_by_side(folder: Path, steps: int, paths: list[str], rounds: int = 
 
     Vulkan eager and replayed share one loaded model and alternate ``rounds`` times (the machine's load drifts);
     each round prefills the same prompt and decodes ``steps`` tokens with ``Model.decode_greedy`` (eager: logits
-    back, argmax on the host; replayed: argmax on the device). Median step time over all rounds."""
+    back, argmax on the host; replayed: argmax on the device), or for ``vulkan-2-in-flight`` one such step (it
+    records the replayed step) then ``Model.decode_greedy_steps`` (two replayed steps in flight, as ``generate``),
+    timed as a whole: its mean step counts once a round. Median step time over all rounds."""
     from llmopt.backends.cpu import CpuBackend
     from llmopt.engine import load_model
 
@@ -264,12 +280,16 @@ def real_side_by_side(folder: Path, steps: int, paths: list[str], rounds: int = 
             ids = model.tokenizer.encode(prompt)
             logits, state = model.prefill([ids], max_len=len(ids) + steps + 4)
             token, out = logits.argmax(-1), []
-            for i in range(steps):
+            for i in range(1 if label == "vulkan-2-in-flight" else steps):
                 t = time.perf_counter()
                 token = model.decode_greedy(state, token)
                 if i:  # the first step records the replayed step (and creates pipelines)
                     walls[label].append(time.perf_counter() - t)
                 out.append(int(token[0]))
+            if label == "vulkan-2-in-flight":
+                t = time.perf_counter()
+                out += model.decode_greedy_steps(state, token, steps - 1)[0].tolist()
+                walls[label].append((time.perf_counter() - t) / (steps - 1))
             tokens[label] = out
             print(f"  {label:16s} {1 / statistics.median(walls[label]):7.3f} tok/s so far ({state.decode_path})")
     rows = [{"path": p, "decode_tok_s": 1 / statistics.median(walls[p]), "step_s": walls[p], "tokens": tokens[p],
@@ -281,13 +301,15 @@ def real_side_by_side(folder: Path, steps: int, paths: list[str], rounds: int = 
 
 
 def print_decode_table(rows: list[dict]) -> None:
-    print("| model | GB/token | ceiling tok/s | wall eager | wall replayed | GPU eager kernels | GPU replayed back to back "
-          "| replayed wall of ceiling |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | GB/token | ceiling tok/s | wall eager | wall replayed | replayed, 2 in flight | GPU eager kernels "
+          "| GPU replayed back to back | replayed wall of ceiling | 2 in flight of ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cells = [f"{r[k]:.1f}" if r[k] else "n/a" for k in ("wall_tok_s", "replayed_wall_tok_s", "gpu_tok_s", "replay_tok_s")]
+        cells = [f"{r[k]:.1f}" if r[k] else "n/a"
+                 for k in ("wall_tok_s", "replayed_wall_tok_s", "flight_wall_tok_s", "gpu_tok_s", "replay_tok_s")]
         print(f"| {r['model']} | {r['bytes_per_token'] / 1e9:.2f} | {r['ceiling_tok_s']:.0f} | {' | '.join(cells)} | "
-              f"{100 * r['replayed_wall_tok_s'] / r['ceiling_tok_s']:.1f}% |")
+              f"{100 * r['replayed_wall_tok_s'] / r['ceiling_tok_s']:.1f}% | "
+              f"{100 * r['flight_wall_tok_s'] / r['ceiling_tok_s']:.1f}% |")
 
 
 def main(argv=None) -> int:
@@ -313,6 +335,8 @@ def main(argv=None) -> int:
                    help="with --real: decode paths timed (vulkan eager / replayed step, cpu-fast, cpu-reference)")
     p.add_argument("--rounds", type=int, default=2, help="with --real: rounds, each path once a round")
     args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error("--steps must be at least 2 (the first step records the replayed step and is not timed)")
     if args.real:
         result = {"real": str(args.real), "date": time.strftime("%Y-%m-%d"),
                   "rows": real_side_by_side(args.real, args.steps, args.paths, args.rounds)}
@@ -342,7 +366,7 @@ def main(argv=None) -> int:
                          ("hidden_size", args.hidden), ("intermediate_size", args.intermediate)) if value}
             row = decode_run(be, name, MODELS[name], overrides, args.prompt, args.steps, variants)
             row["ceiling_tok_s"] = ceiling_bw * 1e9 / row["bytes_per_token"]
-            for key in ("wall", "replayed_wall", "gpu", "replay"):
+            for key in ("wall", "replayed_wall", "flight_wall", "gpu", "replay"):
                 row[f"{key}_tok_s"] = 1e3 / row[f"{key}_ms"] if row[f"{key}_ms"] else None  # no timestamps: None
             result["decode"].append(row)
         print_decode_table(result["decode"])

@@ -4,8 +4,9 @@ Every family at tiny scale (float and packed weights; sliding windows, softcaps,
 an image (M-RoPE positions that differ from the cache slot), left-padded batches, the real Gemma 3 270M. The same
 model decodes the same tokens through ``Model.decode_step`` with the replay off and on: logits within 1e-4
 absolute (the Vulkan tests' tolerance; in practice they are bit-identical, same shaders and tables) and greedy
-tokens identical; every family also against the CPU float32 reference. Plus: fallbacks with their reason, bad
-input, recordings isolated from other work on the backend, resources freed.
+tokens identical; every family also against the CPU float32 reference. Greedy decoding with two replayed steps in
+flight (``greedy_steps``) gives the tokens and state of one step at a time, stops mid-run included. Plus:
+fallbacks with their reason, bad input, recordings isolated from other work on the backend, resources freed.
 """
 
 from __future__ import annotations
@@ -119,6 +120,96 @@ def test_replay_after_image_uses_mrope_positions(be, tmp_path):
         assert int(state.next_pos[0]) < state.start  # the case under test
         runs.append(torch.stack([logits] + [model.decode_step(state, follow[t:t + 1]) for t in range(6)]))
     assert (runs[0] - runs[1]).abs().max().item() <= ATOL
+
+
+def greedy_run(model, prompt, mask, n: int, stop_after: int | None, two_in_flight: bool):
+    """Greedy ids of up to ``n`` replayed steps after the prompt, two in flight or one at a time, stopping after
+    step ``stop_after``; then two more steps fed other ids than the greedy ones (they must attend to what those
+    steps write, never to a slot a dropped step wrote). Returns ids, the state's counters, the two steps' logits."""
+    logits, state = model.prefill(prompt, mask, max_len=prompt.shape[1] + n + 2)
+    first = logits.argmax(dim=-1)
+    if two_in_flight:
+        seen = []
+        stop = None if stop_after is None else (lambda ids: seen.append(ids) or len(seen) == stop_after)
+        ids = model.decode_greedy_steps(state, first, n, stop)
+    else:
+        ids, token = [], first
+        for _ in range(n if stop_after is None else min(n, stop_after)):
+            token = model.decode_greedy(state, token)
+            ids.append(token)
+        ids = torch.stack(ids, dim=1)
+    assert state.decode_path == "replayed"
+    after = [model.decode_step(state, (ids[:, -1] + 1 + t) % VOCAB) for t in range(2)]
+    return ids, (state.start, state.next_pos.clone(), state.valid.clone()), torch.stack(after)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_two_in_flight_matches_one_step_at_a_time(be, tmp_path, family):
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    model = load_model(save_random(FAMILIES[family](), tmp_path, seed), backend=be)
+    prompt = torch.randint(0, VOCAB, (2, 4))  # batch 2, the first sequence left-padded
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[0, :1] = False
+    for n, stop_after in ((7, None), (7, 3), (6, 4), (5, 5), (1, None), (1, 1)):  # odd n; stop mid-run and at the end
+        name = f"{family} seed={seed} n={n} stop after {stop_after}"
+        (ids, counters, after), (ref_ids, ref_counters, ref_after) = (
+            greedy_run(model, prompt, mask, n, stop_after, two) for two in (True, False))
+        assert ids.shape == (2, n if stop_after is None else stop_after), name
+        assert torch.equal(ids, ref_ids), name
+        assert counters[0] == ref_counters[0] and torch.equal(counters[1], ref_counters[1]), name
+        assert torch.equal(counters[2], ref_counters[2]), name
+        err = (after - ref_after).abs().max().item()
+        assert err <= ATOL, f"{name}: steps after the run differ by {err:.2e}"
+
+
+def test_two_in_flight_generate_stops_like_eager(be, tmp_path):
+    """``generate`` (greedy: ``decode_greedy_steps``) with a stop token met mid-run (random models repeat tokens:
+    the stop is a token each sequence meets first at its third step or later, or never)."""
+    model = load_model(save_random(FAMILIES["qwen2"](), tmp_path, int(torch.randint(0, 2**31 - 1, ()))), backend=be)
+    for _ in range(50):
+        prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 6)]
+        free = model.generate(prompts, max_new_tokens=9, stop_ids=[]).tokens
+        late = [t for t in set(free[0][2:] + free[1][2:]) if t not in free[0][:2] + free[1][:2]]
+        if late:
+            break
+    assert late, "no prompt gave a token first met mid-run"
+    stops = late[:1]
+    outs = []
+    for replay in (True, False):
+        model.static_decode = replay
+        gen = model.generate(prompts, max_new_tokens=9, stop_ids=stops)
+        assert gen.timings["decode_path"] == ("replayed" if replay else "eager: Model.static_decode is off")
+        outs.append((gen.tokens, gen.finish))
+    model.static_decode = True
+    assert outs[0] == outs[1]
+    assert "stop" in outs[0][1] and min(len(t) for t in outs[0][0]) >= 2
+    # stop ids instead of a callable: the run ends once every sequence has produced one
+    batch = torch.tensor([[0] * 3 + prompts[0], prompts[1]])
+    mask, ids = batch.new_ones(batch.shape, dtype=torch.bool), batch[:, -1]
+    mask[0, :3] = False
+    for replay in (True, False):
+        model.static_decode = replay
+        free_run = model.decode_greedy_steps(model.prefill(batch, mask, max_len=16)[1], ids, 8)
+        stop_ids = [free_run[0, 1].item(), free_run[1, 3].item()]
+        _, state = model.prefill(batch, mask, max_len=16)
+        got = model.decode_greedy_steps(state, ids, 8, stop=stop_ids)
+        last = max(next(k for k in range(8) if free_run[i, k].item() in stop_ids) for i in range(2))
+        assert torch.equal(got, free_run[:, :last + 1]) and state.start == 6 + last + 1, replay
+    model.static_decode = True
+
+
+def test_two_in_flight_bad_input(be, tmp_path):
+    model = load_model(save_random(FAMILIES["gemma2"](), tmp_path, 5), backend=be)
+    _, state = model.prefill(torch.tensor([[1, 2, 3]]), max_len=6)
+    assert model.decode_greedy_steps(state, torch.tensor([4]), 0).shape == (1, 0)
+    with pytest.raises(LlmoptError, match="7 tokens exceed the KV cache of 6"):
+        model.decode_greedy_steps(state, torch.tensor([4]), 4)
+    with pytest.raises(LlmoptError, match=r"token ids must lie in 0\.\.319"):
+        model.decode_greedy_steps(state, torch.tensor([-1]), 2)
+    assert state.start == 3  # refused runs left the state as it was
+    with pytest.raises(ZeroDivisionError):  # an error in stop: the queued step is still waited for
+        model.decode_greedy_steps(state, torch.tensor([4]), 3, stop=lambda ids: 1 / 0)
+    assert state.start == 4 and model.decode_greedy_steps(state, torch.tensor([4]), 2).shape == (1, 2)
 
 
 def test_fallbacks_name_their_reason(be, tmp_path):

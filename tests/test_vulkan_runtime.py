@@ -1,5 +1,7 @@
 """The Vulkan compile stage and runtime: incremental rebuilds, stale/missing SPIR-V, absent device, out of memory,
-the no-subgroup variant, and a run under the Khronos validation layer that must print no message.
+the no-subgroup variant, submissions in flight (waited for later), and a run under the Khronos validation layer
+(synchronization validation on; greedy decoding with two replayed steps in flight included) that must print no
+message.
 
 The validation layer comes from Debian's ``vulkan-validationlayers`` extracted (not installed) to
 ``~/.cache/llmopt/vulkan-validationlayers`` (or ``$LLMOPT_VK_VALIDATION_DIR``):
@@ -165,6 +167,7 @@ folder = sys.argv[1]
 cfg = Gemma2Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, sliding_window=5, attn_logit_softcapping=5.0,
                    final_logit_softcapping=3.0, query_pre_attn_scalar=24)
+torch.manual_seed(0)
 Gemma2ForCausalLM(cfg).save_pretrained(folder)
 be = VulkanBackend()
 model = load_model(folder, backend=be)
@@ -172,6 +175,12 @@ for temperature in (0.0, 0.8):  # the replayed step: greedy tail (argmax on the 
     gen = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=6, temperature=temperature, stop_ids=[])
     assert gen.timings["decode_path"] == "replayed", gen.timings["decode_path"]
     print("tokens", gen.tokens)
+# greedy runs two replayed steps in flight; a stop met mid-run drops the step queued past it
+greedy = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=7, stop_ids=[])
+stop = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=7, stop_ids=[greedy.tokens[0][2]])
+assert stop.finish[0] == "stop", (greedy.tokens, stop.tokens)
+assert stop.tokens[0] == greedy.tokens[0][:len(stop.tokens[0])], (greedy.tokens, stop.tokens)
+print("tokens", stop.tokens, stop.finish)
 assert any(f is not None for _, f in be._fused.values())  # q/k/v and gate/up ran as fused dispatches
 for bits in (2, 3, 4, 8):  # every packed width, decode and prefill kernels
     codes = torch.randint(0, 2**bits, (24, 64), dtype=torch.int32).to(torch.uint8)
@@ -225,5 +234,43 @@ def test_replay_resubmits_the_last_step_and_profiles_kernels():
         be.add(a, a)  # new recording: the old one can no longer be replayed
         with pytest.raises(LlmoptError, match="nothing flushed to replay"):
             be.dev.replay(1)
+    finally:
+        be.close()
+
+
+def test_submissions_in_flight_read_what_the_one_before_wrote():
+    """``submit(..., wait=False)``: recordings queued back to back, each reading the previous one's output, waited
+    for later (in any order); a ticket is spent once waited for; the device closes with work still queued."""
+    import numpy as np
+
+    be = vulkan.VulkanBackend()
+    dev = be.dev
+    try:
+        n = 1 << 12
+        data = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+        src, out = dev.buffer(4 * n, host=True), dev.buffer(4 * n, host=True, cached=True)
+        hops = [dev.buffer(4 * n) for _ in range(3)]
+        src.view(np.float32)[:] = data
+        recs = []
+        for a, b in zip([src] + hops, hops + [out]):  # src -> hop0 -> hop1 -> hop2 -> out, one recording a hop
+            dev.begin_recording()
+            dev.copy(a, b, 4 * n)
+            recs.append(dev.end_recording())
+        tickets = [dev.submit((rec,), wait=False) for rec in recs]
+        assert len({id(t.fence) for t in tickets}) == len(tickets)  # one fence per submission in flight
+        for ticket in reversed(tickets):
+            dev.wait(ticket)
+        assert np.array_equal(out.view(np.float32), data)
+        with pytest.raises(LlmoptError, match="already waited for"):
+            dev.wait(tickets[0])
+        out.view(np.float32)[:] = 0
+        tickets = [dev.submit((rec,), wait=False) for rec in recs]  # the spent fences are reused
+        assert len(dev._all_tickets) == len(recs)
+        dev.wait(tickets[-1])  # the last one's fence: every earlier submission has run too
+        assert np.array_equal(out.view(np.float32), data)
+        for ticket in tickets[:-1]:  # every ticket is waited for once (its fence goes back to the idle ones)
+            dev.wait(ticket)
+        assert len(dev._idle_tickets) == len(recs)
+        dev.submit((recs[0],), wait=False)  # left queued: close waits for the device
     finally:
         be.close()

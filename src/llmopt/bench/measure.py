@@ -119,14 +119,14 @@ def time_runs(run_once, batch: int, prompt: int, gen: int, warmup: int, repeats:
 
 def engine_once(model, ids: torch.Tensor, gen: int) -> tuple[float, float]:
     """One llmopt run: prefill ``ids`` [batch, prompt] and take the greedy token, then ``gen`` greedy decode steps
-    (``decode_greedy``: on a replayed Vulkan step only the ids come back, as in ``generate``)."""
+    (``decode_greedy_steps``, as in ``generate``: on a replayed Vulkan step only the ids come back, two steps in
+    flight)."""
     _sync(model)
     t0 = time.perf_counter()
     logits, state = model.prefill(ids, max_len=ids.shape[1] + gen)
     tok = logits.argmax(-1)
     t1 = time.perf_counter()
-    for _ in range(gen):
-        tok = model.decode_greedy(state, tok)
+    model.decode_greedy_steps(state, tok, gen)
     _sync(model)
     return t1 - t0, time.perf_counter() - t1
 

@@ -101,8 +101,10 @@ def generate(model, prompt, max_new_tokens: int = 64, temperature: float = 0.0, 
     logits, state = model.prefill(ids, mask, max_len=max(context, T + 1), images=image_inputs)
     t_prefill = time.perf_counter() - t0
     t_first = None
-    next_ids = sampler(logits)
-    for step in range(max_new_tokens):
+
+    def emit(next_ids) -> bool:
+        """Take one step's ids (stream them, note stops); True once every sequence has stopped."""
+        nonlocal t_first
         if t_first is None:
             t_first = time.perf_counter() - t0
         for i in range(B):
@@ -115,11 +117,17 @@ def generate(model, prompt, max_new_tokens: int = 64, temperature: float = 0.0, 
             out[i].append(token)
             if stream is not None:
                 stream(i, token, decoders[i].push(token) if decoders else None)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        feed = next_ids.masked_fill(done, pad)
-        # greedy: the argmax may run on the device (replayed Vulkan step), so no logits come back
-        next_ids = model.decode_greedy(state, feed) if sampler.greedy else sampler(model.decode_step(state, feed))
+        return bool(done.all())
+
+    next_ids = sampler(logits)
+    if max_new_tokens and not emit(next_ids):
+        if sampler.greedy:  # the argmax may run on the device (replayed Vulkan step, two in flight): no logits back
+            model.decode_greedy_steps(state, next_ids, max_new_tokens - 1, stop=emit)
+        else:
+            for _ in range(max_new_tokens - 1):
+                next_ids = sampler(model.decode_step(state, next_ids.masked_fill(done, pad)))
+                if emit(next_ids):
+                    break
     total = time.perf_counter() - t0
     n_decode = max(len(o) for o in out) if out else 0
     decode_s = total - (t_first or t_prefill)

@@ -10,7 +10,8 @@ softcaps, windows, RoPE per layer), not code paths.
     print(model.generate("The capital of France is", max_new_tokens=16).texts[0])
 
 Lower level: ``prefill(ids, attention_mask) -> (logits [B, vocab], State)``, ``decode_step(state, ids [B])``,
-``decode_greedy(state, ids [B]) -> next ids``, ``forward_logits(ids) -> [B, T, vocab]`` (every position; for
+``decode_greedy(state, ids [B]) -> next ids``, ``decode_greedy_steps(state, ids, n, stop) -> ids [B, <= n]``
+(two replayed Vulkan steps in flight), ``forward_logits(ids) -> [B, T, vocab]`` (every position; for
 perplexity and parity checks). Decode steps run as a recorded step where the backend offers one (CUDA graph,
 replayed Vulkan step; ``model.static_decode = False`` turns that off); ``state.decode_path`` says which.
 """
@@ -286,6 +287,27 @@ class Model:
         if self._replayed(state):
             return state.replay.step(state, ids, greedy=True)
         return self.decode_step(state, ids).argmax(dim=-1)
+
+    def decode_greedy_steps(self, state: State, ids, n: int, stop=None) -> torch.Tensor:
+        """Up to ``n`` ``decode_greedy`` steps from ``ids [B]``, each fed the ids before: int64 ``[B, k]``, k <= n.
+        ``stop``: ``stop(ids [B]) -> bool`` sees each step's ids in order, True ends after that step; or stop ids
+        (end once every sequence has produced one). On a replayed Vulkan step two steps are in flight
+        (``VulkanDecoder.greedy_steps``); the tokens and state are the same."""
+        if stop is not None and not callable(stop):
+            stop_ids = torch.tensor(sorted({int(t) for t in stop}), dtype=torch.int64)
+            stopped = torch.zeros(state.valid.shape[0], dtype=torch.bool)
+
+            def stop(step_ids) -> bool:
+                return bool(stopped.logical_or_(torch.isin(step_ids, stop_ids)).all())
+        if self._replayed(state):
+            return state.replay.greedy_steps(state, ids, n, stop)
+        out = []
+        for _ in range(n):
+            ids = self.decode_greedy(state, ids)
+            out.append(ids)
+            if stop is not None and stop(ids):
+                break
+        return torch.stack(out, dim=1) if out else torch.zeros(int(state.valid.shape[0]), 0, dtype=torch.int64)
 
     def _replayed(self, state: State) -> bool:
         """Whether this state decodes through a backend's recorded step; decided (with the reason) at its first step."""

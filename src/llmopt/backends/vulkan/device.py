@@ -11,7 +11,8 @@ Pipelines are cached per (shader, specialization constants) and descriptor sets 
 With ``profile=True`` a timestamp is written after every dispatch and ``kernel_times`` sums them per kernel;
 ``replay(n)`` resubmits the last command buffer (a whole decode step) to time it without Python in the loop.
 ``begin_recording``/``end_recording`` keep a command buffer for good (a ``Recording``) and ``submit`` runs a
-sequence of them per call: the replayed decode step (``llmopt.backends.vulkan.replay``) is one.
+sequence of them per call, waited for or not (``llmopt.backends.vulkan.recording``): the replayed decode step
+(``llmopt.backends.vulkan.replay``) is one.
 FACTS §6 lists the package's quirks this module works around (no VK_API_VERSION constants, list-returning
 vkCreateComputePipelines, dangling mapped views).
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmopt.backends.vulkan.recording import Recording, Recordings
 from llmopt.errors import LlmoptError
 
 MIN_API = (1, 1)
@@ -166,14 +168,6 @@ class Buffer:
         return np.frombuffer(self.mapped, dtype=dtype, count=-1 if count is None else count, offset=offset)
 
 
-@dataclass(eq=False)
-class Recording:
-    """A command buffer recorded once (``Device.begin_recording``/``end_recording``) and submitted many times."""
-
-    cmd: object
-    n_commands: int
-
-
 @dataclass
 class Pipeline:
     name: str
@@ -184,7 +178,7 @@ class Pipeline:
     descriptor_sets: dict = field(default_factory=dict)
 
 
-class Device:
+class Device(Recordings):
     """One Vulkan device and queue; see the module docstring."""
 
     def __init__(self, spv_dir: Path, spec: dict, profile: bool = False, layers: list[str] | None = None):
@@ -229,6 +223,8 @@ class Device:
         self.capturing: Recording | None = None  # set between begin_recording and end_recording
         self._saved_cmd = None
         self._submits: dict = {}  # tuple of Recordings -> (VkSubmitInfo*, its command-buffer array)
+        self._all_tickets: list = []  # fences of submissions waited for later (recording.Ticket)
+        self._idle_tickets: list = []
         self.n_commands = 0
         self.bytes_allocated = 0
         self._live: dict[int, Buffer] = {}  # every buffer not yet freed: close() frees them all
@@ -247,6 +243,12 @@ class Device:
             (a, b): (stage[a], stage[b], self.ffi.new("VkMemoryBarrier*", {
                 "sType": vk.VK_STRUCTURE_TYPE_MEMORY_BARRIER, "srcAccessMask": writes[a], "dstAccessMask": uses[b]}))
             for a in ("compute", "transfer") for b in ("compute", "transfer", "host")}
+        # the first command of a recording: after every compute or transfer write submitted before it
+        for b in ("compute", "transfer", "host"):
+            barrier = self.ffi.new("VkMemoryBarrier*", {
+                "sType": vk.VK_STRUCTURE_TYPE_MEMORY_BARRIER, "srcAccessMask": writes["compute"] | writes["transfer"],
+                "dstAccessMask": uses[b]})
+            self._barriers[("any", b)] = (stage["compute"] | stage["transfer"], stage[b], barrier)
         self._last_stage: str | None = None
         self.profile = profile and self.features["timestamps"]
         self.kernel_times: dict[str, float] = {}
@@ -478,7 +480,7 @@ class Device:
         # begin resets the previous recording (pool flag RESET); simultaneous use lets replay() queue it repeatedly
         vk.vkBeginCommandBuffer(self.cmd, vk.VkCommandBufferBeginInfo(flags=vk.VK_COMMAND_BUFFER_USAGE_SIMULTANEOUS_USE_BIT))
         self.recording = True
-        self._last_stage = None  # the previous submission was waited for
+        self._last_stage = "any"  # after any submission still in flight (Device.submit(..., wait=False))
         if self.profile:
             self.lib.vkCmdResetQueryPool(self.cmd, self.query_pool, 0, MAX_TIMESTAMPS)
             self.lib.vkCmdWriteTimestamp(self.cmd, vk.VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, self.query_pool, 0)
@@ -524,80 +526,6 @@ class Device:
         vk.vkResetFences(self.device, 1, [self.fence])
         return seconds
 
-    # --- recordings: commands recorded once, resubmitted per decode step -------------------------------
-    def begin_recording(self) -> None:
-        """Record the following commands into a new command buffer that ``end_recording`` returns for
-        ``submit``. Pending work is flushed first. Inside, nothing may upload through the staging arena or
-        submit (both raise): what changes between submissions must be read by the shaders from buffers the host
-        writes. The first command is ordered after whatever precedes it in its submission."""
-        if self.capturing:
-            raise LlmoptError("begin_recording: a recording is already open")
-        self.flush()
-        vk = self.vk
-        cmd = vk.vkAllocateCommandBuffers(self.device, vk.VkCommandBufferAllocateInfo(
-            commandPool=self.command_pool, level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1))[0]
-        vk.vkBeginCommandBuffer(cmd, vk.VkCommandBufferBeginInfo(flags=vk.VK_COMMAND_BUFFER_USAGE_SIMULTANEOUS_USE_BIT))
-        self._saved_cmd, self.cmd = self.cmd, cmd
-        self.capturing = Recording(cmd, self.n_commands)
-        self.recording = True
-        self._last_stage = "compute"  # a barrier before the first command: earlier buffers of the submission
-
-    def end_recording(self) -> Recording:
-        """Close the open recording (its writes made visible to the host at the end) and return it."""
-        rec = self.capturing
-        if rec is None:
-            raise LlmoptError("end_recording: no recording is open")
-        self._barrier("host")
-        self.vk.vkEndCommandBuffer(rec.cmd)
-        self._restore()
-        rec.n_commands = self.n_commands - rec.n_commands
-        return rec
-
-    def abort_recording(self) -> None:
-        """Drop the open recording (after an error inside it); normal recording continues."""
-        rec = self.capturing
-        if rec is not None:
-            self.vk.vkEndCommandBuffer(rec.cmd)
-            self._restore()
-            self.free_recording(rec)
-
-    def _restore(self) -> None:
-        self.cmd, self._saved_cmd = self._saved_cmd, None
-        self.capturing, self.recording, self._last_stage = None, False, None
-
-    def submit(self, recordings: tuple[Recording, ...], times: int = 1) -> None:
-        """Run ``recordings`` in order as one submission, ``times`` times back to back, and wait for the last."""
-        if self.capturing:
-            raise LlmoptError("submit while recording a replayable step")
-        self.flush()  # work recorded before goes first
-        hit = self._submits.get(recordings)
-        if hit is None:
-            cmds = self.ffi.new("VkCommandBuffer[]", [r.cmd for r in recordings])
-            info = self.ffi.new("VkSubmitInfo*", {"sType": self.vk.VK_STRUCTURE_TYPE_SUBMIT_INFO,
-                                                  "commandBufferCount": len(recordings), "pCommandBuffers": cmds})
-            hit = self._submits[recordings] = (info, cmds, self.ffi.new("VkFence[1]", [self.fence]))
-        info, _, fences = hit
-        lib, null = self.lib, self.ffi.NULL
-        for i in range(times):
-            status = lib.vkQueueSubmit(self.queue, 1, info, self.fence if i == times - 1 else null)
-            if status != 0:
-                raise LlmoptError(f"Vulkan device '{self.info['name']}': vkQueueSubmit failed (VkResult {status})")
-        status = lib.vkWaitForFences(self.device, 1, fences, 1, 2**63 - 1)
-        lib.vkResetFences(self.device, 1, fences)
-        if status != 0:
-            raise LlmoptError(f"Vulkan device '{self.info['name']}' failed while running a recorded step (VkResult {status})")
-        self._free_deferred()
-
-    def _free_deferred(self) -> None:
-        while self._deferred and not self.recording:
-            self.free(self._deferred.pop())
-
-    def free_recording(self, rec: Recording) -> None:
-        for key in [k for k in self._submits if rec in k]:
-            del self._submits[key]
-        if self.device is not None:
-            self.vk.vkFreeCommandBuffers(self.device, self.command_pool, 1, [rec.cmd])
-
     def _collect_timestamps(self) -> None:
         n = len(self._stamps)
         data = self.ffi.new(f"uint64_t[{n}]")
@@ -633,6 +561,7 @@ class Device:
         for buf in list(self._live.values()):
             self.free(buf)
         vk.vkDestroyFence(self.device, self.fence, None)
+        self._destroy_tickets()
         vk.vkDestroyCommandPool(self.device, self.command_pool, None)
         vk.vkDestroyDevice(self.device, None)
         vk.vkDestroyInstance(self.instance, None)

@@ -5,26 +5,40 @@ A normal ``Model.decode_step`` on ``VulkanBackend`` records ~16 dispatches a lay
 GPU's work (docs/benchmarks.md). Here the step is recorded once, with every per-token input read by the shaders
 from a small step buffer instead of push constants or uploads:
 
-    step buffer (uint32):  [slot]  [ids of the B sequences]  [RoPE position of each sequence]
-                           kv_store, attention   embedding         rope (row of a table of every position)
+    step buffer (uint32):  [ids of the B sequences]  [slot]               [RoPE position of each sequence]
+                           embedding                 kv_store, attention  rope (row of a table of every position)
 
-Before each submit the host writes those few words into a host-visible copy; the recorded body starts by copying
-them to the device buffer. The RoPE tables (cos/sin of every position the state can reach, per RoPE kind) and the
-padding mask (the prompt's valid flags; decode slots are always valid) are uploaded once. In the body every
-residual add is fused with the norm after it (``add_rmsnorm``: the next layer's attention norm, or the final
-norm), one dispatch a layer fewer than the eager step. The body ends at the logits; one of two recorded tails follows in the same submission: the greedy tail (``argmax.comp``, 4 bytes a
-sequence back) or the logits tail (the whole ``[B, vocab]`` back, for sampling).
+Before each submit the host writes those few words into a host-visible copy; a recorded prologue copies them to
+the device buffer ahead of the body. The RoPE tables (cos/sin of every position the state can reach, per RoPE
+kind) and the padding mask (the prompt's valid flags; decode slots are always valid) are uploaded once. In the body
+every residual add is fused with the norm after it (``add_rmsnorm``: the next layer's attention norm, or the final
+norm), one dispatch a layer fewer than the eager step. The body ends at the logits; one of two recorded tails
+follows in the same submission: the greedy tail (``argmax.comp``, 4 bytes a sequence back) or the logits tail (the
+whole ``[B, vocab]`` back, for sampling).
 
     dec = VulkanDecoder(model, state)              # after model.prefill(..., max_len=...); records the step
     ids = dec.step(state, next_ids, greedy=True)   # int64 [B]; state advances like Model.decode_step
     logits = dec.step(state, next_ids)             # host float32 [B, vocab]
+    ids = dec.greedy_steps(state, next_ids, n, stop=lambda ids: bool((ids == eos).all()))  # int64 [B, <= n]
 
-``Model.decode_step`` (and ``Model.decode_greedy``) use it by themselves when the embedding, every layer and the
-head are on one ``VulkanBackend``; ``Model.static_decode = False`` turns it off. Buffers the replay writes come
+``greedy_steps`` keeps two steps in flight: step t+1 is queued before the host waits for step t, so the GPU never
+idles while the host reads ids and writes the next step. The greedy tail also copies its ids into the step
+buffer's ids, and step t+1's prologue copies only the slot and positions (the host knows them: each advances by
+one), so step t+1 embeds step t's ids straight from the device. Host step buffers and id readbacks come in pairs,
+used alternately, each rewritten only after the step that read it was waited for. A step queued past a stop is
+waited for and dropped: the state does not advance for it, and the cache slot it wrote is the next step's slot,
+rewritten by that step before its attention reads it.
+
+``Model.decode_step`` (and ``decode_greedy``; ``decode_greedy_steps``, which ``generate`` uses for greedy decoding,
+through ``greedy_steps``) use it by themselves when the embedding, every layer and the head are on one
+``VulkanBackend``; ``Model.static_decode = False`` turns it off. Buffers the replay writes come
 from a private activation pool (``VulkanBackend.private_pool``), so no other activation ever shares them.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from typing import Callable
 
 import numpy as np
 import torch
@@ -74,7 +88,7 @@ class VulkanDecoder:
         self.batch, self.vocab, self.max_len = int(state.valid.shape[0]), a.vocab_size, state.max_len
         B, dev = self.batch, be.dev
         # step buffer regions, each at the device's storage-buffer offset alignment
-        words = {"slot": 1, "ids": B, "pos": B}
+        words = {"ids": B, "slot": 1, "pos": B}  # slot and pos adjacent: one copy advances both
         self.offsets, size = {}, 0
         for name, n in words.items():
             self.offsets[name] = size
@@ -82,12 +96,12 @@ class VulkanDecoder:
         self.sizes = {name: 4 * n for name, n in words.items()}
         self._resources = []
         self._pool: dict = {}
-        self.body = self.greedy_tail = self.logits_tail = None
+        self.body, self.logits_tail, self.loads, self.advances, self.greedy_tails = None, None, [], [], []
         try:
-            self.step_host = self._buffer(size, host=True, name="decode step (host)")
+            self.step_host = [self._buffer(size, host=True, name="decode step (host)") for _ in range(2)]
             self.step_dev = self._buffer(size, name="decode step")
-            self.step_words = self.step_host.view(np.uint32, size // 4)
-            self.ids_out = self._buffer(4 * B, host=True, cached=True, name="greedy ids")  # read by the host:
+            self.step_words = [buf.view(np.uint32, size // 4) for buf in self.step_host]
+            self.ids_out = [self._buffer(4 * B, host=True, cached=True, name="greedy ids") for _ in range(2)]  # read by
             self.logits_out = self._buffer(4 * B * self.vocab, host=True, cached=True, name="logits readback")  # cached
             self.table_len = int(state.next_pos.max()) + state.max_len - state.start
             self.tables = {r: self._table(r, a.head_dim) for r in set(a.rope_layers)}
@@ -125,20 +139,29 @@ class VulkanDecoder:
         ops = _ReplayOps(be, self)
         shared = be.private_pool(self._pool)
         try:
+            for host in self.step_host:  # prologues: every word from the host, or all but the ids
+                dev.begin_recording()
+                dev.copy(host, self.step_dev, host.nbytes)
+                self.loads.append(dev.end_recording())
+                dev.begin_recording()
+                start = self.offsets["slot"]
+                dev.copy(host, self.step_dev, host.nbytes - start, src_offset=start, dst_offset=start)
+                self.advances.append(dev.end_recording())
             dev.begin_recording()
-            dev.copy(self.step_host, self.step_dev, self.step_host.nbytes)
             x, normed = ops.embedding(None, m.embed, a.embed_scale), None
             norms = [layer["attn_norm"] for layer in m.layers[1:]] + [m.final_norm]
             for i, layer in enumerate(m.layers):  # each residual add fused with the norm after it
                 x, normed = m._block(ops, layer, x, self.tables[a.rope_layers[i]], state, i, None, normed, norms[i])
             self.logits = be.logits_device(normed, m.head, a.final_softcap)
             del x, normed
+            self.ids_dev = be._alloc(4 * self.batch, "greedy ids")  # while recording: from the private pool
             self.body = dev.end_recording()
-            dev.begin_recording()
-            self.ids_dev = be._alloc(4 * self.batch, "greedy ids")
-            be._argmax(self.logits, self.ids_dev)
-            dev.copy(self.ids_dev, self.ids_out, 4 * self.batch)
-            self.greedy_tail = dev.end_recording()
+            for ids_out in self.ids_out:  # argmax, ids to the host and to where the next step's embedding reads
+                dev.begin_recording()
+                be._argmax(self.logits, self.ids_dev)
+                dev.copy(self.ids_dev, ids_out, 4 * self.batch)
+                dev.copy(self.ids_dev, self.step_dev, 4 * self.batch, dst_offset=self.offsets["ids"])
+                self.greedy_tails.append(dev.end_recording())
             dev.begin_recording()
             dev.copy(self.logits.buf, self.logits_out, 4 * self.batch * self.vocab)
             self.logits_tail = dev.end_recording()
@@ -148,43 +171,85 @@ class VulkanDecoder:
         finally:
             be.private_pool(shared)
 
-    def _write(self, state, ids) -> None:
+    def _check_ids(self, ids) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
         if ids.numel() != self.batch:
             raise LlmoptError(f"decode step: {ids.numel()} token ids for a batch of {self.batch}")
         if int(ids.min()) < 0 or int(ids.max()) >= self.vocab:
             raise LlmoptError(f"decode step: token ids must lie in 0..{self.vocab - 1}, got {int(ids.min())}..{int(ids.max())}")
-        if state.start >= state.max_len:
-            raise LlmoptError(f"{state.start + 1} tokens exceed the KV cache of {state.max_len} tokens")
-        w, o, B = self.step_words, self.offsets, self.batch
-        w[o["slot"] // 4] = state.start
-        w[o["ids"] // 4:o["ids"] // 4 + B] = ids.numpy()
-        w[o["pos"] // 4:o["pos"] // 4 + B] = state.next_pos.numpy()
+        return ids
 
-    def step(self, state, ids, greedy: bool = False) -> torch.Tensor:
-        """Decode one token per sequence (``ids [B]``): greedy next ids ``[B]`` (int64), or host logits ``[B, vocab]``."""
-        self._write(state, ids)
-        self.dev.submit((self.body, self.greedy_tail if greedy else self.logits_tail))
+    def _write(self, state, parity: int, ahead: int = 0, ids: torch.Tensor | None = None) -> None:
+        """Host words of the step ``ahead`` steps after ``state`` into step buffer ``parity`` (ids: None = from the
+        device, the step before's argmax)."""
+        if state.start + ahead >= state.max_len:
+            raise LlmoptError(f"{state.start + ahead + 1} tokens exceed the KV cache of {state.max_len} tokens")
+        w, o, B = self.step_words[parity], self.offsets, self.batch
+        w[o["slot"] // 4] = state.start + ahead
+        w[o["pos"] // 4:o["pos"] // 4 + B] = (state.next_pos + ahead).numpy()
+        if ids is not None:
+            w[o["ids"] // 4:o["ids"] // 4 + B] = ids.numpy()
+
+    @staticmethod
+    def _advance(state) -> None:
         state.valid[:, state.start] = True
         state.start += 1
         state.next_pos = state.next_pos + 1
+
+    def _ids(self, parity: int) -> torch.Tensor:
+        return torch.from_numpy(self.ids_out[parity].view(np.uint32, self.batch).astype(np.int64))
+
+    def step(self, state, ids, greedy: bool = False) -> torch.Tensor:
+        """Decode one token per sequence (``ids [B]``): greedy next ids ``[B]`` (int64), or host logits ``[B, vocab]``."""
+        self._write(state, 0, ids=self._check_ids(ids))
+        self.dev.submit((self.loads[0], self.body, self.greedy_tails[0] if greedy else self.logits_tail))
+        self._advance(state)
         if greedy:
-            return torch.from_numpy(self.ids_out.view(np.uint32, self.batch).astype(np.int64))
+            return self._ids(0)
         return torch.from_numpy(self.logits_out.view(np.float32, self.batch * self.vocab).copy()).view(self.batch, self.vocab)
+
+    def greedy_steps(self, state, ids, n: int, stop: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+        """Up to ``n`` greedy steps from ``ids [B]``, two in flight: the ids of each, int64 ``[B, k]``, k <= n.
+
+        ``stop(ids [B])`` is called on each step's ids in order; True ends the run after that step. The state
+        advances for the k steps returned only, exactly as k ``step(..., greedy=True)`` calls would leave it."""
+        ids = self._check_ids(ids)
+        if n <= 0:
+            return torch.zeros(self.batch, 0, dtype=torch.int64)
+        if state.start + n > state.max_len:
+            raise LlmoptError(f"{state.start + n} tokens exceed the KV cache of {state.max_len} tokens")
+        dev, body, out = self.dev, self.body, []
+        self._write(state, 0, ids=ids)
+        queued = deque([dev.submit((self.loads[0], body, self.greedy_tails[0]), wait=False)])
+        try:
+            for k in range(n):
+                if k + 1 < n:  # queue step k+1 before waiting for step k; it embeds step k's ids on the device
+                    parity = (k + 1) % 2
+                    self._write(state, parity, ahead=1)
+                    queued.append(dev.submit((self.advances[parity], body, self.greedy_tails[parity]), wait=False))
+                dev.wait(queued.popleft())
+                out.append(self._ids(k % 2))
+                self._advance(state)
+                if stop is not None and stop(out[-1]):
+                    break
+        finally:
+            while queued:  # a step queued past the stop (or an error): run, dropped
+                dev.wait(queued.popleft())
+        return torch.stack(out, dim=1)
 
     def replay(self, times: int, greedy: bool = True) -> None:
         """Resubmit the last step ``times`` times back to back (timing: the GPU-bound rate of the replayed step)."""
-        self.dev.submit((self.body, self.greedy_tail if greedy else self.logits_tail), times)
+        self.dev.submit((self.loads[0], self.body, self.greedy_tails[0] if greedy else self.logits_tail), times)
 
     def close(self) -> None:
         """Free the recording and its buffers (also on garbage collection); the decoder is unusable afterwards."""
         dev = self.dev
         if dev.device is None:
             return
-        for rec in (self.body, self.greedy_tail, self.logits_tail):
+        for rec in (self.body, self.logits_tail, *self.loads, *self.advances, *self.greedy_tails):
             if rec is not None:
                 dev.free_recording(rec)
-        self.body = self.greedy_tail = self.logits_tail = None
+        self.body, self.logits_tail, self.loads, self.advances, self.greedy_tails = None, None, [], [], []
         self.logits = None  # its buffer returns to the private pool
         if getattr(self, "ids_dev", None) is not None:
             self.be._release(self.ids_dev)
