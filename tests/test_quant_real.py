@@ -36,3 +36,4 @@ def test_gptq_int4_real_model(reference_model_dir, tmp_path):
     ppl = q["perplexity"]
     assert q["calibration"]["used_for"] == ["hessians"] and "hamlet" not in q["calibration"]["texts"]
     assert ppl["quant"]["hamlet"] <= ppl["float"]["hamlet"] * 1.25
+    assert q["tensors"]["model.embed_tokens.weight"]["method"] == "gptq"  # the tied table, by GPTQ as the head

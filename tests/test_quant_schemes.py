@@ -36,10 +36,13 @@ def test_vocabulary_tables_are_named_not_sized():
     assert schemes.is_vocabulary_table("model.language_model.embed_tokens.weight")
     assert not schemes.is_vocabulary_table("model.vision_tower.embeddings.position_embedding.weight")
     assert not schemes.is_vocabulary_table("model.layers.0.mlp.up_proj.weight")
-    # gptq never runs on a vocabulary table (no Hessian for an untied embedding; 10^5 rows for a head)
-    assert _method_for("gptq", "model.embed_tokens.weight") == "mse"
-    assert _method_for("gptq", "model.layers.0.mlp.up_proj.weight") == "gptq"
-    assert _method_for("rtn", "lm_head.weight") == "rtn"
+    # gptq runs on a vocabulary table only where it has a Hessian (a head, tied or not); an untied embedding is a
+    # lookup with no input Hessian and gets the mse search
+    with_head = {"hessians": {"model.embed_tokens.weight": None}}
+    assert _method_for("gptq", "model.embed_tokens.weight", {}) == "mse"
+    assert _method_for("gptq", "model.embed_tokens.weight", with_head) == "gptq"
+    assert _method_for("gptq", "model.layers.0.mlp.up_proj.weight", {}) == "gptq"
+    assert _method_for("rtn", "lm_head.weight", with_head) == "rtn"
 
 
 @pytest.mark.parametrize("embedding, message", [

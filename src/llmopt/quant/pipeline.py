@@ -73,9 +73,10 @@ def quantize_model(source_dir: Path, scheme: dict | str, out_dir: Path, model_en
                 report["tensors"][name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(shape),
                                            "bytes": t.numel() * t.element_size()}
             else:
-                t, rel = quantize_measured(w, spec, _method_for(base, name), importance=_diag(stats, "hessians", name),
-                                           hessian=(stats.get("hessians") or {}).get(name), name=name)
-                report["tensors"][name] = {"format": spec.label, "method": _method_for(base, name), **t.meta(),
+                t, rel = quantize_measured(w, spec, _method_for(base, name, stats), name=name,
+                                           importance=_diag(stats, "hessians", name),
+                                           hessian=(stats.get("hessians") or {}).get(name))
+                report["tensors"][name] = {"format": spec.label, "method": _method_for(base, name, stats), **t.meta(),
                                            "bytes": t.nbytes, "rel_error": rel}
                 if budget and name in budget["losses"]:  # vocabulary tables fixed by `embedding` have no choice
                     report["tensors"][name]["loss"] = budget["losses"][name]
@@ -183,10 +184,14 @@ def _calibrate(source_dir: Path, scheme: dict, plan: dict, real: bool) -> dict:
 _STATS_CACHE: dict = {}  # calibration statistics of the last model, reused by the next scheme in this process
 
 
-def _method_for(base: str, name: str) -> str:
-    """GPTQ's column-by-column update costs O(rows x in^2), vocabulary tables have 10^5 rows, and an untied
-    embedding has no input Hessian at all: as in common GPTQ practice those get the imatrix-weighted mse search."""
-    return "mse" if base == "gptq" and schemes.is_vocabulary_table(name) else base
+def _method_for(base: str, name: str, stats: dict) -> str:
+    """An untied token embedding has no input Hessian (it is a lookup, not a matmul), so under GPTQ it gets the
+    mse search. A tied embedding/head and an untied head have one, the final-norm hidden states' ``X^T X``
+    (``calibration.input_hessians``), and get GPTQ as the output head; the tied table is also read as the input
+    embedding, where GPTQ's output-error objective does not apply (docs/benchmarks.md measures the net effect)."""
+    if base == "gptq" and schemes.is_vocabulary_table(name) and name not in (stats.get("hessians") or {}):
+        return "mse"
+    return base
 
 
 def _diag(stats: dict, key: str, name: str) -> torch.Tensor | None:
@@ -217,7 +222,7 @@ def _choose_mixed(index: dict, scheme: dict, plan: dict, stats: dict, model_entr
                 row_c.append(budget_b + 1)  # never affordable
                 row_l.append(float("inf"))
                 continue
-            qt = quantize(w, spec, _method_for(scheme["base"], name), importance=_diag(stats, "hessians", name),
+            qt = quantize(w, spec, _method_for(scheme["base"], name, stats), importance=_diag(stats, "hessians", name),
                           hessian=(stats.get("hessians") or {}).get(name), name=name)
             row_c.append(qt.nbytes)
             row_l.append(tensor_loss(w, qt, kind, (stats.get("fisher") or {}).get(name),
