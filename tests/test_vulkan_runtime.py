@@ -222,18 +222,13 @@ def test_runs_clean_under_validation_layer(tmp_path):
     assert not messages, "\n".join(messages[:20])
 
 
-def test_replay_resubmits_the_last_step_and_profiles_kernels():
+def test_profile_times_each_kernel():
     be = vulkan.VulkanBackend(profile=True)
     try:
         a = be.from_host(torch.arange(10.0).view(1, 1, 10))
         out = be.add(a, a)
         assert torch.equal(be.to_host(out).view(-1), 2 * torch.arange(10.0))
         assert be.kernel_times()["add"][1] == 1  # one timestamped dispatch
-        assert be.dev.replay(3) > 0
-        assert torch.equal(be.to_host(out).view(-1), 2 * torch.arange(10.0))  # same work, same result
-        be.add(a, a)  # new recording: the old one can no longer be replayed
-        with pytest.raises(LlmoptError, match="nothing flushed to replay"):
-            be.dev.replay(1)
     finally:
         be.close()
 

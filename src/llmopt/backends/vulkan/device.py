@@ -9,7 +9,6 @@ wrappers are used only for setup. Buffers are device-local; uploads go through a
 recorded into the same command buffer; readbacks through a host-visible (cached where offered) buffer.
 Pipelines are cached per (shader, specialization constants) and descriptor sets per (pipeline, bindings).
 With ``profile=True`` a timestamp is written after every dispatch and ``kernel_times`` sums them per kernel;
-``replay(n)`` resubmits the last command buffer (a whole decode step) to time it without Python in the loop.
 ``begin_recording``/``end_recording`` keep a command buffer for good (a ``Recording``) and ``submit`` runs a
 sequence of them per call, waited for or not (``llmopt.backends.vulkan.recording``): the replayed decode step
 (``llmopt.backends.vulkan.replay``) is one.
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -475,10 +473,9 @@ class Device(Recordings):
             return
         if self.capturing:
             raise LlmoptError("internal: a recording was begun without begin_recording")
-        self._replayable = False
         vk = self.vk
-        # begin resets the previous recording (pool flag RESET); simultaneous use lets replay() queue it repeatedly
-        vk.vkBeginCommandBuffer(self.cmd, vk.VkCommandBufferBeginInfo(flags=vk.VK_COMMAND_BUFFER_USAGE_SIMULTANEOUS_USE_BIT))
+        # begin resets the previous recording (pool flag RESET)
+        vk.vkBeginCommandBuffer(self.cmd, vk.VkCommandBufferBeginInfo(flags=vk.VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT))
         self.recording = True
         self._last_stage = "any"  # after any submission still in flight (Device.submit(..., wait=False))
         if self.profile:
@@ -504,27 +501,9 @@ class Device(Recordings):
             raise LlmoptError(f"Vulkan device '{self.info['name']}' failed while running queued work ({type(err).__name__})") from None
         vk.vkResetFences(self.device, 1, [self.fence])
         self.staging_used = 0
-        self._replayable = True
         self._free_deferred()
         if self.profile:
             self._collect_timestamps()
-
-    def replay(self, times: int) -> float:
-        """Submit the last flushed command buffer again ``times`` times back to back; seconds per replay.
-
-        For timing only: the replays repeat the same work on the same data (the staging arena still holds the
-        uploads of that recording, so nothing may be recorded in between)."""
-        if self.recording or not getattr(self, "_replayable", False):
-            raise LlmoptError("replay: nothing flushed to replay, or new work was recorded since")
-        vk = self.vk
-        submit = vk.VkSubmitInfo(commandBufferCount=1, pCommandBuffers=[self.cmd])
-        t0 = time.perf_counter()
-        for i in range(times):
-            vk.vkQueueSubmit(self.queue, 1, [submit], self.fence if i == times - 1 else None)
-        vk.vkWaitForFences(self.device, 1, [self.fence], vk.VK_TRUE, 2**63 - 1)
-        seconds = (time.perf_counter() - t0) / times
-        vk.vkResetFences(self.device, 1, [self.fence])
-        return seconds
 
     def _collect_timestamps(self) -> None:
         n = len(self._stamps)
