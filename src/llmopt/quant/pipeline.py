@@ -73,10 +73,10 @@ def quantize_model(source_dir: Path, scheme: dict | str, out_dir: Path, model_en
                 report["tensors"][name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(shape),
                                            "bytes": t.numel() * t.element_size()}
             else:
-                t, rel = quantize_measured(w, spec, _method_for(base, name, stats), name=name,
-                                           importance=_diag(stats, "hessians", name),
+                method = _method_for(base, name, stats)
+                t, rel = quantize_measured(w, spec, method, name=name, importance=_diag(stats, "hessians", name),
                                            hessian=(stats.get("hessians") or {}).get(name))
-                report["tensors"][name] = {"format": spec.label, "method": _method_for(base, name, stats), **t.meta(),
+                report["tensors"][name] = {"format": spec.label, "method": method, **t.meta(),
                                            "bytes": t.nbytes, "rel_error": rel}
                 if budget and name in budget["losses"]:  # vocabulary tables fixed by `embedding` have no choice
                     report["tensors"][name]["loss"] = budget["losses"][name]
