@@ -62,12 +62,16 @@ MODELS = {
 # equals the int4 weights' at 8 rows)
 SWEEP = [(128, 8, 0, 0), (128, 16, 0, 0), (128, 8, 0, 1), (128, 16, 0, 1), (128, 32, 0, 1), (256, 16, 0, 1),
          (64, 16, 0, 1), (64, 32, 0, 1)]
-# end-to-end variants (wg, rows, wg_reduce, matvec_min_groups, matvec_split), each timed on the same loaded model
-# (wg, rows, wg_reduce, matvec_min_groups, matvec_split, matvec_int_dot, fuse_linears): the old default first, then
-# fused q/k/v and gate/up, then the int-dot mat-vec on top
-VARIANTS = [(128, 8, 1024, 1024, 0, 0, 0, 128), (128, 16, 1024, 256, 0, 1, 1, 128), (128, 16, 1024, 256, 0, 1, 1, 256),
-            (128, 8, 1024, 256, 0, 1, 1, 256), (128, 32, 1024, 256, 0, 1, 1, 256)]
-VARIANT_KEYS = ("wg", "rows", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
+# end-to-end variants: VulkanBackend attributes set over this device's defaults (compile.device_config), each timed
+# on the same loaded model. "before" is the configuration of the start of the 2026-11-26 session (float mat-vec,
+# separate q/k/v and gate/up, rows 8); a change under test adds a variant naming only what it changes.
+VARIANTS = [
+    {"name": "default"},
+    {"name": "before", "rows_per_wg": 8, "matvec_min_groups": 1024, "matvec_int_dot": False, "fuse_linears": False,
+     "matvec_wg_max": 128},
+    {"name": "wg_max 128", "matvec_wg_max": 128},
+]
+VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
                 "matvec_wg_max")
 
 
@@ -188,9 +192,10 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
         be.synchronize()
         token = logits.argmax(-1)
         runs = []
-        for wg, rows, wg_reduce, min_groups, split, int_dot, fuse, wg_max in variants:
-            be.wg, be.rows_per_wg, be.wg_reduce, be.matvec_min_groups, be.matvec_split = wg, rows, wg_reduce, min_groups, split
-            be.matvec_int_dot, be.fuse_linears, be.matvec_wg_max = bool(int_dot), bool(fuse), wg_max
+        defaults = {key: getattr(be, key) for key in VARIANT_KEYS}
+        for variant in variants:
+            for key in VARIANT_KEYS:
+                setattr(be, key, variant.get(key, defaults[key]))
             decoder = be.replay_decoder(model, replay_state)  # recorded with this variant's pipelines
             walls, gpus, replayed, same = [], [], [], []
             for _ in range(steps + 2):
@@ -222,8 +227,7 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
             check["flight_same_tokens"] = bool(torch.equal(eager, flight))
             token = flight[-1:]
             decoder.close()
-            runs.append({"wg": wg, "rows": rows, "wg_reduce": wg_reduce, "matvec_min_groups": min_groups, "matvec_split": split,
-                         "matvec_int_dot": int_dot, "fuse_linears": fuse, "matvec_wg_max": wg_max,
+            runs.append({"name": variant["name"], **{key: getattr(be, key) for key in VARIANT_KEYS},
                          "wall_ms": statistics.median(walls) * 1e3, "wall_ms_spread": [min(walls) * 1e3, max(walls) * 1e3],
                          "replayed_wall_ms": statistics.median(replayed) * 1e3,
                          "replayed_wall_ms_spread": [min(replayed) * 1e3, max(replayed) * 1e3],
@@ -231,8 +235,7 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
                          "replay_ms": replay_ms, "replays_timed": n, "replay_vs_eager": check,
                          "gpu_ms": statistics.median(gpus), "gpu_ms_spread": [min(gpus), max(gpus)],
                          "last_step_kernels_ms": {k: round(v, 4) for k, (v, _) in be.kernel_times().items()}})
-            print(f"    variant wg={wg} rows={rows} wg_reduce={wg_reduce} min_groups={min_groups} split={split} "
-                  f"int_dot={int_dot} fuse={fuse} wg_max={wg_max}: "
+            print(f"    variant {variant['name']} ({', '.join(f'{k}={getattr(be, k)}' for k in VARIANT_KEYS)}): "
                   f"wall eager {runs[-1]['wall_ms']:.2f} ms, replayed {runs[-1]['replayed_wall_ms']:.2f} ms, "
                   f"replayed 2 in flight {flight_ms:.2f} ms; "
                   f"GPU: eager kernels {runs[-1]['gpu_ms']:.2f} ms, replayed back to back {replay_ms:.2f} ms; "
@@ -349,7 +352,6 @@ def main(argv=None) -> int:
         result["copy_gbps"] = copy_bandwidth(be, args.copy_mib << 20)
         ceiling_bw = max(result["copy_gbps"].values())
         print("copy bandwidth (read+write): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in result["copy_gbps"].items()))
-        here = (be.wg, be.rows_per_wg, be.wg_reduce, be.matvec_min_groups, be.matvec_split)  # this device's defaults
         if not args.no_sweep:
             h = args.sweep_hidden
             f, v = h * 37 // 7 // 128 * 128, args.vocab or 152064
@@ -357,9 +359,10 @@ def main(argv=None) -> int:
                       "q+k+v fused": (h + 1024, h), "gate+up fused": (2 * f, h)}
             result["matvec"] = matvec_sweep(be, shapes, np.random.default_rng(1), [c for c in SWEEP if idot_ok or not c[3]],
                                            args.sweep_reps, args.sweep_rounds)
-        variants = VARIANTS if be.probe["device"]["type"] != "cpu" else [(*here, 0, 0, here[0]), (*here, 0, 1, here[0]),
-                                                                           (*here, 1, 1, here[0])]
-        variants = [v for v in variants if idot_ok or not v[5]]
+        # lavapipe: this device's defaults, and the int-dot path it does not pick by itself
+        variants = VARIANTS if be.probe["device"]["type"] != "cpu" else [{"name": "default"},
+                                                                           {"name": "int-dot", "matvec_int_dot": True}]
+        variants = [v for v in variants if idot_ok or not v.get("matvec_int_dot", be.matvec_int_dot)]
         result["decode"] = []
         for name in args.models:
             overrides = {key: value for key, value in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab),
