@@ -10,9 +10,9 @@
    timed by timestamp queries, counting bytes read plus written (the usual "copy bandwidth"); the larger of
    the two is the ceiling the rest is compared with.
 2. int4 mat-vec (group 128, fp16 scales) on the decode shapes of Qwen2.5-7B (and its fused q+k+v, gate+up), each
-   workgroup-size/rows/set-size specialization of the float and the int-dot shader (SWEEP, side by side; errors
-   against float64 references of plain x and, for int-dot, of x quantized as the shader does): weight bytes read
-   per second, against the copy bandwidth. Four weight copies rotate so the
+   workgroup-size/rows/set-size specialization of the float and the int-dot shader, the latter quantizing float x
+   itself or reading the x8 rows a norm wrote (SWEEP, side by side; errors against float64 references of plain x
+   and, for int-dot, of x quantized as the shader does): weight bytes read per second, against the copy bandwidth. Four weight copies rotate so the
    L2 cache cannot serve repeats; configurations are taken round-robin and the fastest round kept (clocks drift).
 3. Decode at batch 1 through the engine (``llmopt.engine.Model`` on ``VulkanBackend``) for full-scale
    synthetic Qwen2.5-7B and Gemma 2 9B with random int4 weights made here (nothing large is shipped), greedy,
@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -57,11 +58,11 @@ MODELS = {
                    "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
                    "max_position_embeddings": 8192},
 }
-# mat-vec specializations (wg, rows a set, invocations a set, int-dot), float (0) and int-dot (1) side by side
-# (more rows a workgroup: x is read and quantized once for more weight bytes; x's float32 traffic per workgroup
-# equals the int4 weights' at 8 rows)
-SWEEP = [(128, 8, 0, 0), (128, 16, 0, 0), (128, 8, 0, 1), (128, 16, 0, 1), (128, 32, 0, 1), (256, 16, 0, 1),
-         (64, 16, 0, 1), (64, 32, 0, 1)]
+# mat-vec specializations (wg, rows a set, invocations a set, int-dot, x8 rows), side by side: the float path, the
+# int-dot path quantizing float x in every workgroup (x's float32 traffic per workgroup equals the int4 weights'
+# at 8 rows) and the int-dot path reading x8 rows a norm wrote (40 bytes a 32-value chunk instead of 128)
+SWEEP = [(128, 16, 0, 1, 0), (64, 16, 0, 1, 0), (128, 16, 0, 1, 1), (64, 8, 0, 1, 1), (32, 4, 0, 1, 1),
+         (64, 4, 0, 1, 1), (128, 4, 0, 1, 1), (64, 2, 0, 1, 1)]
 # end-to-end variants: VulkanBackend attributes set over this device's defaults (compile.device_config), each timed
 # on the same loaded model. "before" is the configuration of the start of the 2026-11-26 session (float mat-vec,
 # separate q/k/v and gate/up, rows 8); a change under test adds a variant naming only what it changes.
@@ -70,9 +71,26 @@ VARIANTS = [
     {"name": "before", "rows_per_wg": 8, "matvec_min_groups": 1024, "matvec_int_dot": False, "fuse_linears": False,
      "matvec_wg_max": 128},
     {"name": "wg_max 128", "matvec_wg_max": 128},
+    # decode attention: rope(q), rope(k), kv_store, attention as before; the fused dispatch with other chunk floors
+    # (256: one split a KV head up to 256 slots) and workgroup sizes
+    {"name": "unfused attention", "fuse_rope_attention": False},
+    {"name": "attn chunk 64", "attn_chunk_min": 64},
+    {"name": "attn chunk 16", "attn_chunk_min": 16, "attn_split_target": 512},
+    {"name": "attn chunk 256", "attn_chunk_min": 256},
+    {"name": "attn wg 256", "attn_wg": 256},
+    {"name": "attn wg 512", "attn_wg": 512},
+    # the mat-vec (2026-11-26, later session): x8 rows (x as int8, written by the norms and gated_act) with wg 64 and
+    # rows 4 are the GPU default now; the configuration before them, each part alone, and the gated gate/up epilogue
+    {"name": "previous default", "matvec_x_q8": False, "wg": 128, "rows_per_wg": 16},
+    {"name": "no x8 rows", "matvec_x_q8": False},
+    {"name": "rows 8", "rows_per_wg": 8},
+    {"name": "gated", "fuse_gated_act": True},
+    {"name": "long rows 16, wg_max 128", "matvec_long_rows": 16, "matvec_wg_max": 128},  # the down projection at 128/16
+    {"name": "default again"},  # the first variant repeated last: the run's drift (KV length, clocks)
 ]
 VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
-                "matvec_wg_max")
+                "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
+                "matvec_x_q8", "fuse_gated_act", "matvec_long_rows")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:
@@ -122,42 +140,77 @@ def matvec_sweep(be: VulkanBackend, shapes: dict, rng, configs, reps: int = 50, 
     than at its start (clocks settling), which ranks configurations by their place in the list.
     """
     rows = []
+    saved = (be.matvec_int_dot, be.matvec_x_q8, be.matvec_wg_max, be.wg, be.rows_per_wg, be.matvec_split,
+             be.matvec_min_groups)
     for label, shape in shapes.items():
         copies = [random_int4(shape, rng) for _ in range(4)]
         weights = [be.linear_weight(label, w) for w in copies]
         wbytes = copies[0].nbytes
-        x = be.from_host(torch.randn(1, 1, shape[1]))
+        be.matvec_int_dot = be.matvec_x_q8 = True  # x from a norm, with x8 rows (used by the configs that say so)
+        x8 = be.rmsnorm(be.from_host(torch.randn(1, 1, shape[1])), be.param("norm", torch.ones(shape[1])), 1e-6, False)
+        xh = be.to_host(x8)
+        x = be.from_host(xh)  # the same values, float only
         w64 = copies[0].dequantize(torch.float64)
-        ref, ref_x8 = (xr @ w64.T for xr in (be.to_host(x)[0].double(), int8_chunks(be.to_host(x)[0])))
+        ref, ref_x8 = (xr @ w64.T for xr in (xh[0].double(), int8_chunks(xh[0])))
         be.matvec_min_groups = 1  # measure each configuration as given
         times, errs = {cfg: [] for cfg in configs}, {}
         for _ in range(rounds):
             for cfg in configs:
-                be.wg, be.rows_per_wg, be.matvec_split, be.matvec_int_dot = cfg
+                be.wg, be.rows_per_wg, be.matvec_split, be.matvec_int_dot, with_x8 = cfg
+                be.matvec_wg_max = be.wg
+                xin = x8 if with_x8 else x
                 if cfg not in errs:  # int-dot: against x quantized as the shader does, and against plain x
-                    out = be.to_host(be.linear(x, weights[0]))[0].double()
+                    out = be.to_host(be.linear(xin, weights[0]))[0].double()
                     errs[cfg] = [float((out - r).norm() / r.norm()) for r in ((ref_x8 if cfg[3] else ref), ref)]
                 for _ in range(reps):  # warm-up: pipeline creation, then enough back-to-back work to raise clocks
                     for w in weights:
-                        be.linear(x, w)
+                        be.linear(xin, w)
                 be.synchronize()
                 reset_times(be)
                 for _ in range(reps):
                     for w in weights:
-                        be.linear(x, w)
+                        be.linear(xin, w)
                 be.synchronize()
                 kernel = "matvec_quant_idot" if cfg[3] else "matvec_quant"
                 times[cfg].append(be.dev.kernel_times[kernel] / be.dev.kernel_counts[kernel])
-        for (wg, rpw, split, idot), ms_all in times.items():
-            ms, (err, err_plain) = min(ms_all), errs[(wg, rpw, split, idot)]
+        for (wg, rpw, split, idot, with_x8), ms_all in times.items():
+            ms, (err, err_plain) = min(ms_all), errs[(wg, rpw, split, idot, with_x8)]
             rows.append({"shape": label, "n": shape[0], "k": shape[1], "wg": wg, "rows": rpw, "split": split,
-                         "int_dot": idot, "ms": ms, "ms_rounds": ms_all, "gbps": wbytes / (ms * 1e-3) / 1e9,
+                         "int_dot": idot, "x8": with_x8, "ms": ms, "ms_rounds": ms_all, "gbps": wbytes / (ms * 1e-3) / 1e9,
                          "rel_err": err, "rel_err_vs_plain_x": err_plain})
-            print(f"  matvec {label:10s} wg={wg:3d} rows={rpw:2d} split={split:3d} {'int-dot' if idot else 'float  '}: "
+            kind = ("int-dot x8" if with_x8 else "int-dot   ") if idot else "float     "
+            print(f"  matvec {label:10s} wg={wg:3d} rows={rpw:2d} split={split:3d} {kind}: "
                   f"{ms * 1e3:7.1f} us (worst round {max(ms_all) * 1e3:7.1f})  {rows[-1]['gbps']:7.1f} GB/s  "
                   f"err {err:.1e} (vs plain x {err_plain:.1e})")
         del weights
+    be.matvec_int_dot, be.matvec_x_q8, be.matvec_wg_max = saved[:3]
+    be.wg, be.rows_per_wg, be.matvec_split, be.matvec_min_groups = saved[3:]
     return rows
+
+
+def replay_profile(be: VulkanBackend, model, state, token, n: int) -> dict:
+    """Per kernel name, ms and dispatches a replayed step: the step recorded with a timestamp after every dispatch
+    (``VulkanDecoder(profile=True)``), run once on a copy of ``state`` (``state`` itself does not advance; the
+    cache slot it writes is rewritten by the next real step before anything reads it), then replayed ``n`` times
+    after as many for warm-up, each replay waited for and its timestamps read."""
+    from llmopt.backends.vulkan.replay import VulkanDecoder
+
+    decoder = VulkanDecoder(model, state, profile=True)
+    try:
+        decoder.step(dataclasses.replace(state, valid=state.valid.clone(), next_pos=state.next_pos.clone()), token,
+                     greedy=True)
+        decoder.replay(n)
+        for rec in (decoder.loads[0], decoder.body, decoder.greedy_tails[0]):  # drop the first step's and warm-up's
+            rec.times.clear()
+            rec.counts.clear()
+        decoder.replay(n)
+        rows = {name: {"ms": ms / n, "dispatches": count // n} for name, (ms, count) in decoder.kernel_times().items()}
+    finally:
+        decoder.close()
+    total = sum(r["ms"] for r in rows.values())
+    print(f"      replayed step, {n} profiled replays: {total:.3f} ms of timestamps a step; " + ", ".join(
+        f"{name} {r['ms'] * 1e3:.0f} us/{r['dispatches']}" for name, r in rows.items()))
+    return {"steps": n, "total_ms": total, "kernels": rows}
 
 
 def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
@@ -227,6 +280,7 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
             check["flight_same_tokens"] = bool(torch.equal(eager, flight))
             token = flight[-1:]
             decoder.close()
+            profile = replay_profile(be, model, replay_state, token, steps)
             runs.append({"name": variant["name"], **{key: getattr(be, key) for key in VARIANT_KEYS},
                          "wall_ms": statistics.median(walls) * 1e3, "wall_ms_spread": [min(walls) * 1e3, max(walls) * 1e3],
                          "replayed_wall_ms": statistics.median(replayed) * 1e3,
@@ -234,7 +288,8 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
                          "flight_wall_ms": flight_ms,
                          "replay_ms": replay_ms, "replays_timed": n, "replay_vs_eager": check,
                          "gpu_ms": statistics.median(gpus), "gpu_ms_spread": [min(gpus), max(gpus)],
-                         "last_step_kernels_ms": {k: round(v, 4) for k, (v, _) in be.kernel_times().items()}})
+                         "last_step_kernels_ms": {k: round(v, 4) for k, (v, _) in be.kernel_times().items()},
+                         "replay_kernels": profile})
             print(f"    variant {variant['name']} ({', '.join(f'{k}={getattr(be, k)}' for k in VARIANT_KEYS)}): "
                   f"wall eager {runs[-1]['wall_ms']:.2f} ms, replayed {runs[-1]['replayed_wall_ms']:.2f} ms, "
                   f"replayed 2 in flight {flight_ms:.2f} ms; "
@@ -242,6 +297,8 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
                   f"replayed vs eager logits: max |diff| {check['max_abs_diff']:.1e}, "
                   f"same token {check['same_token']}, "
                   f"2 in flight same tokens {check['flight_same_tokens']}")
+        for key in VARIANT_KEYS:  # the next model starts from the device's defaults, not the last variant
+            setattr(be, key, defaults[key])
         del model, state, replay_state
     kv_bytes = 2 * args.n_layers * (prompt + len(variants) * (2 * steps + 3)) * args.n_kv_heads * args.head_dim * 4
     best = min(runs, key=lambda r: r["replayed_wall_ms"])
@@ -332,6 +389,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-rounds", type=int, default=3, help="round-robin rounds of the sweep (fastest kept)")
     p.add_argument("--sweep-hidden", type=int, default=3584,
                    help="hidden size of the sweep's shapes (FFN = hidden * 37 / 7, as Qwen2.5-7B; smaller for smoke runs)")
+    p.add_argument("--variants", nargs="+", choices=[v["name"] for v in VARIANTS],
+                   help="time only these VARIANTS (default: all on a GPU; default, int-dot, unfused attention on a CPU device)")
     p.add_argument("--kernel-dir", type=Path, help="SPIR-V from the compile stage (default: compile here with glslc)")
     p.add_argument("--real", type=Path, help="instead: a real model folder, decoded along --paths side by side")
     p.add_argument("--paths", nargs="+", default=list(REAL_PATHS), choices=REAL_PATHS,
@@ -361,7 +420,11 @@ def main(argv=None) -> int:
                                            args.sweep_reps, args.sweep_rounds)
         # lavapipe: this device's defaults, and the int-dot path it does not pick by itself
         variants = VARIANTS if be.probe["device"]["type"] != "cpu" else [{"name": "default"},
-                                                                           {"name": "int-dot", "matvec_int_dot": True}]
+                                                                           {"name": "int-dot", "matvec_int_dot": True},
+                                                                           {"name": "unfused attention",
+                                                                            "fuse_rope_attention": False}]
+        if args.variants:
+            variants = [v for v in VARIANTS if v["name"] in args.variants]
         variants = [v for v in variants if idot_ok or not v.get("matvec_int_dot", be.matvec_int_dot)]
         result["decode"] = []
         for name in args.models:

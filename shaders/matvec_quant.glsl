@@ -7,15 +7,22 @@
 // x, y), M in z. SPLIT = 32 (a set per subgroup) gives each invocation several chunks of its rows, more loads in
 // flight; on an H200 whole-workgroup sets in many small workgroups still measured faster (docs/benchmarks.md).
 // Either way a workgroup's rows are all reduced behind a single barrier.
-// USE_INT_DOT (defined to 1 by matvec_quant_idot.comp, its own SPIR-V): for 2-, 4- and 8-bit codes each
-// invocation quantizes its 32-value x chunk to int8 in registers (scale max|x| / 127, roundEven) and takes packed
-// 4x8-bit dot products (OpSDot) against the codes, masked out of each word byte-wise: for 4 bits
-// w & 0x0F0F0F0F holds codes 0,2,4,6 and (w >> 4) & 0x0F0F0F0F codes 1,3,5,7, so x's bytes are packed in that
-// order; 8-bit codes go in as signed bytes (w ^ 0x80808080 = code - 128, the 128 moved into the zero point).
-// Zero points use the chunk's integer sum of x. Per 16 bytes of int4 codes that is 8 dot products and 12 integer
-// ops a row instead of 32 int->float conversions and 32 shift/masks. 3-bit codes stay on the float path.
+// USE_INT_DOT (defined to 1 by matvec_quant_idot.comp, its own SPIR-V): for 2-, 4- and 8-bit codes x is int8 per
+// 32 values (x8.glsl) and each row chunk takes packed 4x8-bit dot products (OpSDot) against its codes, masked out
+// of each word byte-wise: for 4 bits w & 0x0F0F0F0F holds codes 0,2,4,6 and (w >> 4) & 0x0F0F0F0F codes 1,3,5,7,
+// which is the order x8.glsl packs x's bytes in; 8-bit codes go in as signed bytes (w ^ 0x80808080 = code - 128,
+// the 128 moved into the zero point). Zero points use the chunk's integer sum of x. Per 16 bytes of int4 codes
+// that is 8 dot products and 12 integer ops a row instead of 32 int->float conversions and 32 shift/masks. The
+// rows' code words (and scales) are loaded before x, so they are in flight while x is read and quantized. x comes
+// as float32 and each invocation quantizes its chunk in registers, or (X_Q8 = 1, 4-bit codes, K a multiple of 32)
+// already quantized by the op that produced it ("x8 rows", x8.glsl): 40 bytes a chunk instead of 128 and no
+// per-workgroup quantization. 3-bit codes stay on the float path.
 // Fused linears: rows of several weights concatenated into one, written to up to three outputs: global row R
 // (row0 + row) goes to y if R < seg1, to y1 if R < seg2, else to y2, each a plain [M, width] activation.
+// Gated (GATED = 1 + activation kind of act.glsl): the weight is [gate; up] (N rows each, up from row N on) and
+// y[m, o] = act(gate_o . x + b_o) * (up_o . x + b_{N+o}): a set's ROWS rows are ROWS / 2 gate rows and the
+// matching up rows, so the activation runs in the epilogue (one dispatch, no [2N] round trip). Dispatch:
+// ceil(2N / (ROWS * WG / SPLIT)) workgroups; ROWS even.
 #ifndef USE_INT_DOT
 #define USE_INT_DOT 0
 #endif
@@ -27,6 +34,7 @@ spirv_instruction(extensions = ["SPV_KHR_integer_dot_product"], capabilities = [
 int sdot4x8(int a, int b, spirv_literal int packed_format);
 #endif
 #include "common.glsl"
+#include "act.glsl"
 
 layout(constant_id = 1) const uint ROWS = 4;
 layout(constant_id = 2) const uint BITS = 4;
@@ -34,9 +42,15 @@ layout(constant_id = 3) const uint SCALE_BF16 = 0;
 layout(constant_id = 4) const uint HAS_ZEROS = 0;
 layout(constant_id = 5) const uint HAS_BIAS = 0;
 layout(constant_id = 6) const uint SPLIT = 0;  // invocations a row set: a power of two dividing WG; 0 means WG
+layout(constant_id = 7) const uint X_Q8 = 0;   // binding 0 holds x8 rows (int-dot, 4-bit codes, K % 32 == 0)
+layout(constant_id = 8) const uint GATED = 0;  // 1 + activation kind: gated epilogue over a [gate; up] weight
+
+#define X8_BITS BITS
+#include "x8.glsl"
 
 layout(std430, binding = 0) readonly buffer XBuf { float x[]; };
 layout(std430, binding = 0) readonly buffer X4Buf { vec4 x4[]; };   // the same x, 16-byte loads
+layout(std430, binding = 0) readonly buffer X8Buf { uvec4 x8[]; };  // X_Q8: x8 rows instead
 layout(std430, binding = 1) readonly buffer WBuf { uint w[]; };
 layout(std430, binding = 1) readonly buffer W4Buf { uvec4 w4[]; };  // the same codes, 16-byte loads
 layout(std430, binding = 2) readonly buffer SBuf { uint sc[]; };
@@ -48,7 +62,7 @@ layout(std430, binding = 7) writeonly buffer Y2Buf { float y2[]; };
 
 layout(push_constant) uniform Params {
     uint K;       // input features
-    uint N;       // rows in this weight piece
+    uint N;       // rows in this weight piece (gated: outputs, the gate rows)
     uint n_out;   // features of y (all pieces)
     uint row0;    // first output feature of this piece
     uint group;   // codes per scale
@@ -62,14 +76,24 @@ layout(push_constant) uniform Params {
 
 const uint SET = SPLIT == 0u ? WG : SPLIT;
 const uint SETS = WG / SET;
+const uint HALF = ROWS / 2u;
 shared float part[ROWS * WG];  // partial sums, row r of invocation t at part[r * WG + t]
+
+// Weight row of a set's row r; `first` is the set's first row (gated: counting gate and up rows, ROWS a set).
+// Rows past the end are clamped: computed and discarded.
+uint weight_row(uint first, uint r) {
+    if (GATED == 0u) return min(first + r, p.N - 1u);
+    const uint o = min(first / 2u + r % HALF, p.N - 1u);
+    return r < HALF ? o : p.N + o;
+}
 
 void main() {
     const uint tid = gl_LocalInvocationID.x;
     const uint lane = tid % SET;
     const uint first = (group_index() * SETS + tid / SET) * ROWS;
     const uint m = gl_WorkGroupID.z;
-    const uint xbase = (m * p.x_step + p.x_off) * p.K;
+    const uint xrow = m * p.x_step + p.x_off;
+    const uint xbase = xrow * p.K;
     const uint n_chunks = p.K / 32u;
     const uint row_words = p.K * BITS / 32u;
     const uint groups = p.K / p.group;
@@ -82,48 +106,51 @@ void main() {
         const uint xc = xbase + c * 32u;
         if (BITS == 32) {
             [[unroll]] for (uint r = 0; r < ROWS; ++r) {
-                const uint row = min(first + r, p.N - 1u);  // clamped rows are computed and discarded
+                const uint row = weight_row(first, r);
                 float d = 0.0;
                 [[unroll]] for (uint e = 0; e < 32u; ++e) d += uintBitsToFloat(w[row * p.K + c * 32u + e]) * x[xc + e];
                 acc[r] += d;
             }
             continue;
         }
-        vec4 xv[8];
-        float xsum = 0.0;
-        [[unroll]] for (uint i = 0; i < 8u; ++i) {
-            xv[i] = x4[(xc >> 2) + i];
-            xsum += dot(xv[i], vec4(1.0));
-        }
 #if USE_INT_DOT
         if (BITS != 3) {
-            // x chunk as int8: code k of a word's byte lane b after shift s is code s + SHIFTS * b (+ the word's
-            // first), so packed x word (i, s) holds q[i * PER_WORD + s + SHIFTS * b] in byte b.
-            const uint PER_WORD = 32u / BITS, SHIFTS = 8u / BITS;
             const uint LANES = BITS == 8u ? 0xFFFFFFFFu : (BITS == 4u ? 0x0F0F0F0Fu : 0x03030303u);
-            vec4 xa = abs(xv[0]);
-            [[unroll]] for (uint i = 1; i < 8u; ++i) xa = max(xa, abs(xv[i]));
-            const float amax = max(max(xa.x, xa.y), max(xa.z, xa.w));
-            const float inv = amax > 0.0 ? 127.0 / amax : 0.0;
-            int xq[8];
-            int qsum = 0;
-            [[unroll]] for (uint i = 0; i < BITS; ++i) [[unroll]] for (uint s = 0; s < SHIFTS; ++s) {
-                uint packed = 0u;
-                [[unroll]] for (uint b = 0; b < 4u; ++b) {
-                    const uint k = i * PER_WORD + s + SHIFTS * b;
-                    const int q = clamp(int(roundEven(xv[k / 4u][k % 4u] * inv)), -127, 127);
-                    qsum += q;
-                    packed |= uint(q & 0xFF) << (8u * b);
-                }
-                xq[i * SHIFTS + s] = int(packed);
-            }
-            const float xd = amax / 127.0;
+            const uint SHIFTS = 8u / BITS;
+            uvec4 wv[ROWS][2];  // the chunk's BITS code words of each row (2 bits: .xy of [0]; 8 bits: both)
+            float scale[ROWS], zero[ROWS];
             [[unroll]] for (uint r = 0; r < ROWS; ++r) {
-                const uint row = min(first + r, p.N - 1u);
+                const uint row = weight_row(first, r);
                 const uint wb = row * row_words + c * BITS;
+                if (BITS % 4u == 0u && rows_aligned) {
+                    wv[r][0] = w4[wb >> 2];
+                    if (BITS == 8u) wv[r][1] = w4[(wb >> 2) + 1u];
+                } else {
+                    [[unroll]] for (uint i = 0; i < BITS; ++i) wv[r][i / 4u][i % 4u] = w[wb + i];
+                }
+                const uint g = row * groups + (c * 32u) / p.group;
+                scale[r] = scale_at(g);
+                zero[r] = zero_at(g) - (BITS == 8u ? 128.0 : 0.0);
+            }
+            int xq[8];
+            float xd;
+            int qsum;
+            if (X_Q8 != 0u) {
+                const uint blk = xrow * x8_row_vec4s(p.K) + (c / 4u) * 10u;
+                const uvec4 lo = x8[blk + 2u * (c % 4u)], hi = x8[blk + 2u * (c % 4u) + 1u];
+                const uvec4 dq = x8[blk + 8u + (c % 4u) / 2u];
+                xq = int[8](int(lo.x), int(lo.y), int(lo.z), int(lo.w), int(hi.x), int(hi.y), int(hi.z), int(hi.w));
+                xd = uintBitsToFloat((c & 1u) == 0u ? dq.x : dq.z);
+                qsum = int((c & 1u) == 0u ? dq.y : dq.w);
+            } else {
+                vec4 xv[8];
+                [[unroll]] for (uint i = 0; i < 8u; ++i) xv[i] = x4[(xc >> 2) + i];
+                x8_quantize(xv, xq, xd, qsum);
+            }
+            [[unroll]] for (uint r = 0; r < ROWS; ++r) {
                 int d = 0;
                 [[unroll]] for (uint i = 0; i < BITS; ++i) {
-                    const uint wd = (BITS % 4u == 0u && rows_aligned) ? w4[(wb >> 2) + i / 4u][i % 4u] : w[wb + i];
+                    const uint wd = wv[r][i / 4u][i % 4u];
                     if (BITS == 8u) {
                         d += sdot4x8(int(wd ^ 0x80808080u), xq[i], 0);
                     } else {
@@ -131,15 +158,19 @@ void main() {
                             d += sdot4x8(int((wd >> (s * BITS)) & LANES), xq[i * SHIFTS + s], 0);
                     }
                 }
-                const uint g = row * groups + (c * 32u) / p.group;
-                const float zero = zero_at(g) - (BITS == 8u ? 128.0 : 0.0);
-                acc[r] += scale_at(g) * xd * (float(d) - zero * float(qsum));
+                acc[r] += scale[r] * xd * (float(d) - zero[r] * float(qsum));
             }
             continue;
         }
 #endif
+        vec4 xv[8];
+        float xsum = 0.0;
+        [[unroll]] for (uint i = 0; i < 8u; ++i) {
+            xv[i] = x4[(xc >> 2) + i];
+            xsum += dot(xv[i], vec4(1.0));
+        }
         [[unroll]] for (uint r = 0; r < ROWS; ++r) {
-            const uint row = min(first + r, p.N - 1u);
+            const uint row = weight_row(first, r);
             const uint wb = row * row_words + c * BITS;
             float d = 0.0;
             if (BITS == 3) {  // codes straddle words: 32 codes in 3 words
@@ -168,10 +199,10 @@ void main() {
             acc[r] += scale_at(g) * (d - zero_at(g) * xsum);
         }
     }
-    // Tail of a row that is not a multiple of 32 codes (only 2-, 4- and 8-bit rows can have one).
-    for (uint j = n_chunks * 32u + lane; j < p.K; j += SET) {
+    // Tail of a row that is not a multiple of 32 codes (only 2-, 4- and 8-bit rows can have one; never x8 rows).
+    for (uint j = n_chunks * 32u + lane; X_Q8 == 0u && j < p.K; j += SET) {
         const float xj = x[xbase + j];
-        [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] += weight_at(min(first + r, p.N - 1u), j, p.K, p.group) * xj;
+        [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] += weight_at(weight_row(first, r), j, p.K, p.group) * xj;
     }
 
     // One barrier for all rows: each subgroup's sums (or, without subgroups, each invocation's) go to `part`,
@@ -186,6 +217,22 @@ void main() {
 #endif
     if (tid % stride == 0u) [[unroll]] for (uint r = 0; r < ROWS; ++r) part[r * WG + tid] = acc[r];
     barrier();
+    if (GATED != 0u) {  // invocation r + HALF * set: output of gate row r and up row r + HALF of its set
+        for (uint o = tid; o < HALF * SETS; o += WG) {
+            const uint r = o % HALF, set = o / HALF;
+            float sg = 0.0, su = 0.0;
+            for (uint j = set * SET; j < (set + 1u) * SET; j += stride) {
+                sg += part[r * WG + j];
+                su += part[(r + HALF) * WG + j];
+            }
+            const uint out_row = (group_index() * SETS + set) * HALF + r;
+            if (out_row >= p.N) continue;
+            sg += HAS_BIAS != 0 ? bias[out_row] : 0.0;
+            su += HAS_BIAS != 0 ? bias[p.N + out_row] : 0.0;
+            y[m * p.N + out_row] = activation(sg, GATED - 1u) * su;
+        }
+        return;
+    }
     for (uint o = tid; o < ROWS * SETS; o += WG) {
         const uint r = o % ROWS, set = o / ROWS;
         float s = 0.0;

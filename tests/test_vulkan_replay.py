@@ -259,7 +259,7 @@ def test_recording_is_isolated_and_freed(be, tmp_path):
     assert a.decode_path == "replayed" and b.decode_path.startswith("eager")
 
     def kv(state):
-        return sum(c.nbytes for cache in state.caches.values() for c in cache.k + cache.v)
+        return sum(c.nbytes for cache in state.caches.values() for c in cache.k + cache.v + [cache.counters])
 
     dev, kv_a, kv_b = be.dev, kv(a), kv(b)
     sets = sum(len(p.descriptor_sets) for p in dev.pipelines.values())

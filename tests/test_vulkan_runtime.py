@@ -1,7 +1,7 @@
 """The Vulkan compile stage and runtime: incremental rebuilds, stale/missing SPIR-V, absent device, out of memory,
 the no-subgroup variant, submissions in flight (waited for later), and a run under the Khronos validation layer
-(synchronization validation on; greedy decoding with two replayed steps in flight included) that must print no
-message.
+(synchronization validation on; greedy decoding with two replayed steps in flight, the fused decode attention split
+over the context and a profiled replayed step included) that must print no message.
 
 The validation layer comes from Debian's ``vulkan-validationlayers`` extracted (not installed) to
 ``~/.cache/llmopt/vulkan-validationlayers`` (or ``$LLMOPT_VK_VALIDATION_DIR``):
@@ -182,6 +182,15 @@ assert stop.finish[0] == "stop", (greedy.tokens, stop.tokens)
 assert stop.tokens[0] == greedy.tokens[0][:len(stop.tokens[0])], (greedy.tokens, stop.tokens)
 print("tokens", stop.tokens, stop.finish)
 assert any(f is not None for _, f in be._fused.values())  # q/k/v and gate/up ran as fused dispatches
+be.attn_chunk_min, be.attn_split_target = 2, 64  # fused decode attention over several chunks, combined on the device
+print("tokens", model.generate([[5, 6, 7, 8, 9, 10, 11], [8, 9]], max_new_tokens=5, stop_ids=[]).tokens)
+from llmopt.backends.vulkan.replay import VulkanDecoder
+logits, state = model.prefill(torch.tensor([[5, 6, 7, 8, 9]]), max_len=9)
+dec = VulkanDecoder(model, state, profile=True)  # timestamps and a query-pool reset inside the recording
+dec.step(state, logits.argmax(-1), greedy=True)
+dec.replay(2)
+assert dec.kernel_times()["rope_attention"][1] == 3 * cfg.num_hidden_layers
+dec.close()
 for bits in (2, 3, 4, 8):  # every packed width, decode and prefill kernels
     codes = torch.randint(0, 2**bits, (24, 64), dtype=torch.int32).to(torch.uint8)
     qt = QuantizedTensor(pack_bits(codes, bits), torch.rand(24, 2).half(), torch.rand(24, 2).half(), bits, 32, (24, 64))

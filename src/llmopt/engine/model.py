@@ -206,14 +206,13 @@ class Model:
         if a.qk_norm:
             q = be.rmsnorm(q, w["q_norm"], a.norm_eps, a.norm_unit_offset, group=a.head_dim)
             k = be.rmsnorm(k, w["k_norm"], a.norm_eps, a.norm_unit_offset, group=a.head_dim)
-        q, k = be.rope(q, *rope, a.head_dim), be.rope(k, *rope, a.head_dim)
         cache = state.caches[self.layer_dev[i]]
-        attn = be.attention(q, k, v, cache, self.local_index[i], state.start, valid, spec)
+        attn = _rope_attention(be, q, k, v, rope, a.head_dim, cache, self.local_index[i], state.start, valid, spec)
         h = be.linear(attn, w["o"])
         if a.sandwich_norm:
             h = be.rmsnorm(h, w["post_attn_norm"], a.norm_eps, a.norm_unit_offset)
         x, h = _add_rmsnorm(be, x, h, w["ffn_norm"], a.norm_eps, a.norm_unit_offset)
-        h = be.linear(be.gated_act(*_linears(be, h, (w["gate"], w["up"])), a.act), w["down"])
+        h = be.linear(_gated_linears(be, h, w["gate"], w["up"], a.act), w["down"])
         if a.sandwich_norm:
             h = be.rmsnorm(h, w["post_ffn_norm"], a.norm_eps, a.norm_unit_offset)
         if next_norm is not None:
@@ -359,6 +358,21 @@ def _linears(be: Backend, x, weights: tuple) -> tuple:
     """Several projections of one input; a backend offering ``linears`` may run them as one fused matmul."""
     fused = getattr(be, "linears", None)
     return fused(x, weights) if fused is not None else tuple(be.linear(x, w) for w in weights)
+
+
+def _rope_attention(be: Backend, q, k, v, rope: tuple, head_dim: int, cache, layer: int, start: int, valid, spec):
+    """RoPE on q and k, then attention; a backend offering ``rope_attention`` may do both (and its KV store) in one op."""
+    fused = getattr(be, "rope_attention", None)
+    if fused is not None:
+        return fused(q, k, v, *rope, head_dim, cache, layer, start, valid, spec)
+    q, k = be.rope(q, *rope, head_dim), be.rope(k, *rope, head_dim)
+    return be.attention(q, k, v, cache, layer, start, valid, spec)
+
+
+def _gated_linears(be: Backend, x, gate, up, kind: str):
+    """``act(x gate^T) * (x up^T)``; a backend offering ``gated_linears`` may apply the activation inside the matmul."""
+    fused = getattr(be, "gated_linears", None)
+    return fused(x, gate, up, kind) if fused is not None else be.gated_act(*_linears(be, x, (gate, up)), kind)
 
 
 def _add_rmsnorm(be: Backend, x, h, weight, eps: float, unit_offset: bool) -> tuple:

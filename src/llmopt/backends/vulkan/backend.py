@@ -12,10 +12,13 @@ format on the device (int2/3/4/8 codes as 32-bit words, fp16/bf16 scales); a wei
 device's storage-buffer range is split into row pieces, one dispatch each. ``linears`` runs q/k/v (and gate/up)
 as one mat-vec over their rows concatenated on the device; where the probe says packed 4x8-bit integer dot
 products are accelerated, int2/4/8 mat-vecs run ``matvec_quant_idot`` (x quantized to int8 per 32 values,
-``int8_chunks`` is its reference). The KV cache lives on the device
-(``kv_store`` writes each step's keys and values; sliding-window layers keep every slot and attend to the last
-``window``). Host tables (RoPE cos/sin, masks, token ids) are uploaded once per submission and reused by every
-layer that passes the same tensor. ``replay_decoder`` records a model's whole decode step once and replays it per
+``int8_chunks`` is its reference); with ``matvec_x_q8`` the ops that feed them at decode (rmsnorm, add_rmsnorm,
+gated_act) also write their output so quantized (``VkAct.q8``, ``shaders/x8.glsl``), which int4 mat-vecs read
+instead of quantizing x in every workgroup. ``gated_linears`` (``fuse_gated_act``) runs gate/up and the gated
+activation as one mat-vec. The KV cache (on the device), RoPE and attention come from
+``llmopt.backends.vulkan.attention`` (``AttentionOps``; a decode step's RoPE, K/V store and attention are one
+dispatch, ``rope_attention``). Host tables (RoPE cos/sin, masks, token ids) are uploaded once per submission and
+reused by every layer that passes the same tensor. ``replay_decoder`` records a model's whole decode step once and replays it per
 token (``llmopt.backends.vulkan.replay``; ``Model.decode_step`` uses it by itself); ``add_rmsnorm`` fuses the
 residual add with the norm after it.
 """
@@ -25,14 +28,15 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llmopt.backends.base import AttnSpec, Backend, KVCache
+from llmopt.backends.base import Backend
 from llmopt.backends.vulkan import compile as vk_compile
+from llmopt.backends.vulkan.attention import AttentionOps
 from llmopt.backends.vulkan.device import Buffer, Device, pack_push, probe
 from llmopt.errors import LlmoptError
 from llmopt.quant.format import QuantizedTensor
@@ -40,7 +44,6 @@ from llmopt.quant.format import QuantizedTensor
 MAX_GROUPS = 65535  # workgroups per grid dimension every device supports; wider grids fold into y
 MATVEC_MAX_M = 8  # up to this many input rows the weights are streamed once per row (decode); beyond, tiled matmul
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "quick_gelu": 3}
-MAX_HEAD_DIM = 256  # attention.comp's shared query buffer
 ROW_SHADERS = {"rmsnorm", "add_rmsnorm", "layernorm", "attention", "argmax"}  # one workgroup a row/head: sized by wg_reduce
 
 
@@ -58,12 +61,13 @@ def int8_chunks(x: torch.Tensor) -> torch.Tensor:
 
 
 class VkAct:
-    """A float32 activation ``shape`` on the device; its buffer goes back to the pool when dropped."""
+    """A float32 activation ``shape`` on the device; its buffer goes back to the pool when dropped. ``q8``: the
+    same values as int8 per 32 (``shaders/x8.glsl``'s x8 rows), where the op that made it wrote them too."""
 
-    __slots__ = ("backend", "buf", "shape")
+    __slots__ = ("backend", "buf", "shape", "q8")
 
-    def __init__(self, backend: "VulkanBackend", buf: Buffer, shape: tuple[int, ...]):
-        self.backend, self.buf, self.shape = backend, buf, tuple(int(s) for s in shape)
+    def __init__(self, backend: "VulkanBackend", buf: Buffer, shape: tuple[int, ...], q8: Buffer | None = None):
+        self.backend, self.buf, self.shape, self.q8 = backend, buf, tuple(int(s) for s in shape), q8
 
     @property
     def rows(self) -> int:
@@ -75,6 +79,8 @@ class VkAct:
 
     def __del__(self):
         self.backend._release(self.buf)
+        if self.q8 is not None:
+            self.backend._release(self.q8)
 
     def __repr__(self) -> str:
         return f"VkAct{list(self.shape)}"
@@ -111,26 +117,7 @@ class VkWeight:
         return sum(r[2] for p in self.pieces for r in (p.w, p.s, p.z) if r) + (self.bias.nbytes if self.bias else 0)
 
 
-@dataclass
-class VkKVCache(KVCache):
-    """Per-layer key and value buffers ``[B, max_len, n_kv * head_dim]`` on the device, freed with the cache."""
-
-    batch: int
-    max_len: int
-    n_kv: int
-    head_dim: int
-    windows: list
-    k: list = field(default_factory=list)
-    v: list = field(default_factory=list)
-    device: Device | None = field(default=None, repr=False)
-
-    def __del__(self):
-        if self.device is not None:
-            for buf in self.k + self.v:
-                self.device.free(buf)
-
-
-class VulkanBackend(Backend):
+class VulkanBackend(AttentionOps, Backend):
     name = "vulkan"
 
     def __init__(self, kernel_dir: str | Path | None = None, profile: bool = False):
@@ -151,7 +138,11 @@ class VulkanBackend(Backend):
         self.matvec_split = int(spec.get("matvec_split", 0))
         self.matvec_wg_max = int(spec.get("matvec_wg_max", self.wg))
         self.matvec_int_dot = bool(spec.get("matvec_int_dot", 0))  # int2/4/8 mat-vecs through matvec_quant_idot
+        self.matvec_x_q8 = bool(spec.get("matvec_x_q8", 0))  # norms feeding int-dot mat-vecs also write x as int8
+        self.matvec_long_rows = int(spec.get("matvec_long_rows", 0))  # rows a workgroup where long rows widen it
         self.fuse_linears = True
+        self.fuse_gated_act = bool(spec.get("matvec_gated", 0))  # gated_linears: the activation in the mat-vec
+        self._init_attention(info)
         self._fused: dict = {}  # ids of weights given to linears() -> (those weights, fused VkWeight or None)
         self.dev = Device(Path(kernel_dir), spec, profile=profile)
         self.probe = info
@@ -306,17 +297,6 @@ class VulkanBackend(Backend):
     def synchronize(self):
         self._flush()
 
-    def kv_cache(self, n_layers, batch, max_len, n_kv_heads, head_dim, windows):
-        nbytes = 4 * batch * max_len * n_kv_heads * head_dim
-        if nbytes > self.dev.max_range:
-            raise LlmoptError(f"KV cache layer of {nbytes / 2**20:.0f} MiB (batch {batch} x {max_len} slots) exceeds the "
-                              f"device's storage-buffer range {self.dev.max_range / 2**20:.0f} MiB; lower max_len or batch")
-        cache = VkKVCache(batch, max_len, n_kv_heads, head_dim, list(windows), device=self.dev)
-        for i in range(n_layers):
-            cache.k.append(self.dev.buffer(nbytes, name=f"kv cache layer {i}"))
-            cache.v.append(self.dev.buffer(nbytes, name=f"kv cache layer {i}"))
-        return cache
-
     # --- ops -------------------------------------------------------------------------------------------
     def embedding(self, ids, table: VkWeight, scale=1.0):
         ids = torch.as_tensor(ids)
@@ -357,28 +337,58 @@ class VulkanBackend(Backend):
         self._matmul(x, fused, outs, x.rows, 1, 0)
         return tuple(outs)
 
-    def _matmul(self, x: VkAct, w: VkWeight, outs: list, m: int, x_step: int, x_off: int) -> None:
-        """Record ``outs = x W^T (+ bias)`` for ``m`` input rows; several ``outs`` split W's rows in order."""
+    def gated_linears(self, x: VkAct, gate: VkWeight, up: VkWeight, kind: str) -> VkAct:
+        """``gated_act(x gate^T, x up^T, kind)``. At decode sizes, where ``fuse_gated_act`` is on and the two weights
+        fuse (``linears``), one mat-vec over [gate; up] whose workgroups own matching gate and up rows and write
+        act(gate) * up (no [2F] round trip, one dispatch fewer); otherwise ``linears`` then ``gated_act``."""
+        from llmopt.backends.vulkan.fusion import fused_weight  # imports this module
+
+        fused = None
+        if self.fuse_gated_act and self.fuse_linears and x.rows <= MATVEC_MAX_M and gate.n_out == up.n_out:
+            fused = fused_weight(self, (gate, up))
+        if fused is None:
+            return self.gated_act(*self.linears(x, (gate, up)), kind)
+        if x.features != fused.k:
+            raise LlmoptError(f"gated_linears {fused.name}: input has {x.features} features, weights expect {fused.k}")
+        out = self._new((*x.shape[:-1], gate.n_out))
+        self._matmul(x, fused, [out], x.rows, 1, 0, gated=self._kind(kind) + 1)
+        return out
+
+    def _matmul(self, x: VkAct, w: VkWeight, outs: list, m: int, x_step: int, x_off: int, gated: int = 0) -> None:
+        """Record ``outs = x W^T (+ bias)`` for ``m`` input rows; several ``outs`` split W's rows in order.
+        ``gated`` (mat-vec only; 1 + activation kind): W is [gate; up] and the one output act(gate) * up."""
         bias = self._whole(w.bias) if w.bias is not None else self._whole(self.dummy)
         spec_tail = (w.bits, int(w.scale_bf16), int(w.has_zeros), int(w.bias is not None))
         bounds = np.cumsum([o.features for o in outs])[:-1].tolist()
         seg1, seg2 = (bounds + [w.n_out, w.n_out])[:2]
         ys = [self._whole(o.buf) for o in outs] + [self._whole(self.dummy)] * (3 - len(outs))
+        int_dot = self.matvec_int_dot and w.bits in (2, 4, 8)
+        x8 = x.q8 is not None and int_dot and w.bits == 4  # x's int8 copy, in the order of 4-bit codes
+        if gated and (m > MATVEC_MAX_M or len(w.pieces) != 1 or w.n_out % 2):
+            raise LlmoptError(f"gated mat-vec {w.name}: needs at most {MATVEC_MAX_M} input rows and one piece of "
+                              f"[gate; up] rows, got {m} rows, {len(w.pieces)} pieces, {w.n_out} weight rows")
         for pc in w.pieces:
-            bindings = [self._whole(x.buf), pc.w, pc.s or self._whole(self.dummy), pc.z or self._whole(self.dummy),
-                        bias, *ys]
+            bindings = [self._whole(x.q8 if x8 else x.buf), pc.w, pc.s or self._whole(self.dummy),
+                        pc.z or self._whole(self.dummy), bias, *ys]
             if m <= MATVEC_MAX_M:
                 wg = self._matvec_wg(w.k)
-                rows, sets = self.rows_per_wg, self._matvec_sets(wg)
-                while rows > 1 and -(-pc.rows // (rows * sets)) < self.matvec_min_groups:
+                long_rows = bool(self.matvec_long_rows) and wg > self.wg  # rows long enough to widen the workgroup
+                least = 2 if gated else 1  # a gated set holds matching gate and up rows: an even count
+                rows = max(self.matvec_long_rows if long_rows else self.rows_per_wg, least)
+                sets = self._matvec_sets(wg, rows)
+                while not long_rows and rows > least and -(-pc.rows // (rows * sets)) < self.matvec_min_groups:
                     rows //= 2
                 gx, gy, _ = self._grid(-(-pc.rows // (rows * sets)))
-                push = pack_push("IIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, seg1, seg2)
-                shader = "matvec_quant_idot" if self.matvec_int_dot and w.bits in (2, 4, 8) else "matvec_quant"
-                if shader == "matvec_quant_idot" and not self.dev.features["integer_dot_product"]:
+                if gated:
+                    n = pc.rows // 2
+                    push = pack_push("IIIIIIIII", w.k, n, n, 0, w.group, x_step, x_off, n, n)
+                else:
+                    push = pack_push("IIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, seg1, seg2)
+                if int_dot and not self.dev.features["integer_dot_product"]:
                     raise LlmoptError(f"Vulkan device '{self.dev.info['name']}' lacks shaderIntegerDotProduct "
                                       "(VK_KHR_shader_integer_dot_product): the int-dot mat-vec cannot run there")
-                self._run(shader, 8, (rows, *spec_tail, self.matvec_split), bindings, push, (gx, gy, m), wg)
+                self._run("matvec_quant_idot" if int_dot else "matvec_quant", 8,
+                          (rows, *spec_tail, self.matvec_split, int(x8), gated), bindings, push, (gx, gy, m), wg)
             else:
                 push = pack_push("IIIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m, seg1, seg2)
                 self._run("matmul_quant", 8, (self.tile, *spec_tail), bindings, push,
@@ -392,16 +402,16 @@ class VulkanBackend(Backend):
             wg *= 2
         return wg
 
-    def _matvec_sets(self, wg: int) -> int:
+    def _matvec_sets(self, wg: int, rows: int) -> int:
         """Row sets a mat-vec workgroup of ``wg`` holds, after checking the specialization sizes against the shader
         and device."""
         split = self.matvec_split
         if split and (split & (split - 1) or wg % split):
             raise LlmoptError(f"matvec_split {split}: expected 0 or a power of two dividing the workgroup size {wg}")
-        shared = 4 * self.rows_per_wg * wg  # matvec_quant.comp's `part` array
+        shared = 4 * rows * wg  # matvec_quant.comp's `part` array
         limit = int(self.probe["device"].get("max_shared_memory_bytes") or shared)
         if shared > limit:
-            raise LlmoptError(f"mat-vec rows {self.rows_per_wg} x workgroup {wg} need {shared} bytes of shared memory; "
+            raise LlmoptError(f"mat-vec rows {rows} x workgroup {wg} need {shared} bytes of shared memory; "
                               f"the device allows {limit}")
         return wg // split if split else 1
 
@@ -409,22 +419,37 @@ class VulkanBackend(Backend):
         group = group or x.features
         if x.features % group:
             raise LlmoptError(f"rmsnorm: {x.features} features are not a multiple of the group {group}")
-        out = self._new(x.shape)
+        out, x8 = self._normed(x.shape, group if group == x.features else None)
         n_chunks = x.rows * (x.features // group)
         push = pack_push("IffI", group, float(eps), 1.0 if unit_offset else 0.0, n_chunks)
-        self._run("rmsnorm", 3, (), [self._whole(x.buf), self._whole(weight), self._whole(out.buf)], push,
-                  self._grid(n_chunks))
+        self._run("rmsnorm", 4, x8, [self._whole(x.buf), self._whole(weight), self._whole(out.buf),
+                                                    self._whole(out.q8 or self.dummy)], push, self._grid(n_chunks))
         return out
 
     def add_rmsnorm(self, a, b, weight, eps, unit_offset):
         """``(a + b, rmsnorm(a + b))`` in one dispatch: the residual add and the norm after it (whole rows)."""
         if a.shape != b.shape:
             raise LlmoptError(f"add_rmsnorm: shapes {list(a.shape)} and {list(b.shape)} differ")
-        total, out = self._new(a.shape), self._new(a.shape)
+        total, (out, x8) = self._new(a.shape), self._normed(a.shape, a.features)
         push = pack_push("IffI", a.features, float(eps), 1.0 if unit_offset else 0.0, a.rows)
-        self._run("add_rmsnorm", 5, (), [self._whole(a.buf), self._whole(b.buf), self._whole(weight),
-                                         self._whole(total.buf), self._whole(out.buf)], push, self._grid(a.rows))
+        self._run("add_rmsnorm", 6, x8, [self._whole(a.buf), self._whole(b.buf), self._whole(weight),
+                                                        self._whole(total.buf), self._whole(out.buf),
+                                                        self._whole(out.q8 or self.dummy)], push, self._grid(a.rows))
         return total, out
+
+    def _normed(self, shape: tuple, per_group: int | None) -> tuple[VkAct, tuple]:
+        """The output of an op that can also write it as int8 (x8 rows, ``q8``: rmsnorm, add_rmsnorm, gated_act),
+        and the op's specialization (Q8, X8_LEN) for it. x8 rows are written where an int-dot mat-vec may read them:
+        ``matvec_x_q8`` on, decode rows, a multiple of 32 features, and ``per_group`` (the values one workgroup
+        quantizes: a row, or the workgroup's own; None: the op cannot) fitting the device's shared memory."""
+        out = self._new(shape)
+        f, rows = shape[-1], math.prod(shape[:-1])
+        limit = int(self.probe["device"].get("max_shared_memory_bytes") or 16384)
+        if (self.matvec_x_q8 and self.matvec_int_dot and per_group and rows <= MATVEC_MAX_M and f % 32 == 0
+                and 4 * (per_group + per_group // 32 + self.wg_reduce) <= limit):
+            out.q8 = self._alloc(rows * 160 * -(-f // 128), "x8")  # x8.glsl: 10 uvec4 per 4 chunks of 32
+            return out, (1, per_group + per_group // 32)
+        return out, (0, 1)
 
     def layernorm(self, x, weight, bias, eps):
         out = self._new(x.shape)
@@ -442,88 +467,15 @@ class VulkanBackend(Backend):
                   self._grid(-(-n // self.wg)))
         return out
 
-    def rope(self, x, cos, sin, head_dim):
-        if x.features % head_dim or head_dim % 2 or tuple(cos.shape) != (*x.shape[:-1], head_dim) or cos.shape != sin.shape:
-            raise LlmoptError(f"rope: tables {list(cos.shape)}/{list(sin.shape)} do not fit x {list(x.shape)} "
-                              f"with head_dim {head_dim}")
-        return self._rope(x, self._upload_host(cos, np.float32), self._upload_host(sin, np.float32), head_dim)
-
-    def _rope(self, x: VkAct, cos: Buffer, sin: Buffer, head_dim: int, pos: tuple | None = None) -> VkAct:
-        """RoPE with device tables: one row per row of ``x``, or (``pos`` bound) rows of a table of every
-        position, picked by the uint32 position of each row of ``x`` that ``pos`` holds."""
-        out = self._new(x.shape)
-        total = x.rows * x.features // 2
-        self._run("rope", 5, (int(pos is not None),), [self._whole(x.buf), self._whole(cos), self._whole(sin),
-                                                      self._whole(out.buf), pos or self._whole(self.dummy)],
-                  pack_push("III", x.features, head_dim, total), self._grid(-(-total // self.wg)))
-        return out
-
-    def attention(self, q, k, v, cache: VkKVCache, layer, start, valid, spec: AttnSpec):
-        B, T, _ = q.shape
-        self._check_attn(q, k, v, spec)
-        if start + T > cache.max_len:
-            raise LlmoptError(f"attention: positions {start}..{start + T - 1} exceed the KV cache of {cache.max_len}")
-        mask_len = start + T
-        mask = self._upload_host(valid[:, :mask_len].to(torch.int32), np.uint32) if valid is not None else None
-        return self._cached_attention(q, k, v, cache, layer, start, mask, mask_len, spec)
-
-    def _cached_attention(self, q, k, v, cache: VkKVCache, layer: int, start: int, mask: Buffer | None,
-                          mask_len: int, spec: AttnSpec, slot: tuple | None = None) -> VkAct:
-        """Store this step's K/V at cache slot ``start`` (or, ``slot`` bound: the uint32 slot it holds, read on
-        the device) and attend causally; ``mask`` holds valid flags ``[B, mask_len]`` (None: every slot)."""
-        B, T, _ = q.shape
-        kv_f = spec.n_kv_heads * spec.head_dim
-        total = B * T * kv_f
-        step = slot or self._whole(self.dummy)
-        self._run("kv_store", 5, (int(slot is not None),),
-                  [self._whole(k.buf), self._whole(v.buf), self._whole(cache.k[layer]), self._whole(cache.v[layer]), step],
-                  pack_push("IIIII", T, kv_f, cache.max_len, start, total), self._grid(-(-total // self.wg)))
-        window = spec.window if spec.window is not None and spec.window < cache.max_len else 0
-        scratch_len = cache.max_len if slot is not None else start + T
-        return self._attend(q, cache.k[layer], cache.v[layer], mask or self.dummy, spec, cache.max_len, start, window,
-                            0, int(mask is not None), mask_len, scratch_len, slot)
-
-    def attention_full(self, q, k, v, segments, spec):
-        B, T, _ = q.shape
-        self._check_attn(q, k, v, spec)
-        bounds = torch.zeros(T, 2, dtype=torch.int64)
-        covered = 0
-        for s, e in segments:
-            if not 0 <= s < e <= T:
-                raise LlmoptError(f"attention_full: segment ({s}, {e}) outside 0..{T}")
-            bounds[s:e, 0], bounds[s:e, 1] = s, e
-            covered += e - s
-        if covered != T:
-            raise LlmoptError(f"attention_full: segments cover {covered} of {T} tokens (they must tile the sequence)")
-        seg = self._upload_host(bounds, np.uint32)
-        return self._attend(q, k.buf, v.buf, seg, spec, T, 0, 0, 1, 0, 0, T, None)
-
-    def _check_attn(self, q, k, v, spec: AttnSpec) -> None:
-        if spec.head_dim > MAX_HEAD_DIM or spec.n_heads % spec.n_kv_heads:
-            raise LlmoptError(f"attention: head_dim {spec.head_dim} (max {MAX_HEAD_DIM}) with {spec.n_heads} heads "
-                              f"over {spec.n_kv_heads} kv heads is not supported")
-        if q.features != spec.n_heads * spec.head_dim or k.shape != v.shape or k.features != spec.n_kv_heads * spec.head_dim:
-            raise LlmoptError(f"attention: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not match {spec}")
-
-    def _attend(self, q, kbuf, vbuf, aux, spec, L, start, window, mode, has_mask, mask_len, scratch_len, slot):
-        B, T, _ = q.shape
-        out = self._new(q.shape)
-        scratch = self._alloc(4 * B * T * spec.n_heads * scratch_len, "attention scratch")
-        push = pack_push("IIIIIIIIIIIff", T, spec.n_heads, spec.n_kv_heads, spec.head_dim, L, start, window, mode,
-                         has_mask, mask_len, scratch_len, float(spec.scale), float(spec.softcap or 0.0))
-        self._run("attention", 7, (int(slot is not None),),
-                  [self._whole(q.buf), self._whole(kbuf), self._whole(vbuf), self._whole(aux), self._whole(scratch),
-                   self._whole(out.buf), slot or self._whole(self.dummy)], push, (spec.n_heads, T, B))
-        self._release(scratch)
-        return out
-
     def gated_act(self, gate, up, kind):
         if gate.shape != up.shape:
             raise LlmoptError(f"gated_act: gate {list(gate.shape)} and up {list(up.shape)} differ")
-        out = self._new(gate.shape)
+        whole = gate.features % self.wg == 0 and self.wg % 32 == 0  # x8: each workgroup inside one row
+        out, x8 = self._normed(gate.shape, self.wg if whole else None)
         n = math.prod(gate.shape)
-        self._run("gated_act", 3, (), [self._whole(gate.buf), self._whole(up.buf), self._whole(out.buf)],
-                  pack_push("II", n, self._kind(kind)), self._grid(-(-n // self.wg)))
+        self._run("gated_act", 4, x8, [self._whole(gate.buf), self._whole(up.buf),
+                                                               self._whole(out.buf), self._whole(out.q8 or self.dummy)],
+                  pack_push("III", n, self._kind(kind), gate.features), self._grid(-(-n // self.wg)))
         return out
 
     def act(self, x, kind):

@@ -43,7 +43,12 @@ def device_config(probe: dict) -> dict:
     where the device runs the packed signed 4x8-bit dot product as a native instruction; ``matvec_wg_max``: a
     mat-vec over long rows doubles its workgroup up to this size while every invocation still gets two or more
     32-value chunks of a row (on an H200 the 18944-wide down projection ran 27.6 us at 128 invocations and 22.7 us
-    at 256, while rows of 3584 were fastest at 64-128).
+    at 256, while rows of 3584 were fastest at 64-128); ``matvec_x_q8``: 1 to have the norms that feed int-dot
+    mat-vecs also write their output as int8 per 32 values (x8.glsl), read by 4-bit mat-vecs instead of quantizing
+    x in every workgroup; ``matvec_gated``: 1 to run gate/up and the gated activation as one mat-vec
+    (``VulkanBackend.gated_linears``); ``matvec_long_rows``: rows a workgroup, never halved, for mat-vecs whose rows
+    are long enough to widen the workgroup (0: ``rows`` as for all; an H200 ran the 3584 x 18944 down projection
+    in 21.6-24.7 us at 128 invocations x 16 rows against 29.8-31.3 us at 128-256 x 4; not yet timed in a step).
 
     CPU devices (lavapipe) run one invocation per SIMD lane group and pay for every barrier, so small workgroups
     (16 invocations, 8 rows each) win there by about 5x (FACTS §6); GPUs want 64-256 invocations a workgroup.
@@ -52,16 +57,21 @@ def device_config(probe: dict) -> dict:
     features = probe.get("features", {})
     subgroup = int(device.get("subgroup_size") or 0)
     max_wg = int(device.get("max_workgroup_invocations") or 128)
+    int_dot = int(bool(features.get("integer_dot_4x8_signed_accelerated")))
     if device.get("type") == "cpu":
         wg, rows, tile, wg_reduce, min_groups, split, wg_max = 16, 8, 16, 16, 1, 0, 16
     else:  # the fastest decode step measured on an H200 (bench/vulkan_decode.py, docs/benchmarks.md)
-        wg, rows, tile, wg_reduce, min_groups, split, wg_max = 128, 16, 32, 1024, 256, 0, 256
+        wg, rows, tile, wg_reduce, min_groups, split, wg_max = 64, 4, 32, 1024, 256, 0, 256
+    # x8 rows with wg 64, rows 4: 1.38x / 1.27x decode on an H200 against wg 128, rows 16 without them; the gated
+    # epilogue measured slower there with x8 rows (the down projection then reads float x), so it stays off
+    x_q8, gated = int_dot, 0
     return {
         "defines": {"USE_SUBGROUP": int(bool(features.get("subgroup_arithmetic")) and subgroup > 0),
                     "SMALL_CODE": int(device.get("type") == "cpu")},
         "spec": {"wg": min(wg, max_wg), "rows": rows, "tile": tile, "wg_reduce": min(wg_reduce, max_wg),
                  "matvec_min_groups": min_groups, "matvec_split": split, "matvec_wg_max": min(wg_max, max_wg),
-                 "matvec_int_dot": int(bool(features.get("integer_dot_4x8_signed_accelerated")))},
+                 "matvec_int_dot": int_dot,
+                 "matvec_x_q8": x_q8, "matvec_gated": gated, "matvec_long_rows": 0},
     }
 
 

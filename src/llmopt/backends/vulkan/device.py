@@ -25,13 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from llmopt.backends.vulkan.recording import Recording, Recordings
+from llmopt.backends.vulkan.recording import MAX_TIMESTAMPS, Recording, Recordings
 from llmopt.errors import LlmoptError
 
 MIN_API = (1, 1)
 PUSH_BYTES = 128
 INT_DOT_EXTENSION = "VK_KHR_shader_integer_dot_product"
-MAX_TIMESTAMPS = 8192
 
 
 def _vk():
@@ -460,7 +459,9 @@ class Device(Recordings):
 
     def _after(self, label: str) -> None:
         self.n_commands += 1
-        if self.profile and not self.capturing:
+        if self.capturing is not None and self.capturing.labels is not None:
+            self._stamp(label)
+        elif self.profile and not self.capturing:
             if len(self._stamps) + 1 >= MAX_TIMESTAMPS:
                 self.flush()
                 self._begin()

@@ -12,13 +12,21 @@ submissions included (a pipeline barrier's first scope is everything before it i
 submissions queued back to back without a host wait in between, such as two decode steps in flight
 (``llmopt.backends.vulkan.replay``), read what the one before wrote. Each ends with its writes made visible to the
 host. A ticket is a fence of its own (one per submission in flight, reused once waited for).
+
+``begin_recording(profile=True)`` gives the recording a timestamp query pool of its own, reset inside the
+recording and written after every command, so each submission times its commands at the clocks of real use;
+``collect(rec)``, after the submission was waited for, adds each command's time to ``rec.times`` (ms, by kernel
+name) and ``rec.counts``. One profiled recording must not be in flight twice at once (the second would reset
+the pool the first is writing).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmopt.errors import LlmoptError
+
+MAX_TIMESTAMPS = 8192  # timestamp queries a pool holds
 
 
 @dataclass(eq=False)
@@ -27,6 +35,10 @@ class Recording:
 
     cmd: object
     n_commands: int
+    query_pool: object = None  # profiled recordings: timestamps after every command
+    labels: list | None = None  # the kernel name of each timestamp (profiled recordings)
+    times: dict = field(default_factory=dict)  # kernel name -> ms summed over collected submissions
+    counts: dict = field(default_factory=dict)  # kernel name -> commands timed
 
 
 @dataclass(eq=False)
@@ -41,13 +53,17 @@ class Ticket:
 class Recordings:
     """Recording and submission methods of ``Device`` (see the module docstring)."""
 
-    def begin_recording(self) -> None:
+    def begin_recording(self, profile: bool = False) -> None:
         """Record the following commands into a new command buffer that ``end_recording`` returns for
         ``submit``. Pending work is flushed first. Inside, nothing may upload through the staging arena or
         submit (both raise): what changes between submissions must be read by the shaders from buffers the host
-        writes. The first command is ordered after every earlier compute or transfer command on the queue."""
+        writes. The first command is ordered after every earlier compute or transfer command on the queue.
+        ``profile``: a timestamp after every command (see the module docstring)."""
         if self.capturing:
             raise LlmoptError("begin_recording: a recording is already open")
+        if profile and not self.features["timestamps"]:
+            raise LlmoptError(f"Vulkan device '{self.info['name']}' has no timestamp queries on its compute queue: "
+                              "a profiled recording cannot be timed")
         self.flush()
         vk = self.vk
         cmd = vk.vkAllocateCommandBuffers(self.device, vk.VkCommandBufferAllocateInfo(
@@ -55,6 +71,12 @@ class Recordings:
         vk.vkBeginCommandBuffer(cmd, vk.VkCommandBufferBeginInfo(flags=vk.VK_COMMAND_BUFFER_USAGE_SIMULTANEOUS_USE_BIT))
         self._saved_cmd, self.cmd = self.cmd, cmd
         self.capturing = Recording(cmd, self.n_commands)
+        if profile:
+            pool = vk.vkCreateQueryPool(self.device, vk.VkQueryPoolCreateInfo(
+                queryType=vk.VK_QUERY_TYPE_TIMESTAMP, queryCount=MAX_TIMESTAMPS), None)
+            self.capturing.query_pool, self.capturing.labels = pool, ["start"]
+            self.lib.vkCmdResetQueryPool(cmd, pool, 0, MAX_TIMESTAMPS)
+            self.lib.vkCmdWriteTimestamp(cmd, vk.VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, pool, 0)
         self.recording = True
         self._last_stage = "any"  # a barrier before the first command: everything submitted before it
 
@@ -136,8 +158,35 @@ class Recordings:
         while self._deferred and not self.recording:
             self.free(self._deferred.pop())
 
+    def _stamp(self, label: str) -> None:
+        """A timestamp after the command just recorded into the open profiled recording."""
+        rec = self.capturing
+        if len(rec.labels) >= MAX_TIMESTAMPS:
+            raise LlmoptError(f"a profiled recording holds at most {MAX_TIMESTAMPS - 1} commands")
+        self.lib.vkCmdWriteTimestamp(self.cmd, self.vk.VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, rec.query_pool,
+                                     len(rec.labels))
+        rec.labels.append(label)
+
+    def collect(self, rec: Recording) -> None:
+        """Add the last submission's command times of profiled ``rec`` to ``rec.times``/``rec.counts`` (call after
+        that submission was waited for)."""
+        if rec.labels is None:
+            raise LlmoptError("collect: the recording was not made with profile=True")
+        n = len(rec.labels)
+        data = self.ffi.new(f"uint64_t[{n}]")
+        self.lib.vkGetQueryPoolResults(self.device, rec.query_pool, 0, n, 8 * n, data, 8,
+                                       self.vk.VK_QUERY_RESULT_64_BIT | self.vk.VK_QUERY_RESULT_WAIT_BIT)
+        period = float(self.info["timestamp_period_ns"]) * 1e-6  # ms per tick
+        for i in range(1, n):
+            label = rec.labels[i]
+            rec.times[label] = rec.times.get(label, 0.0) + (data[i] - data[i - 1]) * period
+            rec.counts[label] = rec.counts.get(label, 0) + 1
+
     def free_recording(self, rec: Recording) -> None:
         for key in [k for k in self._submits if rec in k]:
             del self._submits[key]
         if self.device is not None:
             self.vk.vkFreeCommandBuffers(self.device, self.command_pool, 1, [rec.cmd])
+            if rec.query_pool is not None:
+                self.vk.vkDestroyQueryPool(self.device, rec.query_pool, None)
+                rec.query_pool = None

@@ -7,6 +7,7 @@ from a small step buffer instead of push constants or uploads:
 
     step buffer (uint32):  [ids of the B sequences]  [slot]               [RoPE position of each sequence]
                            embedding                 kv_store, attention  rope (row of a table of every position)
+                                                     rope_attention (slot and positions: one binding)
 
 Before each submit the host writes those few words into a host-visible copy; a recorded prologue copies them to
 the device buffer ahead of the body. The RoPE tables (cos/sin of every position the state can reach, per RoPE
@@ -20,6 +21,11 @@ whole ``[B, vocab]`` back, for sampling).
     ids = dec.step(state, next_ids, greedy=True)   # int64 [B]; state advances like Model.decode_step
     logits = dec.step(state, next_ids)             # host float32 [B, vocab]
     ids = dec.greedy_steps(state, next_ids, n, stop=lambda ids: bool((ids == eos).all()))  # int64 [B, <= n]
+
+``VulkanDecoder(model, state, profile=True)`` records a timestamp after every dispatch and copy, inside the recorded
+command buffers (their query pools reset there too), so ``step`` and ``replay`` time the replayed step at the
+clocks of real use; ``kernel_times()`` sums them by kernel name over every profiled submission. A profiled
+decoder refuses ``greedy_steps`` (two submissions of one recording in flight would share its query pool).
 
 ``greedy_steps`` keeps two steps in flight: step t+1 is queued before the host waits for step t, so the GPU never
 idles while the host reads ids and writes the next step. The greedy tail also copies its ids into the step
@@ -68,11 +74,21 @@ class _ReplayOps:
         return self._be._cached_attention(q, k, v, cache, layer, 0, dec.mask, cache.max_len, spec,
                                           slot=dec.region("slot"))
 
+    def rope_attention(self, q, k, v, cos, sin, head_dim, cache, layer, start, valid, spec):
+        be, dec = self._be, self._dec
+        if not be._fusable(q, spec, cache):
+            return self.attention(self.rope(q, cos, sin, head_dim), self.rope(k, cos, sin, head_dim), v, cache, layer,
+                                  start, valid, spec)
+        o = dec.offsets  # the slot word, then (pos_word words on) the RoPE positions: one binding
+        region = (dec.step_dev, o["slot"], o["pos"] + dec.sizes["pos"] - o["slot"])
+        return be._rope_attend(q, k, v, cos, sin, cache, layer, 0, dec.mask, cache.max_len, spec, step=region,
+                               pos_word=(o["pos"] - o["slot"]) // 4)
+
 
 class VulkanDecoder:
     """The decode step of ``model`` over ``state``'s KV cache, recorded once; see the module docstring."""
 
-    def __init__(self, model, state):
+    def __init__(self, model, state, profile: bool = False):
         devs = {model.embed_dev, model.head_dev, *model.layer_dev}
         if len(devs) != 1:
             raise LlmoptError(f"replayed decode needs one backend for the embedding, layers and head; the plan uses "
@@ -83,7 +99,8 @@ class VulkanDecoder:
         if state.start >= state.max_len:
             raise LlmoptError(f"{state.start + 1} tokens exceed the KV cache of {state.max_len} tokens")
         a = model.args
-        self.be, self.dev = be, be.dev
+        self.be, self.dev, self.profile = be, be.dev, profile
+        self._stepped = False  # replay resubmits step buffer 0 as the last step() wrote it
         self.caches = state.caches  # the recording binds them: they live as long as it does
         self.batch, self.vocab, self.max_len = int(state.valid.shape[0]), a.vocab_size, state.max_len
         B, dev = self.batch, be.dev
@@ -140,14 +157,14 @@ class VulkanDecoder:
         shared = be.private_pool(self._pool)
         try:
             for host in self.step_host:  # prologues: every word from the host, or all but the ids
-                dev.begin_recording()
+                dev.begin_recording(self.profile)
                 dev.copy(host, self.step_dev, host.nbytes)
                 self.loads.append(dev.end_recording())
-                dev.begin_recording()
+                dev.begin_recording(self.profile)
                 start = self.offsets["slot"]
                 dev.copy(host, self.step_dev, host.nbytes - start, src_offset=start, dst_offset=start)
                 self.advances.append(dev.end_recording())
-            dev.begin_recording()
+            dev.begin_recording(self.profile)
             x, normed = ops.embedding(None, m.embed, a.embed_scale), None
             norms = [layer["attn_norm"] for layer in m.layers[1:]] + [m.final_norm]
             for i, layer in enumerate(m.layers):  # each residual add fused with the norm after it
@@ -157,12 +174,12 @@ class VulkanDecoder:
             self.ids_dev = be._alloc(4 * self.batch, "greedy ids")  # while recording: from the private pool
             self.body = dev.end_recording()
             for ids_out in self.ids_out:  # argmax, ids to the host and to where the next step's embedding reads
-                dev.begin_recording()
+                dev.begin_recording(self.profile)
                 be._argmax(self.logits, self.ids_dev)
                 dev.copy(self.ids_dev, ids_out, 4 * self.batch)
                 dev.copy(self.ids_dev, self.step_dev, 4 * self.batch, dst_offset=self.offsets["ids"])
                 self.greedy_tails.append(dev.end_recording())
-            dev.begin_recording()
+            dev.begin_recording(self.profile)
             dev.copy(self.logits.buf, self.logits_out, 4 * self.batch * self.vocab)
             self.logits_tail = dev.end_recording()
         except BaseException:
@@ -202,7 +219,8 @@ class VulkanDecoder:
     def step(self, state, ids, greedy: bool = False) -> torch.Tensor:
         """Decode one token per sequence (``ids [B]``): greedy next ids ``[B]`` (int64), or host logits ``[B, vocab]``."""
         self._write(state, 0, ids=self._check_ids(ids))
-        self.dev.submit((self.loads[0], self.body, self.greedy_tails[0] if greedy else self.logits_tail))
+        self._stepped = True
+        self._submit((self.loads[0], self.body, self.greedy_tails[0] if greedy else self.logits_tail))
         self._advance(state)
         if greedy:
             return self._ids(0)
@@ -214,6 +232,8 @@ class VulkanDecoder:
         ``stop(ids [B])`` is called on each step's ids in order; True ends the run after that step. The state
         advances for the k steps returned only, exactly as k ``step(..., greedy=True)`` calls would leave it."""
         ids = self._check_ids(ids)
+        if self.profile:
+            raise LlmoptError("greedy_steps: a profiled decoder times one submission at a time (step or replay)")
         if n <= 0:
             return torch.zeros(self.batch, 0, dtype=torch.int64)
         if state.start + n > state.max_len:
@@ -238,8 +258,33 @@ class VulkanDecoder:
         return torch.stack(out, dim=1)
 
     def replay(self, times: int, greedy: bool = True) -> None:
-        """Resubmit the last step ``times`` times back to back (timing: the GPU-bound rate of the replayed step)."""
-        self.dev.submit((self.loads[0], self.body, self.greedy_tails[0] if greedy else self.logits_tail), times)
+        """Resubmit the last step ``times`` times back to back (timing: the GPU-bound rate of the replayed step);
+        profiled, one at a time, each waited for and its timestamps collected."""
+        if not self._stepped:
+            raise LlmoptError("replay: no step has run on this decoder yet (its step buffer holds no slot or ids)")
+        recordings = (self.loads[0], self.body, self.greedy_tails[0] if greedy else self.logits_tail)
+        if self.profile:
+            for _ in range(times):
+                self._submit(recordings)
+        else:
+            self.dev.submit(recordings, times)
+
+    def _submit(self, recordings: tuple) -> None:
+        self.dev.submit(recordings)
+        if self.profile:
+            for rec in recordings:
+                self.dev.collect(rec)
+
+    def kernel_times(self) -> dict[str, tuple[float, int]]:
+        """Per kernel name: GPU ms and dispatches summed over every profiled submission (slowest first)."""
+        if not self.profile:
+            raise LlmoptError("kernel_times: the decoder was not made with profile=True")
+        times, counts = {}, {}
+        for rec in (*self.loads, *self.advances, self.body, *self.greedy_tails, self.logits_tail):
+            for name, ms in rec.times.items():
+                times[name] = times.get(name, 0.0) + ms
+                counts[name] = counts.get(name, 0) + rec.counts[name]
+        return {name: (ms, counts[name]) for name, ms in sorted(times.items(), key=lambda kv: -kv[1])}
 
     def close(self) -> None:
         """Free the recording and its buffers (also on garbage collection); the decoder is unusable afterwards."""

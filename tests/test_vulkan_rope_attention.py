@@ -1,0 +1,213 @@
+"""The fused decode attention (``rope_attention.comp``: RoPE, KV store and attention in one dispatch) against the
+CPU reference backend's rope + attention, on fresh random inputs (lavapipe in CI).
+
+Each case prefills (the unfused path: rope, rope, attention) and then decodes several steps through
+``VulkanBackend.rope_attention``, comparing every step's output with ``CpuBackend(quant="reference")`` fed the
+same inputs; later steps read the slots the fused dispatch stored, so its KV store is checked too. Head sizes and
+group sizes are odd where the shader allows, the KV length is split into many chunks (the cross-workgroup combine)
+and into one. Tolerance: relative error below 1e-5 (float32 over a few dozen slots).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmopt.backends.base import AttnSpec
+
+vulkan = pytest.importorskip("llmopt.backends.vulkan")
+pytestmark = pytest.mark.vulkan
+if not vulkan.probe()["present"]:
+    pytest.skip(f"no Vulkan device: {vulkan.probe()['reason']}", allow_module_level=True)
+
+from llmopt.errors import LlmoptError  # noqa: E402
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def be():
+    backend = vulkan.VulkanBackend()
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    from llmopt.backends.cpu import CpuBackend
+
+    return CpuBackend(quant="reference")
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def tables(batch: int, T: int, head_dim: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    ang = torch.rand(batch, T, head_dim // 2, generator=gen) * 20
+    ang = torch.cat([ang, ang], -1)  # any table works; the model's RoPE kinds differ only in how it is built
+    return ang.cos(), ang.sin()
+
+
+def run_case(be, cpu, gen, spec: AttnSpec, prompt: int, decode: int, batch: int = 1, pad=None,
+             chunk_min: int = 64, split_target: int = 1, wg: int | None = None) -> int:
+    """Prefill ``prompt`` tokens, then ``decode`` fused steps; returns how many steps ran fused."""
+    max_len = prompt + decode + 2
+    cv = be.kv_cache(1, batch, max_len, spec.n_kv_heads, spec.head_dim, [spec.window])
+    cc = cpu.kv_cache(1, batch, max_len, spec.n_kv_heads, spec.head_dim, [spec.window])
+    valid = torch.ones(batch, max_len, dtype=torch.bool)
+    for b, p in enumerate(pad or []):
+        valid[b, :p] = False
+    saved = be.attn_chunk_min, be.attn_split_target, be.attn_wg
+    be.attn_chunk_min, be.attn_split_target, be.attn_wg = chunk_min, split_target, wg or be.attn_wg
+    fused, start = 0, 0
+    try:
+        for T in [prompt] + [1] * decode:
+            q = torch.randn(batch, T, spec.n_heads * spec.head_dim, generator=gen)
+            k = torch.randn(batch, T, spec.n_kv_heads * spec.head_dim, generator=gen)
+            v = torch.randn(batch, T, spec.n_kv_heads * spec.head_dim, generator=gen)
+            cos, sin = tables(batch, T, spec.head_dim, gen)
+            mask = valid[:, :start + T] if pad else None
+            fused += T == 1 and be._fusable(be.from_host(q), spec, cv)
+            out = be.to_host(be.rope_attention(be.from_host(q), be.from_host(k), be.from_host(v), cos, sin,
+                                               spec.head_dim, cv, 0, start, mask, spec))
+            qr, kr = cpu.rope(q, cos, sin, spec.head_dim), cpu.rope(k, cos, sin, spec.head_dim)
+            ref = cpu.attention(qr, kr, v, cc, 0, start, mask, spec)
+            assert rel_err(out, ref) < RTOL, (spec, T, start)
+            start += T
+    finally:
+        be.attn_chunk_min, be.attn_split_target, be.attn_wg = saved
+    return fused
+
+
+@pytest.mark.parametrize("spec", [
+    AttnSpec(7, 1, 24, 24 ** -0.5),                            # Qwen2.5-7B's group of 7, an odd head size
+    AttnSpec(4, 4, 16, 0.25),                                  # plain multi-head
+    AttnSpec(4, 2, 256, 256 ** -0.5, window=5, softcap=50.0),  # Gemma 2: head 256, window, softcap
+    AttnSpec(10, 2, 40, 0.1),                                  # group of 5 (Qwen2.5-14B/32B), head not a power of 2
+])
+@pytest.mark.parametrize("chunk_min, split_target, wg", [(64, 1, None), (2, 64, None), (3, 64, 64)])
+def test_decode_matches_reference(be, cpu, gen, spec, chunk_min, split_target, wg):
+    """One split (its value loop past a block of 16 slots); up to 22 splits combined (past a block of 16 partials);
+    a wider workgroup than the device's default."""
+    assert run_case(be, cpu, gen, spec, prompt=37, decode=5, batch=2, chunk_min=chunk_min,
+                    split_target=split_target, wg=wg) == 5
+
+
+@pytest.mark.parametrize("chunk_min, split_target", [(64, 1), (2, 64)])
+def test_left_padding_batch(be, cpu, gen, chunk_min, split_target):
+    """Padded slots are masked; a split whose slots are all padding contributes nothing."""
+    spec = AttnSpec(6, 2, 32, 32 ** -0.5, softcap=20.0)
+    assert run_case(be, cpu, gen, spec, prompt=8, decode=3, batch=3, pad=[0, 3, 7], chunk_min=chunk_min,
+                    split_target=split_target) == 3
+
+
+def test_window_with_splits(be, cpu, gen):
+    spec = AttnSpec(4, 2, 16, 0.25, window=6)
+    assert run_case(be, cpu, gen, spec, prompt=11, decode=4, batch=1, chunk_min=2, split_target=16) == 4
+
+
+def test_long_context_needs_many_chunks(be, cpu, gen):
+    """A cache longer than one chunk's 256 slots: splits are forced even at a split target of 1."""
+    spec = AttnSpec(2, 1, 16, 0.25)
+    assert run_case(be, cpu, gen, spec, prompt=300, decode=2, batch=1) == 2
+    assert be._splits(spec, be.kv_cache(1, 1, 304, 1, 16, [None]), 1) == 2
+
+
+def test_unfusable_shapes_take_the_separate_path(be, cpu, gen):
+    """A group of 9 query heads exceeds the shader's 8: rope + attention, still correct."""
+    assert run_case(be, cpu, gen, AttnSpec(9, 1, 16, 0.25), prompt=5, decode=2) == 0
+    be.fuse_rope_attention = False
+    try:
+        assert run_case(be, cpu, gen, AttnSpec(4, 2, 16, 0.25), prompt=5, decode=2) == 0
+    finally:
+        be.fuse_rope_attention = True
+
+
+def test_bad_input(be, gen):
+    spec = AttnSpec(4, 2, 16, 0.25)
+    cache = be.kv_cache(1, 1, 4, 2, 16, [None])
+    q, kv = be.from_host(torch.randn(1, 1, 64)), be.from_host(torch.randn(1, 1, 32))
+    cos, sin = tables(1, 1, 16, gen)
+    with pytest.raises(LlmoptError, match="exceeds the KV cache of 4"):
+        be.rope_attention(q, kv, kv, cos, sin, 16, cache, 0, 4, None, spec)
+    with pytest.raises(LlmoptError, match="do not fit q"):
+        be.rope_attention(q, kv, kv, cos[..., :8], sin[..., :8], 16, cache, 0, 0, None, spec)
+    with pytest.raises(LlmoptError, match="do not match"):
+        be.rope_attention(q, q, kv, cos, sin, 16, cache, 0, 0, None, spec)
+    be.attn_chunk_min = 0
+    try:
+        with pytest.raises(LlmoptError, match="attn_chunk_min 0"):
+            be.rope_attention(q, kv, kv, cos, sin, 16, cache, 0, 0, None, spec)
+    finally:
+        be.attn_chunk_min = 64
+
+
+def _model(tmp_path, family: str):
+    from test_vulkan_models import FAMILIES, save_random
+
+    from llmopt.engine import load_model
+
+    return load_model(save_random(FAMILIES[family](), tmp_path, int(torch.randint(0, 2**31 - 1, ()))),
+                      backend=vulkan.VulkanBackend())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_whole_model_fused_and_split_matches_unfused(tmp_path, family):
+    """Whole-model decode logits, left-padded batch of 2: unfused and fused, eager and replayed (many splits, so the
+    replayed step's combine and step-buffer slot/positions run) agree within the model tests' 1e-4."""
+    from test_vulkan_models import ATOL, COMMON
+
+    model = _model(tmp_path, family)
+    be = model.backends["vulkan"]
+    be.attn_chunk_min, be.attn_split_target = 2, 64
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 13))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, :2] = False
+    runs = {}
+    for label, fused, replay in (("unfused", False, False), ("unfused replayed", False, True), ("fused", True, False),
+                                 ("fused replayed", True, True)):
+        be.fuse_rope_attention, model.static_decode = fused, replay
+        logits, state = model.prefill(ids[:, :5], mask, max_len=ids.shape[1] + 1)
+        runs[label] = torch.stack([model.decode_step(state, ids[:, t]) for t in range(5, ids.shape[1])])
+        assert state.decode_path == ("replayed" if replay else "eager: Model.static_decode is off")
+    for label in ("unfused replayed", "fused", "fused replayed"):
+        err = (runs[label] - runs["unfused"]).abs().max().item()
+        assert err <= ATOL, f"{family}: {label} vs unfused logits differ by {err:.2e}"
+    be.close()
+
+
+def test_profiled_replay_times_every_dispatch(tmp_path):
+    from llmopt.backends.vulkan.replay import VulkanDecoder
+
+    model = _model(tmp_path, "qwen2")
+    be, n_layers = model.backends["vulkan"], model.args.n_layers
+    ids = torch.randint(0, model.args.vocab_size, (1, 8))
+    _, state = model.prefill(ids[:, :4], max_len=10)
+    plain = VulkanDecoder(model, state)
+    assert plain.body.labels is None
+    with pytest.raises(LlmoptError, match="not made with profile=True"):
+        plain.kernel_times()
+    plain.close()
+    dec = VulkanDecoder(model, state, profile=True)
+    with pytest.raises(LlmoptError, match="no step has run"):
+        dec.replay(1)
+    dec.step(state, ids[0, 4:5], greedy=True)
+    dec.replay(2)
+    times = dec.kernel_times()
+    assert times["rope_attention"][1] == 3 * n_layers  # one fused dispatch a layer, three submissions
+    assert "rope" not in times and "kv_store" not in times and "attention" not in times
+    assert times["argmax"][1] == 3 and times["embedding"][1] == 3
+    assert sum(count for _, count in times.values()) == 3 * sum(
+        rec.n_commands for rec in (dec.loads[0], dec.body, dec.greedy_tails[0]))
+    assert all(ms >= 0 for ms, _ in times.values()) and sum(ms for ms, _ in times.values()) > 0
+    assert list(times) == sorted(times, key=lambda k: -times[k][0])
+    with pytest.raises(LlmoptError, match="profiled decoder"):
+        dec.greedy_steps(state, ids[0, 4:5], 2)
+    dec.close()
+    be.close()
