@@ -10,8 +10,8 @@
    timed by timestamp queries, counting bytes read plus written (the usual "copy bandwidth"); the larger of
    the two is the ceiling the rest is compared with.
 2. int4 mat-vec (group 128, fp16 scales) on the decode shapes of Qwen2.5-7B (and its fused q+k+v, gate+up), each
-   workgroup-size/rows/set-size specialization of the float and the int-dot shader, the latter quantizing float x
-   itself or reading the x8 rows a norm wrote (SWEEP, side by side; errors against float64 references of plain x
+   workgroup-size/rows/set-size/K-parts specialization of the float and the int-dot shader, the latter quantizing
+   float x itself or reading the x8 rows a norm wrote (SWEEP, side by side; errors against float64 references of plain x
    and, for int-dot, of x quantized as the shader does): weight bytes read per second, against the copy bandwidth. Four weight copies rotate so the
    L2 cache cannot serve repeats; configurations are taken round-robin and the fastest round kept (clocks drift).
 3. Decode at batch 1 through the engine (``llmopt.engine.Model`` on ``VulkanBackend``) for full-scale
@@ -58,11 +58,14 @@ MODELS = {
                    "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
                    "max_position_embeddings": 8192},
 }
-# mat-vec specializations (wg, rows a set, invocations a set, int-dot, x8 rows), side by side: the float path, the
-# int-dot path quantizing float x in every workgroup (x's float32 traffic per workgroup equals the int4 weights'
-# at 8 rows) and the int-dot path reading x8 rows a norm wrote (40 bytes a 32-value chunk instead of 128)
-SWEEP = [(128, 16, 0, 1, 0), (64, 16, 0, 1, 0), (128, 16, 0, 1, 1), (64, 8, 0, 1, 1), (32, 4, 0, 1, 1),
-         (64, 4, 0, 1, 1), (128, 4, 0, 1, 1), (64, 2, 0, 1, 1)]
+# mat-vec specializations (wg, rows a set, invocations a set, int-dot, x8 rows, K parts), side by side: the int-dot
+# path quantizing float x in every workgroup or reading x8 rows a norm wrote (40 bytes a 32-value chunk instead of
+# 128), whole rows or K split over that many workgroups (capped at half a chunk an invocation, see
+# VulkanBackend._matvec_kparts; the JSON's "kparts" is what ran). --sweep-configs picks some by index.
+SWEEP = [(128, 16, 0, 1, 0, 1), (64, 4, 0, 1, 1, 1), (128, 4, 0, 1, 1, 1), (256, 4, 0, 1, 1, 1), (128, 16, 0, 1, 1, 1),
+         (128, 16, 0, 1, 1, 2), (128, 16, 0, 1, 1, 4), (128, 8, 0, 1, 1, 4), (64, 16, 0, 1, 1, 4), (64, 8, 0, 1, 1, 8),
+         (256, 8, 0, 1, 1, 2), (64, 4, 0, 1, 1, 2), (64, 4, 0, 1, 1, 3), (32, 4, 0, 1, 1, 2), (32, 4, 0, 1, 1, 4),
+         (64, 8, 0, 1, 1, 2), (32, 2, 0, 1, 1, 4)]
 # end-to-end variants: VulkanBackend attributes set over this device's defaults (compile.device_config), each timed
 # on the same loaded model. "before" is the configuration of the start of the 2026-11-26 session (float mat-vec,
 # separate q/k/v and gate/up, rows 8); a change under test adds a variant naming only what it changes.
@@ -86,11 +89,27 @@ VARIANTS = [
     {"name": "rows 8", "rows_per_wg": 8},
     {"name": "gated", "fuse_gated_act": True},
     {"name": "long rows 16, wg_max 128", "matvec_long_rows": 16, "matvec_wg_max": 128},  # the down projection at 128/16
+    # K parts (2026-11-26, v6): the down projection's K split over 2-4 workgroups, the short grids' (q/k/v, o) over 2
+    {"name": "down 128/16 k2", "matvec_long_rows": 16, "matvec_wg_max": 128, "matvec_kparts": 2},
+    {"name": "down 128/16 k4", "matvec_long_rows": 16, "matvec_wg_max": 128, "matvec_kparts": 4},
+    {"name": "down 128/8 k4", "matvec_long_rows": 8, "matvec_wg_max": 128, "matvec_kparts": 4},
+    {"name": "down 256/4 k2", "matvec_kparts": 2},
+    {"name": "short k2", "matvec_kparts_short": 2},
+    {"name": "short k2, down 128/16 k4", "matvec_kparts_short": 2, "matvec_long_rows": 16, "matvec_wg_max": 128,
+     "matvec_kparts": 4},
+    # the decode step's norms (2026-11-26, v7): Gemma's sandwich norm fused with the residual add and the next norm
+    # (norm_add_rmsnorm), and add_rmsnorm holding its row in registers; each against the previous form
+    {"name": "separate post norm", "fuse_post_norm": False},
+    {"name": "norms over memory", "norm_regs_max": 0},
+    {"name": "norms v6", "fuse_post_norm": False, "norm_regs_max": 0},
+    {"name": "norm wg 256", "wg_reduce": 256},
+    {"name": "attn no prefetch", "attn_prefetch": False},  # rope_attention without its first loads issued ahead
     {"name": "default again"},  # the first variant repeated last: the run's drift (KV length, clocks)
 ]
 VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
-                "matvec_x_q8", "fuse_gated_act", "matvec_long_rows")
+                "matvec_x_q8", "fuse_gated_act", "matvec_long_rows", "fuse_post_norm", "norm_regs_max",
+                "attn_prefetch", "matvec_kparts", "matvec_kparts_short")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:
@@ -141,7 +160,7 @@ def matvec_sweep(be: VulkanBackend, shapes: dict, rng, configs, reps: int = 50, 
     """
     rows = []
     saved = (be.matvec_int_dot, be.matvec_x_q8, be.matvec_wg_max, be.wg, be.rows_per_wg, be.matvec_split,
-             be.matvec_min_groups)
+             be.matvec_min_groups, be.matvec_kparts, be.matvec_kparts_short)
     for label, shape in shapes.items():
         copies = [random_int4(shape, rng) for _ in range(4)]
         weights = [be.linear_weight(label, w) for w in copies]
@@ -153,11 +172,16 @@ def matvec_sweep(be: VulkanBackend, shapes: dict, rng, configs, reps: int = 50, 
         w64 = copies[0].dequantize(torch.float64)
         ref, ref_x8 = (xr @ w64.T for xr in (xh[0].double(), int8_chunks(xh[0])))
         be.matvec_min_groups = 1  # measure each configuration as given
+        t_end = time.perf_counter() + 1.0  # the GPU idled while the weights were made: its clocks first (H200: the
+        while time.perf_counter() < t_end:  # first shape's rounds spread 2-4x without this, 2026-11-26)
+            for w in weights:
+                be.linear(x8, w)
+            be.synchronize()
         times, errs = {cfg: [] for cfg in configs}, {}
         for _ in range(rounds):
             for cfg in configs:
-                be.wg, be.rows_per_wg, be.matvec_split, be.matvec_int_dot, with_x8 = cfg
-                be.matvec_wg_max = be.wg
+                be.wg, be.rows_per_wg, be.matvec_split, be.matvec_int_dot, with_x8, kparts = cfg
+                be.matvec_wg_max, be.matvec_kparts, be.matvec_kparts_short = be.wg, kparts, kparts
                 xin = x8 if with_x8 else x
                 if cfg not in errs:  # int-dot: against x quantized as the shader does, and against plain x
                     out = be.to_host(be.linear(xin, weights[0]))[0].double()
@@ -173,18 +197,21 @@ def matvec_sweep(be: VulkanBackend, shapes: dict, rng, configs, reps: int = 50, 
                 be.synchronize()
                 kernel = "matvec_quant_idot" if cfg[3] else "matvec_quant"
                 times[cfg].append(be.dev.kernel_times[kernel] / be.dev.kernel_counts[kernel])
-        for (wg, rpw, split, idot, with_x8), ms_all in times.items():
-            ms, (err, err_plain) = min(ms_all), errs[(wg, rpw, split, idot, with_x8)]
+        for cfg, ms_all in times.items():
+            (wg, rpw, split, idot, with_x8, _), ms, (err, err_plain) = cfg, min(ms_all), errs[cfg]
+            blocks = -(-shape[0] // (rpw * (wg // split if split else 1)))
+            be.matvec_kparts = be.matvec_kparts_short = cfg[5]
+            kparts = be._matvec_kparts(shape[1], wg, blocks, widened=False)
             rows.append({"shape": label, "n": shape[0], "k": shape[1], "wg": wg, "rows": rpw, "split": split,
-                         "int_dot": idot, "x8": with_x8, "ms": ms, "ms_rounds": ms_all, "gbps": wbytes / (ms * 1e-3) / 1e9,
-                         "rel_err": err, "rel_err_vs_plain_x": err_plain})
+                         "int_dot": idot, "x8": with_x8, "kparts": kparts, "ms": ms, "ms_rounds": ms_all,
+                         "gbps": wbytes / (ms * 1e-3) / 1e9, "rel_err": err, "rel_err_vs_plain_x": err_plain})
             kind = ("int-dot x8" if with_x8 else "int-dot   ") if idot else "float     "
-            print(f"  matvec {label:10s} wg={wg:3d} rows={rpw:2d} split={split:3d} {kind}: "
+            print(f"  matvec {label:10s} wg={wg:3d} rows={rpw:2d} split={split:3d} kparts={kparts} {kind}: "
                   f"{ms * 1e3:7.1f} us (worst round {max(ms_all) * 1e3:7.1f})  {rows[-1]['gbps']:7.1f} GB/s  "
                   f"err {err:.1e} (vs plain x {err_plain:.1e})")
         del weights
     be.matvec_int_dot, be.matvec_x_q8, be.matvec_wg_max = saved[:3]
-    be.wg, be.rows_per_wg, be.matvec_split, be.matvec_min_groups = saved[3:]
+    be.wg, be.rows_per_wg, be.matvec_split, be.matvec_min_groups, be.matvec_kparts, be.matvec_kparts_short = saved[3:]
     return rows
 
 
@@ -309,6 +336,7 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
             "best_variant": {k: best[k] for k in VARIANT_KEYS}}
 
 
+SWEEP_SHAPES = ("gate/up", "down", "k/v", "o", "lm_head", "q+k+v fused", "gate+up fused")
 REAL_PATHS = ("vulkan-eager", "vulkan-replayed", "vulkan-2-in-flight", "cpu-fast", "cpu-reference")
 
 
@@ -387,6 +415,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-sweep", action="store_true", help="skip the mat-vec specialization sweep")
     p.add_argument("--sweep-reps", type=int, default=50, help="mat-vecs per weight copy, configuration and round")
     p.add_argument("--sweep-rounds", type=int, default=3, help="round-robin rounds of the sweep (fastest kept)")
+    p.add_argument("--sweep-shapes", nargs="+", choices=SWEEP_SHAPES, default=list(SWEEP_SHAPES),
+                   help="shapes of the mat-vec sweep (default: all)")
+    p.add_argument("--sweep-configs", nargs="+", type=int, metavar="I",
+                   help="indices into SWEEP of the configurations swept (default: all)")
     p.add_argument("--sweep-hidden", type=int, default=3584,
                    help="hidden size of the sweep's shapes (FFN = hidden * 37 / 7, as Qwen2.5-7B; smaller for smoke runs)")
     p.add_argument("--variants", nargs="+", choices=[v["name"] for v in VARIANTS],
@@ -399,6 +431,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error("--steps must be at least 2 (the first step records the replayed step and is not timed)")
+    if any(not 0 <= i < len(SWEEP) for i in args.sweep_configs or ()):
+        p.error(f"--sweep-configs: indices into SWEEP run from 0 to {len(SWEEP) - 1}")
     if args.real:
         result = {"real": str(args.real), "date": time.strftime("%Y-%m-%d"),
                   "rows": real_side_by_side(args.real, args.steps, args.paths, args.rounds)}
@@ -416,7 +450,9 @@ def main(argv=None) -> int:
             f, v = h * 37 // 7 // 128 * 128, args.vocab or 152064
             shapes = {"gate/up": (f, h), "down": (h, f), "k/v": (512, h), "o": (h, h), "lm_head": (v, h),
                       "q+k+v fused": (h + 1024, h), "gate+up fused": (2 * f, h)}
-            result["matvec"] = matvec_sweep(be, shapes, np.random.default_rng(1), [c for c in SWEEP if idot_ok or not c[3]],
+            shapes = {label: shapes[label] for label in args.sweep_shapes}
+            configs = [SWEEP[i] for i in args.sweep_configs] if args.sweep_configs else SWEEP
+            result["matvec"] = matvec_sweep(be, shapes, np.random.default_rng(1), [c for c in configs if idot_ok or not c[3]],
                                            args.sweep_reps, args.sweep_rounds)
         # lavapipe: this device's defaults, and the int-dot path it does not pick by itself
         variants = VARIANTS if be.probe["device"]["type"] != "cpu" else [{"name": "default"},

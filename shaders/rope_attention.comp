@@ -21,9 +21,13 @@
 // FROM_STEP = 1 (replayed decode): the slot is step[0] and sequence b's RoPE table row is step[pos_word + b]
 // (the host writes both into the step buffer before each submit); otherwise the slot is the push constant
 // `start` and the tables hold one row a sequence. Dispatch: (KV, S, B).
+// PREFETCH = 1: each team's first cached key and each invocation's first block of values are loaded at the very
+// start, beside q and the RoPE rows (they depend on neither q nor the softmax; only cached slots, never this
+// step's), so the scores and the value sums wait for no memory round trip of their own at short contexts.
 #include "common.glsl"
 
 layout(constant_id = 1) const uint FROM_STEP = 0;
+layout(constant_id = 2) const uint PREFETCH = 1;  // 0: no loads issued ahead (the form before; measured beside it)
 
 const uint MAX_G = 8;        // query heads a KV head (Qwen2.5-7B: 7)
 const uint MAX_D = 256;      // head dimension
@@ -78,6 +82,26 @@ void main() {
     const uint s0 = lo + c * chunk, n = min(chunk, hi - s0);
     const bool last = c == n_active - 1u;
     const uint trow = (FROM_STEP != 0u ? step[p.pos_word + b] : b) * D;
+    const uint n_cached = last ? n - 1u : n;  // the last split's last slot is this step's, in shared memory
+#if USE_SUBGROUP
+    const uint lane = gl_SubgroupInvocationID, team = gl_SubgroupID, n_teams = gl_NumSubgroups, team_size = gl_SubgroupSize;
+#else
+    const uint lane = 0u, team = tid, n_teams = WG, team_size = 1u;
+#endif
+    float key_ahead[KEY_BLOCK], val_ahead[BLOCK];  // the loads issued ahead (PREFETCH)
+    const bool keys_ahead = PREFETCH != 0u && team < n_cached;
+    const bool vals_ahead = PREFETCH != 0u && tid < G * D && BLOCK <= n_cached;
+    if (keys_ahead) {
+        const uint row = (b * p.L + s0 + team) * kvf + h * D;
+        TILE_LOOP for (uint u = 0u; u < KEY_BLOCK; ++u) {
+            const uint i = lane + u * team_size;
+            key_ahead[u] = i < D ? kc[row + i] : 0.0;
+        }
+    }
+    if (vals_ahead) {
+        const uint at = (b * p.L + s0) * kvf + h * D + tid % D;
+        TILE_LOOP for (uint u = 0u; u < BLOCK; ++u) val_ahead[u] = vc[at + u * kvf];
+    }
 
     for (uint i = tid; i < G * half_d; i += WG) {  // RoPE (rotate-half) on the group's queries
         const uint g = i / half_d, j = i % half_d;
@@ -105,11 +129,6 @@ void main() {
     }
     barrier();
 
-#if USE_SUBGROUP
-    const uint lane = gl_SubgroupInvocationID, team = gl_SubgroupID, n_teams = gl_NumSubgroups, team_size = gl_SubgroupSize;
-#else
-    const uint lane = 0u, team = tid, n_teams = WG, team_size = 1u;
-#endif
     // Scores: a team a key, every head of the group at once.
     for (uint j = team; j < n; j += n_teams) {
         const uint s = s0 + j;
@@ -119,9 +138,10 @@ void main() {
         [[unroll]] for (uint g = 0u; g < MAX_G; ++g) dot[g] = 0.0;
         for (uint i0 = lane; i0 < D; i0 += KEY_BLOCK * team_size) {  // once for a subgroup of 32 and D <= 256
             float key[KEY_BLOCK];
+            const bool ahead = keys_ahead && j == team && i0 == lane;
             TILE_LOOP for (uint u = 0u; u < KEY_BLOCK; ++u) {
                 const uint i = i0 + u * team_size;
-                key[u] = i >= D ? 0.0 : fresh ? kn[i] : kc[row + i];
+                key[u] = ahead ? key_ahead[u] : i >= D ? 0.0 : fresh ? kn[i] : kc[row + i];
             }
             TILE_LOOP for (uint u = 0u; u < KEY_BLOCK; ++u) {
                 const uint i = min(i0 + u * team_size, D - 1u);  // past D: key[u] is 0
@@ -170,12 +190,15 @@ void main() {
     // are all issued before they are used (a decode dispatch is latency-bound: one memory round trip a block); a
     // value row is read by the G heads' invocations from the same cache lines.
     const uint pbase = ((b * p.KV + h) * S + c) * G;
-    const uint n_cached = last ? n - 1u : n;  // the last split's last slot is this step's, in shared memory
     for (uint i = tid; i < G * D; i += WG) {
         const uint g = i / D, d = i % D, w = g * MAX_CHUNK;
         const uint at = (b * p.L + s0) * kvf + h * D + d;
         float acc = last ? sc[w + n - 1u] * vn[d] : 0.0;
         uint j = 0u;
+        if (vals_ahead && i == tid) {
+            TILE_LOOP for (uint u = 0u; u < BLOCK; ++u) acc += sc[w + u] * val_ahead[u];
+            j = BLOCK;
+        }
         for (; j + BLOCK <= n_cached; j += BLOCK) {
             float val[BLOCK];
             TILE_LOOP for (uint u = 0u; u < BLOCK; ++u) val[u] = vc[at + (j + u) * kvf];

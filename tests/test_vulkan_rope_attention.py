@@ -211,3 +211,16 @@ def test_profiled_replay_times_every_dispatch(tmp_path):
         dec.greedy_steps(state, ids[0, 4:5], 2)
     dec.close()
     be.close()
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_loads_issued_ahead_or_not(be, cpu, gen, monkeypatch, prefetch):
+    """``attn_prefetch`` on (the default) and off: each team's first cached key and each output's first 16 value
+    rows loaded before q is roped. Chunks of 16 to 18 slots (a block ahead, then a tail of 0-2), the last split's
+    chunk ending in this step's slot (never prefetched: it is stored by this dispatch); head 256 with window and
+    softcap in one chunk of 16-19 slots."""
+    monkeypatch.setattr(be, "attn_prefetch", prefetch)
+    spec = AttnSpec(7, 1, 24, 24 ** -0.5)
+    assert run_case(be, cpu, gen, spec, prompt=30, decode=4, batch=2, chunk_min=16, split_target=64) == 4
+    spec = AttnSpec(4, 2, 256, 256 ** -0.5, window=20, softcap=50.0)
+    assert run_case(be, cpu, gen, spec, prompt=17, decode=3, batch=1, chunk_min=16, split_target=1) == 3

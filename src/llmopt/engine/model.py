@@ -209,15 +209,13 @@ class Model:
         cache = state.caches[self.layer_dev[i]]
         attn = _rope_attention(be, q, k, v, rope, a.head_dim, cache, self.local_index[i], state.start, valid, spec)
         h = be.linear(attn, w["o"])
-        if a.sandwich_norm:
-            h = be.rmsnorm(h, w["post_attn_norm"], a.norm_eps, a.norm_unit_offset)
-        x, h = _add_rmsnorm(be, x, h, w["ffn_norm"], a.norm_eps, a.norm_unit_offset)
+        post = w["post_attn_norm"] if a.sandwich_norm else None
+        x, h = _add_rmsnorm(be, x, h, w["ffn_norm"], a.norm_eps, a.norm_unit_offset, post)
         h = be.linear(_gated_linears(be, h, w["gate"], w["up"], a.act), w["down"])
-        if a.sandwich_norm:
-            h = be.rmsnorm(h, w["post_ffn_norm"], a.norm_eps, a.norm_unit_offset)
+        post = w["post_ffn_norm"] if a.sandwich_norm else None
         if next_norm is not None:
-            return _add_rmsnorm(be, x, h, next_norm, a.norm_eps, a.norm_unit_offset)
-        return be.add(x, h)
+            return _add_rmsnorm(be, x, h, next_norm, a.norm_eps, a.norm_unit_offset, post)
+        return be.add(x, h if post is None else be.rmsnorm(h, post, a.norm_eps, a.norm_unit_offset))
 
     # --- public steps --------------------------------------------------------------------------------
     def prefill(self, ids, attention_mask: torch.Tensor | None = None, max_len: int | None = None,
@@ -375,8 +373,15 @@ def _gated_linears(be: Backend, x, gate, up, kind: str):
     return fused(x, gate, up, kind) if fused is not None else be.gated_act(*_linears(be, x, (gate, up)), kind)
 
 
-def _add_rmsnorm(be: Backend, x, h, weight, eps: float, unit_offset: bool) -> tuple:
-    """The residual ``x + h`` and its RMSNorm; a backend offering ``add_rmsnorm`` does both in one op."""
+def _add_rmsnorm(be: Backend, x, h, weight, eps: float, unit_offset: bool, post=None) -> tuple:
+    """The residual ``x + h`` and its RMSNorm; a backend offering ``add_rmsnorm`` does both in one op. ``post``
+    (Gemma's sandwich norms): ``h`` is first normed with that weight; a backend offering ``norm_add_rmsnorm`` does
+    the three in one op."""
+    fused = getattr(be, "norm_add_rmsnorm", None) if post is not None else None
+    if fused is not None:
+        return fused(x, h, post, weight, eps, unit_offset)
+    if post is not None:
+        h = be.rmsnorm(h, post, eps, unit_offset)
     fused = getattr(be, "add_rmsnorm", None)
     if fused is not None:
         return fused(x, h, weight, eps, unit_offset)

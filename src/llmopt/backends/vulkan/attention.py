@@ -67,6 +67,7 @@ class AttentionOps:
         self.fuse_rope_attention = True
         self.attn_wg = self.wg_reduce
         self.attn_chunk_min = 32
+        self.attn_prefetch = True  # rope_attention issues its first key and value loads beside q's (PREFETCH)
         self.attn_split_target = 1 if probe["device"].get("type") == "cpu" else 128
 
     def kv_cache(self, n_layers, batch, max_len, n_kv_heads, head_dim, windows):
@@ -213,7 +214,7 @@ class AttentionOps:
                          float(spec.softcap or 0.0))
         bufs = [q.buf, k.buf, v.buf, cos, sin, cache.k[layer], cache.v[layer], mask or self.dummy, part,
                 cache.counters, out.buf]
-        self._run("rope_attention", 12, (int(step is not None),),
+        self._run("rope_attention", 12, (int(step is not None), int(self.attn_prefetch)),
                   [self._whole(b) for b in bufs] + [step or self._whole(self.dummy)], push,
                   (spec.n_kv_heads, splits, B), self.attn_wg)
         if part is not self.dummy:

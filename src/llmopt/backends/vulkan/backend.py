@@ -15,12 +15,14 @@ products are accelerated, int2/4/8 mat-vecs run ``matvec_quant_idot`` (x quantiz
 ``int8_chunks`` is its reference); with ``matvec_x_q8`` the ops that feed them at decode (rmsnorm, add_rmsnorm,
 gated_act) also write their output so quantized (``VkAct.q8``, ``shaders/x8.glsl``), which int4 mat-vecs read
 instead of quantizing x in every workgroup. ``gated_linears`` (``fuse_gated_act``) runs gate/up and the gated
-activation as one mat-vec. The KV cache (on the device), RoPE and attention come from
-``llmopt.backends.vulkan.attention`` (``AttentionOps``; a decode step's RoPE, K/V store and attention are one
-dispatch, ``rope_attention``). Host tables (RoPE cos/sin, masks, token ids) are uploaded once per submission and
+activation as one mat-vec; ``matvec_kparts`` / ``matvec_kparts_short`` split a decode mat-vec's K over several
+workgroups, the last to finish adding the parts (both off by default: not faster on an H200). The KV cache (on
+the device), RoPE and attention come from ``llmopt.backends.vulkan.attention`` (``AttentionOps``; a decode
+step's RoPE, K/V store and attention are one dispatch, ``rope_attention``). Host tables (RoPE cos/sin, masks, token ids) are uploaded once per submission and
 reused by every layer that passes the same tensor. ``replay_decoder`` records a model's whole decode step once and replays it per
 token (``llmopt.backends.vulkan.replay``; ``Model.decode_step`` uses it by itself); ``add_rmsnorm`` fuses the
-residual add with the norm after it.
+residual add with the norm after it, ``norm_add_rmsnorm`` also Gemma's post norm before the add (one dispatch for
+rmsnorm, add, rmsnorm), each row held in registers where it fits (``norm_regs_max``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from llmopt.quant.format import QuantizedTensor
 
 MAX_GROUPS = 65535  # workgroups per grid dimension every device supports; wider grids fold into y
 MATVEC_MAX_M = 8  # up to this many input rows the weights are streamed once per row (decode); beyond, tiled matmul
+MATVEC_SHORT_GROUPS = 4096  # mat-vec grids below this many workgroups take matvec_kparts_short (7-9B: q/k/v, o ~1-2k)
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "quick_gelu": 3}
 ROW_SHADERS = {"rmsnorm", "add_rmsnorm", "layernorm", "attention", "argmax"}  # one workgroup a row/head: sized by wg_reduce
 
@@ -140,8 +143,12 @@ class VulkanBackend(AttentionOps, Backend):
         self.matvec_int_dot = bool(spec.get("matvec_int_dot", 0))  # int2/4/8 mat-vecs through matvec_quant_idot
         self.matvec_x_q8 = bool(spec.get("matvec_x_q8", 0))  # norms feeding int-dot mat-vecs also write x as int8
         self.matvec_long_rows = int(spec.get("matvec_long_rows", 0))  # rows a workgroup where long rows widen it
+        self.matvec_kparts = int(spec.get("matvec_kparts", 1))  # workgroups splitting K of long rows (down)
+        self.matvec_kparts_short = int(spec.get("matvec_kparts_short", 1))  # ... of short grids (q/k/v, o)
         self.fuse_linears = True
         self.fuse_gated_act = bool(spec.get("matvec_gated", 0))  # gated_linears: the activation in the mat-vec
+        self.fuse_post_norm = True  # norm_add_rmsnorm: Gemma's post norm, the residual add and the next norm at once
+        self.norm_regs_max = 16  # add_rmsnorm holds rows of up to this many values an invocation in registers
         self._init_attention(info)
         self._fused: dict = {}  # ids of weights given to linears() -> (those weights, fused VkWeight or None)
         self.dev = Device(Path(kernel_dir), spec, profile=profile)
@@ -150,6 +157,9 @@ class VulkanBackend(AttentionOps, Backend):
         self._owner: dict[int, dict] = {}  # id(buffer) -> the private pool of the recording that uses it
         self._uploads: dict = {}  # host tensor identity -> (device buffer, tensor) for this submission
         self.dummy = self.dev.buffer(16, name="dummy")
+        # K-part arrival counters, zero between dispatches (the last is the largest): made here, since zeroing them
+        # uploads, which a replayable recording cannot; enough for any short grid's K parts at any decode batch
+        self._counters: list[Buffer] = [self._zeroed(MATVEC_SHORT_GROUPS * MATVEC_MAX_M, "k-part counters")]
         self.weight_bytes = 0
         self.kinds: dict[str, int] = {}  # weight storage kind ("int4", "float32", ...) -> matrices uploaded
 
@@ -372,13 +382,22 @@ class VulkanBackend(AttentionOps, Backend):
                         pc.z or self._whole(self.dummy), bias, *ys]
             if m <= MATVEC_MAX_M:
                 wg = self._matvec_wg(w.k)
-                long_rows = bool(self.matvec_long_rows) and wg > self.wg  # rows long enough to widen the workgroup
+                widened = wg > self.wg  # rows long enough to widen the workgroup
+                long_rows = bool(self.matvec_long_rows) and widened
                 least = 2 if gated else 1  # a gated set holds matching gate and up rows: an even count
                 rows = max(self.matvec_long_rows if long_rows else self.rows_per_wg, least)
                 sets = self._matvec_sets(wg, rows)
                 while not long_rows and rows > least and -(-pc.rows // (rows * sets)) < self.matvec_min_groups:
                     rows //= 2
-                gx, gy, _ = self._grid(-(-pc.rows // (rows * sets)))
+                blocks = -(-pc.rows // (rows * sets))
+                kparts = 1 if gated else self._matvec_kparts(w.k, wg, blocks, widened)
+                if kparts > 1:
+                    scratch = self._alloc(4 * m * kparts * pc.rows, "k parts")
+                    bindings += [self._whole(scratch), self._whole(self._counter_buffer(m * blocks))]
+                    self._release(scratch)  # free for later commands: the barrier after this dispatch orders them
+                else:
+                    bindings += [self._whole(self.dummy)] * 2
+                gx, gy, _ = self._grid(blocks * kparts)
                 if gated:
                     n = pc.rows // 2
                     push = pack_push("IIIIIIIII", w.k, n, n, 0, w.group, x_step, x_off, n, n)
@@ -387,8 +406,8 @@ class VulkanBackend(AttentionOps, Backend):
                 if int_dot and not self.dev.features["integer_dot_product"]:
                     raise LlmoptError(f"Vulkan device '{self.dev.info['name']}' lacks shaderIntegerDotProduct "
                                       "(VK_KHR_shader_integer_dot_product): the int-dot mat-vec cannot run there")
-                self._run("matvec_quant_idot" if int_dot else "matvec_quant", 8,
-                          (rows, *spec_tail, self.matvec_split, int(x8), gated), bindings, push, (gx, gy, m), wg)
+                self._run("matvec_quant_idot" if int_dot else "matvec_quant", 10,
+                          (rows, *spec_tail, self.matvec_split, int(x8), gated, kparts), bindings, push, (gx, gy, m), wg)
             else:
                 push = pack_push("IIIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m, seg1, seg2)
                 self._run("matmul_quant", 8, (self.tile, *spec_tail), bindings, push,
@@ -401,6 +420,32 @@ class VulkanBackend(AttentionOps, Backend):
         while 2 * wg <= self.matvec_wg_max and k // 32 >= 2 * (2 * wg):
             wg *= 2
         return wg
+
+    def _matvec_kparts(self, k: int, wg: int, blocks: int, widened: bool) -> int:
+        """Workgroups splitting each row set's K: ``matvec_kparts`` for long rows (those that widen the workgroup),
+        ``matvec_kparts_short`` for grids under MATVEC_SHORT_GROUPS workgroups, else 1; never more parts than give
+        every invocation half a 32-value chunk (so never for rows shorter than a workgroup's chunks)."""
+        want = self.matvec_kparts if widened else (self.matvec_kparts_short if blocks < MATVEC_SHORT_GROUPS else 1)
+        if want < 1:
+            raise LlmoptError(f"matvec_kparts {self.matvec_kparts} / matvec_kparts_short {self.matvec_kparts_short}: "
+                              "expected 1 (whole rows) or more K parts")
+        return max(1, min(want, 2 * (k // 32) // wg))
+
+    def _counter_buffer(self, n: int) -> Buffer:
+        """Zeroed arrival counters for a K-part mat-vec over ``n`` row blocks (the shader leaves them zero again).
+        Grown by replacement; replaced buffers stay alive for the recordings that bind them."""
+        have = self._counters[-1].nbytes // 4
+        if have < n:
+            if self.dev.capturing:
+                raise LlmoptError(f"K-part mat-vec over {n} row blocks while recording a replayable step: the "
+                                  f"counters hold {have}; run the shape once eagerly first, or lower matvec_kparts")
+            self._counters.append(self._zeroed(max(n, 2 * have), "k-part counters"))
+        return self._counters[-1]
+
+    def _zeroed(self, n: int, name: str) -> Buffer:
+        buf = self.dev.buffer(4 * n, name=name)
+        self.dev.upload(buf, np.zeros(n, np.uint32))
+        return buf
 
     def _matvec_sets(self, wg: int, rows: int) -> int:
         """Row sets a mat-vec workgroup of ``wg`` holds, after checking the specialization sizes against the shader
@@ -419,6 +464,7 @@ class VulkanBackend(AttentionOps, Backend):
         group = group or x.features
         if x.features % group:
             raise LlmoptError(f"rmsnorm: {x.features} features are not a multiple of the group {group}")
+        self._check_norm_weight("rmsnorm", weight, group)
         out, x8 = self._normed(x.shape, group if group == x.features else None)
         n_chunks = x.rows * (x.features // group)
         push = pack_push("IffI", group, float(eps), 1.0 if unit_offset else 0.0, n_chunks)
@@ -428,14 +474,37 @@ class VulkanBackend(AttentionOps, Backend):
 
     def add_rmsnorm(self, a, b, weight, eps, unit_offset):
         """``(a + b, rmsnorm(a + b))`` in one dispatch: the residual add and the norm after it (whole rows)."""
+        return self._add_rmsnorm(a, b, None, weight, eps, unit_offset)
+
+    def norm_add_rmsnorm(self, a, b, post_weight, weight, eps, unit_offset):
+        """``(s, rmsnorm(s))`` with ``s = a + rmsnorm(b, post_weight)`` (Gemma's sandwich norm after attention or the
+        FFN, the residual add, the next norm) in one dispatch; ``fuse_post_norm`` off: ``rmsnorm`` then
+        ``add_rmsnorm``."""
+        if not self.fuse_post_norm:
+            return self.add_rmsnorm(a, self.rmsnorm(b, post_weight, eps, unit_offset), weight, eps, unit_offset)
+        return self._add_rmsnorm(a, b, post_weight, weight, eps, unit_offset)
+
+    def _add_rmsnorm(self, a, b, post_weight, weight, eps, unit_offset):
+        op = "add_rmsnorm" if post_weight is None else "norm_add_rmsnorm"
         if a.shape != b.shape:
-            raise LlmoptError(f"add_rmsnorm: shapes {list(a.shape)} and {list(b.shape)} differ")
+            raise LlmoptError(f"{op}: shapes {list(a.shape)} and {list(b.shape)} differ")
+        for w in (weight, post_weight):
+            if w is not None:
+                self._check_norm_weight(op, w, a.features)
         total, (out, x8) = self._new(a.shape), self._normed(a.shape, a.features)
+        per = -(-a.features // self.wg_reduce)  # values an invocation holds in registers (0: passes over memory)
+        per = per if per <= self.norm_regs_max else 0
         push = pack_push("IffI", a.features, float(eps), 1.0 if unit_offset else 0.0, a.rows)
-        self._run("add_rmsnorm", 6, x8, [self._whole(a.buf), self._whole(b.buf), self._whole(weight),
-                                                        self._whole(total.buf), self._whole(out.buf),
-                                                        self._whole(out.q8 or self.dummy)], push, self._grid(a.rows))
+        self._run("add_rmsnorm", 7, (*x8, per, int(post_weight is not None)),
+                  [self._whole(a.buf), self._whole(b.buf), self._whole(weight), self._whole(total.buf),
+                   self._whole(out.buf), self._whole(out.q8 or self.dummy), self._whole(post_weight or self.dummy)],
+                  push, self._grid(a.rows))
         return total, out
+
+    @staticmethod
+    def _check_norm_weight(op: str, weight: Buffer, n: int) -> None:
+        if weight.nbytes < 4 * n:  # the shader would read past it
+            raise LlmoptError(f"{op}: the norm weight holds {weight.nbytes // 4} values, {n} features need one each")
 
     def _normed(self, shape: tuple, per_group: int | None) -> tuple[VkAct, tuple]:
         """The output of an op that can also write it as int8 (x8 rows, ``q8``: rmsnorm, add_rmsnorm, gated_act),
@@ -547,4 +616,7 @@ class VulkanBackend(AttentionOps, Backend):
                 for buf in bufs:
                     self.dev.free(buf)
             self._pool.clear()
+            for buf in self._counters:
+                self.dev.free(buf)
+            self._counters.clear()
             self.dev.close()
