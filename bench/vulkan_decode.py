@@ -58,58 +58,33 @@ MODELS = {
                    "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
                    "max_position_embeddings": 8192},
 }
-# mat-vec specializations (wg, rows a set, invocations a set, int-dot, x8 rows, K parts), side by side: the int-dot
-# path quantizing float x in every workgroup or reading x8 rows a norm wrote (40 bytes a 32-value chunk instead of
-# 128), whole rows or K split over that many workgroups (capped at half a chunk an invocation, see
-# VulkanBackend._matvec_kparts; the JSON's "kparts" is what ran). --sweep-configs picks some by index.
-SWEEP = [(128, 16, 0, 1, 0, 1), (64, 4, 0, 1, 1, 1), (128, 4, 0, 1, 1, 1), (256, 4, 0, 1, 1, 1), (128, 16, 0, 1, 1, 1),
-         (128, 16, 0, 1, 1, 2), (128, 16, 0, 1, 1, 4), (128, 8, 0, 1, 1, 4), (64, 16, 0, 1, 1, 4), (64, 8, 0, 1, 1, 8),
-         (256, 8, 0, 1, 1, 2), (64, 4, 0, 1, 1, 2), (64, 4, 0, 1, 1, 3), (32, 4, 0, 1, 1, 2), (32, 4, 0, 1, 1, 4),
-         (64, 8, 0, 1, 1, 2), (32, 2, 0, 1, 1, 4)]
+# mat-vec specializations (wg, rows a set, invocations a set, int-dot, x8 rows), side by side: the int-dot path
+# quantizing float x in every workgroup or reading x8 rows a norm wrote (40 bytes a 32-value chunk instead of 128).
+# --sweep-configs picks some by index.
+SWEEP = [(128, 16, 0, 1, 0), (64, 4, 0, 1, 1), (128, 4, 0, 1, 1), (256, 4, 0, 1, 1), (128, 16, 0, 1, 1),
+         (64, 8, 0, 1, 1), (32, 4, 0, 1, 1)]
 # end-to-end variants: VulkanBackend attributes set over this device's defaults (compile.device_config), each timed
-# on the same loaded model. "before" is the configuration of the start of the 2026-11-26 session (float mat-vec,
-# separate q/k/v and gate/up, rows 8); a change under test adds a variant naming only what it changes.
+# on the same loaded model, in this order. "before" is the configuration of the start of the 2026-11-26 sessions
+# (float mat-vec, separate q/k/v and gate/up, rows 8); the others each switch one measured choice back (their
+# tuning variants, e.g. attention chunk sizes or K-split mat-vecs, are in docs/benchmarks.md and bench/results/);
+# a change under test adds a variant naming only what it changes.
 VARIANTS = [
     {"name": "default"},
     {"name": "before", "rows_per_wg": 8, "matvec_min_groups": 1024, "matvec_int_dot": False, "fuse_linears": False,
-     "matvec_wg_max": 128},
-    {"name": "wg_max 128", "matvec_wg_max": 128},
-    # decode attention: rope(q), rope(k), kv_store, attention as before; the fused dispatch with other chunk floors
-    # (256: one split a KV head up to 256 slots) and workgroup sizes
-    {"name": "unfused attention", "fuse_rope_attention": False},
-    {"name": "attn chunk 64", "attn_chunk_min": 64},
-    {"name": "attn chunk 16", "attn_chunk_min": 16, "attn_split_target": 512},
-    {"name": "attn chunk 256", "attn_chunk_min": 256},
-    {"name": "attn wg 256", "attn_wg": 256},
-    {"name": "attn wg 512", "attn_wg": 512},
-    # the mat-vec (2026-11-26, later session): x8 rows (x as int8, written by the norms and gated_act) with wg 64 and
-    # rows 4 are the GPU default now; the configuration before them, each part alone, and the gated gate/up epilogue
-    {"name": "previous default", "matvec_x_q8": False, "wg": 128, "rows_per_wg": 16},
-    {"name": "no x8 rows", "matvec_x_q8": False},
-    {"name": "rows 8", "rows_per_wg": 8},
-    {"name": "gated", "fuse_gated_act": True},
-    {"name": "long rows 16, wg_max 128", "matvec_long_rows": 16, "matvec_wg_max": 128},  # the down projection at 128/16
-    # K parts (2026-11-26, v6): the down projection's K split over 2-4 workgroups, the short grids' (q/k/v, o) over 2
-    {"name": "down 128/16 k2", "matvec_long_rows": 16, "matvec_wg_max": 128, "matvec_kparts": 2},
-    {"name": "down 128/16 k4", "matvec_long_rows": 16, "matvec_wg_max": 128, "matvec_kparts": 4},
-    {"name": "down 128/8 k4", "matvec_long_rows": 8, "matvec_wg_max": 128, "matvec_kparts": 4},
-    {"name": "down 256/4 k2", "matvec_kparts": 2},
-    {"name": "short k2", "matvec_kparts_short": 2},
-    {"name": "short k2, down 128/16 k4", "matvec_kparts_short": 2, "matvec_long_rows": 16, "matvec_wg_max": 128,
-     "matvec_kparts": 4},
-    # the decode step's norms (2026-11-26, v7): Gemma's sandwich norm fused with the residual add and the next norm
-    # (norm_add_rmsnorm), and add_rmsnorm holding its row in registers; each against the previous form
-    {"name": "separate post norm", "fuse_post_norm": False},
-    {"name": "norms over memory", "norm_regs_max": 0},
-    {"name": "norms v6", "fuse_post_norm": False, "norm_regs_max": 0},
-    {"name": "norm wg 256", "wg_reduce": 256},
+     "matvec_wg_max": 128, "matvec_x_q8": False, "fuse_rope_attention": False, "fuse_post_norm": False,
+     "norm_regs_max": 0},
+    {"name": "unfused attention", "fuse_rope_attention": False},  # rope(q), rope(k), kv_store, attention
+    {"name": "no x8 rows", "matvec_x_q8": False},  # every int-dot mat-vec workgroup quantizes float x itself
+    {"name": "previous mat-vec", "matvec_x_q8": False, "wg": 128, "rows_per_wg": 16},
+    {"name": "gated", "fuse_gated_act": True},  # the activation in the gate/up epilogue (off: slower with x8 rows)
+    {"name": "separate post norm", "fuse_post_norm": False},  # Gemma: rmsnorm, then add_rmsnorm
+    {"name": "norms over memory", "norm_regs_max": 0},  # add_rmsnorm's passes over memory instead of registers
     {"name": "attn no prefetch", "attn_prefetch": False},  # rope_attention without its first loads issued ahead
     {"name": "default again"},  # the first variant repeated last: the run's drift (KV length, clocks)
 ]
 VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
-                "matvec_x_q8", "fuse_gated_act", "matvec_long_rows", "fuse_post_norm", "norm_regs_max",
-                "attn_prefetch", "matvec_kparts", "matvec_kparts_short")
+                "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:
@@ -160,7 +135,7 @@ def matvec_sweep(be: VulkanBackend, shapes: dict, rng, configs, reps: int = 50, 
     """
     rows = []
     saved = (be.matvec_int_dot, be.matvec_x_q8, be.matvec_wg_max, be.wg, be.rows_per_wg, be.matvec_split,
-             be.matvec_min_groups, be.matvec_kparts, be.matvec_kparts_short)
+             be.matvec_min_groups)
     for label, shape in shapes.items():
         copies = [random_int4(shape, rng) for _ in range(4)]
         weights = [be.linear_weight(label, w) for w in copies]
@@ -180,8 +155,8 @@ def matvec_sweep(be: VulkanBackend, shapes: dict, rng, configs, reps: int = 50, 
         times, errs = {cfg: [] for cfg in configs}, {}
         for _ in range(rounds):
             for cfg in configs:
-                be.wg, be.rows_per_wg, be.matvec_split, be.matvec_int_dot, with_x8, kparts = cfg
-                be.matvec_wg_max, be.matvec_kparts, be.matvec_kparts_short = be.wg, kparts, kparts
+                be.wg, be.rows_per_wg, be.matvec_split, be.matvec_int_dot, with_x8 = cfg
+                be.matvec_wg_max = be.wg
                 xin = x8 if with_x8 else x
                 if cfg not in errs:  # int-dot: against x quantized as the shader does, and against plain x
                     out = be.to_host(be.linear(xin, weights[0]))[0].double()
@@ -198,20 +173,17 @@ def matvec_sweep(be: VulkanBackend, shapes: dict, rng, configs, reps: int = 50, 
                 kernel = "matvec_quant_idot" if cfg[3] else "matvec_quant"
                 times[cfg].append(be.dev.kernel_times[kernel] / be.dev.kernel_counts[kernel])
         for cfg, ms_all in times.items():
-            (wg, rpw, split, idot, with_x8, _), ms, (err, err_plain) = cfg, min(ms_all), errs[cfg]
-            blocks = -(-shape[0] // (rpw * (wg // split if split else 1)))
-            be.matvec_kparts = be.matvec_kparts_short = cfg[5]
-            kparts = be._matvec_kparts(shape[1], wg, blocks, widened=False)
+            (wg, rpw, split, idot, with_x8), ms, (err, err_plain) = cfg, min(ms_all), errs[cfg]
             rows.append({"shape": label, "n": shape[0], "k": shape[1], "wg": wg, "rows": rpw, "split": split,
-                         "int_dot": idot, "x8": with_x8, "kparts": kparts, "ms": ms, "ms_rounds": ms_all,
+                         "int_dot": idot, "x8": with_x8, "ms": ms, "ms_rounds": ms_all,
                          "gbps": wbytes / (ms * 1e-3) / 1e9, "rel_err": err, "rel_err_vs_plain_x": err_plain})
             kind = ("int-dot x8" if with_x8 else "int-dot   ") if idot else "float     "
-            print(f"  matvec {label:10s} wg={wg:3d} rows={rpw:2d} split={split:3d} kparts={kparts} {kind}: "
+            print(f"  matvec {label:10s} wg={wg:3d} rows={rpw:2d} split={split:3d} {kind}: "
                   f"{ms * 1e3:7.1f} us (worst round {max(ms_all) * 1e3:7.1f})  {rows[-1]['gbps']:7.1f} GB/s  "
                   f"err {err:.1e} (vs plain x {err_plain:.1e})")
         del weights
     be.matvec_int_dot, be.matvec_x_q8, be.matvec_wg_max = saved[:3]
-    be.wg, be.rows_per_wg, be.matvec_split, be.matvec_min_groups, be.matvec_kparts, be.matvec_kparts_short = saved[3:]
+    be.wg, be.rows_per_wg, be.matvec_split, be.matvec_min_groups = saved[3:]
     return rows
 
 

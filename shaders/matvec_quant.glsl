@@ -23,11 +23,6 @@
 // y[m, o] = act(gate_o . x + b_o) * (up_o . x + b_{N+o}): a set's ROWS rows are ROWS / 2 gate rows and the
 // matching up rows, so the activation runs in the epilogue (one dispatch, no [2N] round trip). Dispatch:
 // ceil(2N / (ROWS * WG / SPLIT)) workgroups; ROWS even.
-// K parts (KPARTS > 1, not gated): KPARTS neighbouring workgroups share a row set's rows, each summing one of
-// KPARTS runs of whole chunks, so short grids (q/k/v, o) get more workgroups and long rows (down) fewer chunks
-// each. Each writes its sums to `kpart`, then counts itself in its rows' `counter`; the last to arrive adds the
-// KPARTS partials in part order (the same bits whichever arrives last) and resets the counter for the next
-// dispatch. Dispatch: KPARTS * ceil(N / (ROWS * WG / SPLIT)) workgroups.
 #ifndef USE_INT_DOT
 #define USE_INT_DOT 0
 #endif
@@ -49,7 +44,6 @@ layout(constant_id = 5) const uint HAS_BIAS = 0;
 layout(constant_id = 6) const uint SPLIT = 0;  // invocations a row set: a power of two dividing WG; 0 means WG
 layout(constant_id = 7) const uint X_Q8 = 0;   // binding 0 holds x8 rows (int-dot, 4-bit codes, K % 32 == 0)
 layout(constant_id = 8) const uint GATED = 0;  // 1 + activation kind: gated epilogue over a [gate; up] weight
-layout(constant_id = 9) const uint KPARTS = 1; // workgroups splitting a row set's K (1: whole rows)
 
 #define X8_BITS BITS
 #include "x8.glsl"
@@ -65,8 +59,6 @@ layout(std430, binding = 4) readonly buffer BBuf { float bias[]; };
 layout(std430, binding = 5) writeonly buffer YBuf { float y[]; };
 layout(std430, binding = 6) writeonly buffer Y1Buf { float y1[]; };
 layout(std430, binding = 7) writeonly buffer Y2Buf { float y2[]; };
-layout(std430, binding = 8) coherent buffer KPartBuf { float kpart[]; };  // KPARTS > 1: [M, KPARTS, N] sums
-layout(std430, binding = 9) coherent buffer CountBuf { uint counter[]; };  // [M, row blocks], zero between dispatches
 
 layout(push_constant) uniform Params {
     uint K;       // input features
@@ -86,7 +78,6 @@ const uint SET = SPLIT == 0u ? WG : SPLIT;
 const uint SETS = WG / SET;
 const uint HALF = ROWS / 2u;
 shared float part[ROWS * WG];  // partial sums, row r of invocation t at part[r * WG + t]
-shared bool last_part;
 
 // Weight row of a set's row r; `first` is the set's first row (gated: counting gate and up rows, ROWS a set).
 // Rows past the end are clamped: computed and discarded.
@@ -99,17 +90,11 @@ uint weight_row(uint first, uint r) {
 void main() {
     const uint tid = gl_LocalInvocationID.x;
     const uint lane = tid % SET;
-    const uint block = group_index() / KPARTS, kp = group_index() % KPARTS;  // rows, and which run of K
-    const uint n_blocks = (p.N + ROWS * SETS - 1u) / (ROWS * SETS);
-    if (KPARTS > 1u && block >= n_blocks) return;  // a folded grid's padding: no counter of its own
-    const uint first = (block * SETS + tid / SET) * ROWS;
+    const uint first = (group_index() * SETS + tid / SET) * ROWS;
     const uint m = gl_WorkGroupID.z;
     const uint xrow = m * p.x_step + p.x_off;
     const uint xbase = xrow * p.K;
     const uint n_chunks = p.K / 32u;
-    const uint part_chunks = (n_chunks + KPARTS - 1u) / KPARTS;
-    const uint c_end = min(n_chunks, (kp + 1u) * part_chunks);
-    const bool last_k = kp == KPARTS - 1u;  // the part that also takes the row tail
     const uint row_words = p.K * BITS / 32u;
     const uint groups = p.K / p.group;
     const bool rows_aligned = (row_words & 3u) == 0u;  // rows start on 16 bytes: uvec4 loads
@@ -117,7 +102,7 @@ void main() {
     float acc[ROWS];
     [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] = 0.0;
 
-    for (uint c = kp * part_chunks + lane; c < c_end; c += SET) {
+    for (uint c = lane; c < n_chunks; c += SET) {
         const uint xc = xbase + c * 32u;
         if (BITS == 32) {
             [[unroll]] for (uint r = 0; r < ROWS; ++r) {
@@ -215,7 +200,7 @@ void main() {
         }
     }
     // Tail of a row that is not a multiple of 32 codes (only 2-, 4- and 8-bit rows can have one; never x8 rows).
-    for (uint j = n_chunks * 32u + lane; X_Q8 == 0u && last_k && j < p.K; j += SET) {
+    for (uint j = n_chunks * 32u + lane; X_Q8 == 0u && j < p.K; j += SET) {
         const float xj = x[xbase + j];
         [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] += weight_at(weight_row(first, r), j, p.K, p.group) * xj;
     }
@@ -240,7 +225,7 @@ void main() {
                 sg += part[r * WG + j];
                 su += part[(r + HALF) * WG + j];
             }
-            const uint out_row = (block * SETS + set) * HALF + r;
+            const uint out_row = (group_index() * SETS + set) * HALF + r;
             if (out_row >= p.N) continue;
             sg += HAS_BIAS != 0 ? bias[out_row] : 0.0;
             su += HAS_BIAS != 0 ? bias[p.N + out_row] : 0.0;
@@ -248,32 +233,11 @@ void main() {
         }
         return;
     }
-    if (KPARTS > 1u) {  // this part's sums out; the last part of these rows to finish goes on
-        for (uint o = tid; o < ROWS * SETS; o += WG) {
-            const uint r = o % ROWS, set = o / ROWS;
-            float s = 0.0;
-            for (uint j = set * SET; j < (set + 1u) * SET; j += stride) s += part[r * WG + j];
-            const uint row = (block * SETS + set) * ROWS + r;
-            if (row < p.N) kpart[(m * KPARTS + kp) * p.N + row] = s;
-        }
-        memoryBarrierBuffer();
-        barrier();
-        if (tid == 0u) last_part = atomicAdd(counter[m * n_blocks + block], 1u) == KPARTS - 1u;
-        barrier();
-        if (!last_part) return;
-        memoryBarrierBuffer();
-        if (tid == 0u) counter[m * n_blocks + block] = 0u;
-    }
     for (uint o = tid; o < ROWS * SETS; o += WG) {
         const uint r = o % ROWS, set = o / ROWS;
-        const uint row = (block * SETS + set) * ROWS + r;
         float s = 0.0;
-        if (KPARTS > 1u) {
-            if (row >= p.N) continue;
-            for (uint i = 0u; i < KPARTS; ++i) s += kpart[(m * KPARTS + i) * p.N + row];
-        } else {
-            for (uint j = set * SET; j < (set + 1u) * SET; j += stride) s += part[r * WG + j];
-        }
+        for (uint j = set * SET; j < (set + 1u) * SET; j += stride) s += part[r * WG + j];
+        const uint row = (group_index() * SETS + set) * ROWS + r;
         if (row >= p.N) continue;
         const uint R = p.row0 + row;
         s += HAS_BIAS != 0 ? bias[R] : 0.0;

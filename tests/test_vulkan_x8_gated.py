@@ -1,6 +1,5 @@
 """x written as int8 by the ops before a mat-vec (x8 rows, ``shaders/x8.glsl``), the gated gate/up mat-vec
-(``VulkanBackend.gated_linears``) and ``matvec_long_rows``, on lavapipe (forced on; GPUs pick them through
-``compile.device_config``).
+(``VulkanBackend.gated_linears``), on lavapipe (forced on; GPUs pick them through ``compile.device_config``).
 
 Tolerances (float64 references on fresh random inputs, odd sizes):
 * int-dot mat-vecs against a reference that quantizes x as the shader does (``int8_chunks``): relative error below
@@ -285,19 +284,3 @@ def test_device_config_turns_x8_rows_on_with_the_int_dot_matvec():
     gpu["features"]["integer_dot_4x8_signed_accelerated"] = False  # no fast dot: float mat-vec, nothing reads x8 rows
     assert vk_compile.device_config(gpu)["spec"]["matvec_x_q8"] == 0
     assert vk_compile.device_config(PROBE)["spec"]["matvec_x_q8"] == 0  # lavapipe emulates the dot
-
-
-def test_long_rows_keep_their_row_count(fast, gen, monkeypatch):
-    """``matvec_long_rows``: mat-vecs over rows long enough to widen the workgroup take that many rows a workgroup,
-    not halved for ``matvec_min_groups``; shorter rows keep ``rows_per_wg`` and the halving."""
-    be = fast
-    for key, value in (("wg", 16), ("matvec_wg_max", 32), ("rows_per_wg", 4), ("matvec_long_rows", 16),
-                       ("matvec_min_groups", 64)):
-        monkeypatch.setattr(be, key, value)
-    for n_out, k in [(45, 32 * 4 * 16 + 64), (45, 96)]:  # 66 chunks: the workgroup widens to 32; 3 chunks: it does not
-        qt = random_qt(n_out, k, 4, 32, False, torch.float16, gen)
-        x = be.rmsnorm(be.from_host(torch.randn(1, 1, k, generator=gen)), be.param("n", torch.ones(k)), 1e-6, False)
-        out = be.to_host(be.linear(x, be.linear_weight("long", qt)))
-        assert rel_err(out, int8_chunks(be.to_host(x)) @ qt.dequantize(torch.float64).T) < RTOL, k
-    used = {spec[:2] for name, spec in be.dev.pipelines if name == "matvec_quant_idot"}
-    assert (32, 16) in used and (16, 1) in used  # long: 16 rows at 32 invocations; short: 4 rows halved to 1

@@ -15,10 +15,9 @@ products are accelerated, int2/4/8 mat-vecs run ``matvec_quant_idot`` (x quantiz
 ``int8_chunks`` is its reference); with ``matvec_x_q8`` the ops that feed them at decode (rmsnorm, add_rmsnorm,
 gated_act) also write their output so quantized (``VkAct.q8``, ``shaders/x8.glsl``), which int4 mat-vecs read
 instead of quantizing x in every workgroup. ``gated_linears`` (``fuse_gated_act``) runs gate/up and the gated
-activation as one mat-vec; ``matvec_kparts`` / ``matvec_kparts_short`` split a decode mat-vec's K over several
-workgroups, the last to finish adding the parts (both off by default: not faster on an H200). The KV cache (on
-the device), RoPE and attention come from ``llmopt.backends.vulkan.attention`` (``AttentionOps``; a decode
-step's RoPE, K/V store and attention are one dispatch, ``rope_attention``). Host tables (RoPE cos/sin, masks, token ids) are uploaded once per submission and
+activation as one mat-vec. The KV cache (on the device), RoPE and attention come from
+``llmopt.backends.vulkan.attention`` (``AttentionOps``; a decode step's RoPE, K/V store and attention are one
+dispatch, ``rope_attention``). Host tables (RoPE cos/sin, masks, token ids) are uploaded once per submission and
 reused by every layer that passes the same tensor. ``replay_decoder`` records a model's whole decode step once and replays it per
 token (``llmopt.backends.vulkan.replay``; ``Model.decode_step`` uses it by itself); ``add_rmsnorm`` fuses the
 residual add with the norm after it, ``norm_add_rmsnorm`` also Gemma's post norm before the add (one dispatch for
@@ -45,7 +44,6 @@ from llmopt.quant.format import QuantizedTensor
 
 MAX_GROUPS = 65535  # workgroups per grid dimension every device supports; wider grids fold into y
 MATVEC_MAX_M = 8  # up to this many input rows the weights are streamed once per row (decode); beyond, tiled matmul
-MATVEC_SHORT_GROUPS = 4096  # mat-vec grids below this many workgroups take matvec_kparts_short (7-9B: q/k/v, o ~1-2k)
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "quick_gelu": 3}
 ROW_SHADERS = {"rmsnorm", "add_rmsnorm", "layernorm", "attention", "argmax"}  # one workgroup a row/head: sized by wg_reduce
 
@@ -142,9 +140,6 @@ class VulkanBackend(AttentionOps, Backend):
         self.matvec_wg_max = int(spec.get("matvec_wg_max", self.wg))
         self.matvec_int_dot = bool(spec.get("matvec_int_dot", 0))  # int2/4/8 mat-vecs through matvec_quant_idot
         self.matvec_x_q8 = bool(spec.get("matvec_x_q8", 0))  # norms feeding int-dot mat-vecs also write x as int8
-        self.matvec_long_rows = int(spec.get("matvec_long_rows", 0))  # rows a workgroup where long rows widen it
-        self.matvec_kparts = int(spec.get("matvec_kparts", 1))  # workgroups splitting K of long rows (down)
-        self.matvec_kparts_short = int(spec.get("matvec_kparts_short", 1))  # ... of short grids (q/k/v, o)
         self.fuse_linears = True
         self.fuse_gated_act = bool(spec.get("matvec_gated", 0))  # gated_linears: the activation in the mat-vec
         self.fuse_post_norm = True  # norm_add_rmsnorm: Gemma's post norm, the residual add and the next norm at once
@@ -157,9 +152,6 @@ class VulkanBackend(AttentionOps, Backend):
         self._owner: dict[int, dict] = {}  # id(buffer) -> the private pool of the recording that uses it
         self._uploads: dict = {}  # host tensor identity -> (device buffer, tensor) for this submission
         self.dummy = self.dev.buffer(16, name="dummy")
-        # K-part arrival counters, zero between dispatches (the last is the largest): made here, since zeroing them
-        # uploads, which a replayable recording cannot; enough for any short grid's K parts at any decode batch
-        self._counters: list[Buffer] = [self._zeroed(MATVEC_SHORT_GROUPS * MATVEC_MAX_M, "k-part counters")]
         self.weight_bytes = 0
         self.kinds: dict[str, int] = {}  # weight storage kind ("int4", "float32", ...) -> matrices uploaded
 
@@ -382,22 +374,12 @@ class VulkanBackend(AttentionOps, Backend):
                         pc.z or self._whole(self.dummy), bias, *ys]
             if m <= MATVEC_MAX_M:
                 wg = self._matvec_wg(w.k)
-                widened = wg > self.wg  # rows long enough to widen the workgroup
-                long_rows = bool(self.matvec_long_rows) and widened
                 least = 2 if gated else 1  # a gated set holds matching gate and up rows: an even count
-                rows = max(self.matvec_long_rows if long_rows else self.rows_per_wg, least)
+                rows = max(self.rows_per_wg, least)
                 sets = self._matvec_sets(wg, rows)
-                while not long_rows and rows > least and -(-pc.rows // (rows * sets)) < self.matvec_min_groups:
+                while rows > least and -(-pc.rows // (rows * sets)) < self.matvec_min_groups:
                     rows //= 2
-                blocks = -(-pc.rows // (rows * sets))
-                kparts = 1 if gated else self._matvec_kparts(w.k, wg, blocks, widened)
-                if kparts > 1:
-                    scratch = self._alloc(4 * m * kparts * pc.rows, "k parts")
-                    bindings += [self._whole(scratch), self._whole(self._counter_buffer(m * blocks))]
-                    self._release(scratch)  # free for later commands: the barrier after this dispatch orders them
-                else:
-                    bindings += [self._whole(self.dummy)] * 2
-                gx, gy, _ = self._grid(blocks * kparts)
+                gx, gy, _ = self._grid(-(-pc.rows // (rows * sets)))
                 if gated:
                     n = pc.rows // 2
                     push = pack_push("IIIIIIIII", w.k, n, n, 0, w.group, x_step, x_off, n, n)
@@ -406,8 +388,8 @@ class VulkanBackend(AttentionOps, Backend):
                 if int_dot and not self.dev.features["integer_dot_product"]:
                     raise LlmoptError(f"Vulkan device '{self.dev.info['name']}' lacks shaderIntegerDotProduct "
                                       "(VK_KHR_shader_integer_dot_product): the int-dot mat-vec cannot run there")
-                self._run("matvec_quant_idot" if int_dot else "matvec_quant", 10,
-                          (rows, *spec_tail, self.matvec_split, int(x8), gated, kparts), bindings, push, (gx, gy, m), wg)
+                self._run("matvec_quant_idot" if int_dot else "matvec_quant", 8,
+                          (rows, *spec_tail, self.matvec_split, int(x8), gated), bindings, push, (gx, gy, m), wg)
             else:
                 push = pack_push("IIIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m, seg1, seg2)
                 self._run("matmul_quant", 8, (self.tile, *spec_tail), bindings, push,
@@ -420,32 +402,6 @@ class VulkanBackend(AttentionOps, Backend):
         while 2 * wg <= self.matvec_wg_max and k // 32 >= 2 * (2 * wg):
             wg *= 2
         return wg
-
-    def _matvec_kparts(self, k: int, wg: int, blocks: int, widened: bool) -> int:
-        """Workgroups splitting each row set's K: ``matvec_kparts`` for long rows (those that widen the workgroup),
-        ``matvec_kparts_short`` for grids under MATVEC_SHORT_GROUPS workgroups, else 1; never more parts than give
-        every invocation half a 32-value chunk (so never for rows shorter than a workgroup's chunks)."""
-        want = self.matvec_kparts if widened else (self.matvec_kparts_short if blocks < MATVEC_SHORT_GROUPS else 1)
-        if want < 1:
-            raise LlmoptError(f"matvec_kparts {self.matvec_kparts} / matvec_kparts_short {self.matvec_kparts_short}: "
-                              "expected 1 (whole rows) or more K parts")
-        return max(1, min(want, 2 * (k // 32) // wg))
-
-    def _counter_buffer(self, n: int) -> Buffer:
-        """Zeroed arrival counters for a K-part mat-vec over ``n`` row blocks (the shader leaves them zero again).
-        Grown by replacement; replaced buffers stay alive for the recordings that bind them."""
-        have = self._counters[-1].nbytes // 4
-        if have < n:
-            if self.dev.capturing:
-                raise LlmoptError(f"K-part mat-vec over {n} row blocks while recording a replayable step: the "
-                                  f"counters hold {have}; run the shape once eagerly first, or lower matvec_kparts")
-            self._counters.append(self._zeroed(max(n, 2 * have), "k-part counters"))
-        return self._counters[-1]
-
-    def _zeroed(self, n: int, name: str) -> Buffer:
-        buf = self.dev.buffer(4 * n, name=name)
-        self.dev.upload(buf, np.zeros(n, np.uint32))
-        return buf
 
     def _matvec_sets(self, wg: int, rows: int) -> int:
         """Row sets a mat-vec workgroup of ``wg`` holds, after checking the specialization sizes against the shader
@@ -616,7 +572,4 @@ class VulkanBackend(AttentionOps, Backend):
                 for buf in bufs:
                     self.dev.free(buf)
             self._pool.clear()
-            for buf in self._counters:
-                self.dev.free(buf)
-            self._counters.clear()
             self.dev.close()

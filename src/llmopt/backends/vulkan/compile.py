@@ -46,13 +46,7 @@ def device_config(probe: dict) -> dict:
     at 256, while rows of 3584 were fastest at 64-128); ``matvec_x_q8``: 1 to have the norms that feed int-dot
     mat-vecs also write their output as int8 per 32 values (x8.glsl), read by 4-bit mat-vecs instead of quantizing
     x in every workgroup; ``matvec_gated``: 1 to run gate/up and the gated activation as one mat-vec
-    (``VulkanBackend.gated_linears``); ``matvec_long_rows``: rows a workgroup, never halved, for mat-vecs whose rows
-    are long enough to widen the workgroup (0: ``rows`` as for all; an H200 ran the 3584 x 18944 down projection
-    in 21.6-24.7 us at 128 invocations x 16 rows against 29.8-31.3 us at 128-256 x 4 in isolation, but 16 rows
-    measured 2-3 us a layer slower than the default inside the decode step);
-    ``matvec_kparts`` / ``matvec_kparts_short``: workgroups splitting a row set's K, the last to finish adding
-    their sums (matvec_quant.glsl), for long rows / for grids under ``backend.MATVEC_SHORT_GROUPS`` workgroups
-    (1: whole rows; on an H200 neither the down projection nor q/k/v and o gained from 2-4 parts in a decode step).
+    (``VulkanBackend.gated_linears``).
 
     CPU devices (lavapipe) run one invocation per SIMD lane group and pay for every barrier, so small workgroups
     (16 invocations, 8 rows each) win there by about 5x (FACTS §6); GPUs want 64-256 invocations a workgroup.
@@ -75,8 +69,7 @@ def device_config(probe: dict) -> dict:
         "spec": {"wg": min(wg, max_wg), "rows": rows, "tile": tile, "wg_reduce": min(wg_reduce, max_wg),
                  "matvec_min_groups": min_groups, "matvec_split": split, "matvec_wg_max": min(wg_max, max_wg),
                  "matvec_int_dot": int_dot,
-                 "matvec_x_q8": x_q8, "matvec_gated": gated, "matvec_long_rows": 0,
-                 "matvec_kparts": 1, "matvec_kparts_short": 1},
+                 "matvec_x_q8": x_q8, "matvec_gated": gated},
     }
 
 
