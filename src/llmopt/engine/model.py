@@ -183,15 +183,21 @@ class Model:
             x = cur.from_host(host)
         valid = state.valid[:, :state.start + T] if state.padded else None
         tables = {r: rope_tables(r, positions, a.head_dim) for r in set(a.rope_layers)}
+        normed = None  # the next norm's output, when the previous block fused it with its residual add
         for i, layer in enumerate(self.layers):
             be = self.backends[self.layer_dev[i]]
             if be is not cur:
                 x, cur = be.from_host(cur.to_host(x)), be
-            x = self._block(be, layer, x, tables[a.rope_layers[i]], state, i, valid)
+            last = i + 1 == len(self.layers)
+            next_norm = self.final_norm if last else self.layers[i + 1]["attn_norm"]
+            if self.backends[self.head_dev if last else self.layer_dev[i + 1]] is not be:
+                next_norm = None  # that norm runs on another backend, after the transfer
+            out = self._block(be, layer, x, tables[a.rope_layers[i]], state, i, valid, normed, next_norm)
+            x, normed = out if next_norm is not None else (out, None)
         head = self.backends[self.head_dev]
         if head is not cur:
             x = head.from_host(cur.to_host(x))
-        x = head.rmsnorm(x, self.final_norm, a.norm_eps, a.norm_unit_offset)
+        x = normed if normed is not None else head.rmsnorm(x, self.final_norm, a.norm_eps, a.norm_unit_offset)
         if not all_logits:
             return head.logits(x, self.head, a.final_softcap)
         y = head.to_host(head.linear(x, self.head))

@@ -13,8 +13,8 @@ Before each submit the host writes those few words into a host-visible copy; a r
 the device buffer ahead of the body. The RoPE tables (cos/sin of every position the state can reach, per RoPE
 kind) and the padding mask (the prompt's valid flags; decode slots are always valid) are uploaded once. In the body
 every residual add is fused with the norm after it (``add_rmsnorm``: the next layer's attention norm, or the final
-norm), one dispatch a layer fewer than the eager step; with Gemma's sandwich norms the post norm before it too
-(``norm_add_rmsnorm``), two dispatches a layer fewer. The body ends at the logits; one of two recorded tails
+norm; with Gemma's sandwich norms the post norm before it too, ``norm_add_rmsnorm``), as in an eager
+``Model._forward``, so the two run the same kernels. The body ends at the logits; one of two recorded tails
 follows in the same submission: the greedy tail (``argmax.comp``, 4 bytes a sequence back) or the logits tail (the
 whole ``[B, vocab]`` back, for sampling).
 
