@@ -1,4 +1,5 @@
-"""Shared pytest setup: fixed thread count (2-core machines), repository paths, the real reference model."""
+"""Shared pytest setup: fixed thread count (2-core machines), repository paths, the real reference model, fresh
+random generators, and the backends the Vulkan test files share (those files skip themselves without a device)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,26 @@ def reference_model_dir() -> Path:
     from llmopt.download.pip_gguf import ensure_reference_model
 
     return ensure_reference_model()
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
+
+
+@pytest.fixture(scope="module")
+def be():
+    """One VulkanBackend per test module, closed after it."""
+    from llmopt.backends.vulkan import VulkanBackend
+
+    backend = VulkanBackend()
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    """The CPU backend's float reference path, what Vulkan ops are checked against."""
+    from llmopt.backends.cpu import CpuBackend
+
+    return CpuBackend(quant="reference")

@@ -42,18 +42,6 @@ if not PROBE["features"].get("integer_dot_product"):
 RTOL, RTOL_X8, MODEL_RTOL = 2e-5, 2e-2, 6e-2
 
 
-@pytest.fixture(scope="module")
-def be():
-    backend = vulkan.VulkanBackend()
-    yield backend
-    backend.close()
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
-
-
 @pytest.fixture
 def int_dot(be):
     be.matvec_int_dot = True

@@ -28,18 +28,6 @@ from test_vulkan_x8_gated import read_x8, x8_reference  # noqa: E402
 RTOL = 2e-5
 
 
-@pytest.fixture(scope="module")
-def be():
-    backend = vulkan.VulkanBackend()
-    yield backend
-    backend.close()
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
-
-
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 

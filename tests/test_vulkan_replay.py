@@ -27,13 +27,6 @@ from test_vulkan_models import ATOL, COMMON, FAMILIES, quantize_folder, save_ran
 VOCAB = COMMON["vocab_size"]
 
 
-@pytest.fixture(scope="module")
-def be():
-    backend = vulkan.VulkanBackend()
-    yield backend
-    backend.close()
-
-
 def decode_both(model, ids, n_prompt: int, attention_mask=None):
     """Teacher-forced decode of ``ids[:, n_prompt:]`` with the replay off, then on; logits of each step."""
     runs = []

@@ -25,25 +25,6 @@ from llmopt.errors import LlmoptError  # noqa: E402
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def be():
-    backend = vulkan.VulkanBackend()
-    yield backend
-    backend.close()
-
-
-@pytest.fixture(scope="module")
-def cpu():
-    from llmopt.backends.cpu import CpuBackend
-
-    return CpuBackend(quant="reference")
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
-
-
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 

@@ -37,18 +37,6 @@ ACTS = {"silu": torch.nn.functional.silu, "gelu_tanh": lambda v: torch.nn.functi
         "gelu": torch.nn.functional.gelu, "quick_gelu": lambda v: v * torch.sigmoid(1.702 * v)}
 
 
-@pytest.fixture(scope="module")
-def be():
-    backend = vulkan.VulkanBackend()
-    yield backend
-    backend.close()
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
-
-
 @pytest.fixture
 def fast(be, monkeypatch):
     """The GPU configuration: int-dot mat-vecs, x8 rows from the norms, the gated epilogue."""

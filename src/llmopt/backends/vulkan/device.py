@@ -507,16 +507,20 @@ class Device(Recordings):
             self._collect_timestamps()
 
     def _collect_timestamps(self) -> None:
-        n = len(self._stamps)
+        self._add_timestamps(self.query_pool, self._stamps, self.kernel_times, self.kernel_counts)
+        self._stamps = []
+
+    def _add_timestamps(self, pool, labels: list, times: dict, counts: dict) -> None:
+        """Add the ms between consecutive timestamps of ``pool`` (``labels[i]`` names timestamp i's command) to
+        ``times`` and ``counts`` by label."""
+        n = len(labels)
         data = self.ffi.new(f"uint64_t[{n}]")
-        self.lib.vkGetQueryPoolResults(self.device, self.query_pool, 0, n, 8 * n, data, 8,
+        self.lib.vkGetQueryPoolResults(self.device, pool, 0, n, 8 * n, data, 8,
                                        self.vk.VK_QUERY_RESULT_64_BIT | self.vk.VK_QUERY_RESULT_WAIT_BIT)
         period = float(self.info["timestamp_period_ns"]) * 1e-6  # ms per tick
         for i in range(1, n):
-            label = self._stamps[i]
-            self.kernel_times[label] = self.kernel_times.get(label, 0.0) + (data[i] - data[i - 1]) * period
-            self.kernel_counts[label] = self.kernel_counts.get(label, 0) + 1
-        self._stamps = []
+            times[labels[i]] = times.get(labels[i], 0.0) + (data[i] - data[i - 1]) * period
+            counts[labels[i]] = counts.get(labels[i], 0) + 1
 
     def close(self) -> None:
         """Release every Vulkan object, every buffer included (handles still held must not be used afterwards)."""

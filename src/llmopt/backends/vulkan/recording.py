@@ -172,15 +172,7 @@ class Recordings:
         that submission was waited for)."""
         if rec.labels is None:
             raise LlmoptError("collect: the recording was not made with profile=True")
-        n = len(rec.labels)
-        data = self.ffi.new(f"uint64_t[{n}]")
-        self.lib.vkGetQueryPoolResults(self.device, rec.query_pool, 0, n, 8 * n, data, 8,
-                                       self.vk.VK_QUERY_RESULT_64_BIT | self.vk.VK_QUERY_RESULT_WAIT_BIT)
-        period = float(self.info["timestamp_period_ns"]) * 1e-6  # ms per tick
-        for i in range(1, n):
-            label = rec.labels[i]
-            rec.times[label] = rec.times.get(label, 0.0) + (data[i] - data[i - 1]) * period
-            rec.counts[label] = rec.counts.get(label, 0) + 1
+        self._add_timestamps(rec.query_pool, rec.labels, rec.times, rec.counts)
 
     def free_recording(self, rec: Recording) -> None:
         for key in [k for k in self._submits if rec in k]:
