@@ -205,3 +205,11 @@ def test_loads_issued_ahead_or_not(be, cpu, gen, monkeypatch, prefetch):
     assert run_case(be, cpu, gen, spec, prompt=30, decode=4, batch=2, chunk_min=16, split_target=64) == 4
     spec = AttnSpec(4, 2, 256, 256 ** -0.5, window=20, softcap=50.0)
     assert run_case(be, cpu, gen, spec, prompt=17, decode=3, batch=1, chunk_min=16, split_target=1) == 3
+
+
+@pytest.mark.parametrize("prompt, chunk_min", [(6, 1), (8, 4), (12, 4)])
+def test_chunk_boundaries(be, cpu, gen, prompt, chunk_min):
+    """Chunks of one slot (every split a single slot, the last one only this step's, read from shared memory), and
+    contexts of 4k + 1 slots over chunks of 4 (the last split again holds only this step's slot) next to 4k + 2..4."""
+    spec = AttnSpec(7, 1, 24, 24 ** -0.5)
+    assert run_case(be, cpu, gen, spec, prompt=prompt, decode=4, batch=2, chunk_min=chunk_min, split_target=64) == 4
