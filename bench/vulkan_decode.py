@@ -394,7 +394,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-hidden", type=int, default=3584,
                    help="hidden size of the sweep's shapes (FFN = hidden * 37 / 7, as Qwen2.5-7B; smaller for smoke runs)")
     p.add_argument("--variants", nargs="+", choices=[v["name"] for v in VARIANTS],
-                   help="time only these VARIANTS (default: all on a GPU; default, int-dot, unfused attention on a CPU device)")
+                   help="time only these VARIANTS, in this order (a name may repeat; default: all on a GPU; default, "
+                        "int-dot, unfused attention on a CPU device)")
     p.add_argument("--kernel-dir", type=Path, help="SPIR-V from the compile stage (default: compile here with glslc)")
     p.add_argument("--real", type=Path, help="instead: a real model folder, decoded along --paths side by side")
     p.add_argument("--paths", nargs="+", default=list(REAL_PATHS), choices=REAL_PATHS,
@@ -432,7 +433,8 @@ def main(argv=None) -> int:
                                                                            {"name": "unfused attention",
                                                                             "fuse_rope_attention": False}]
         if args.variants:
-            variants = [v for v in VARIANTS if v["name"] in args.variants]
+            by_name = {v["name"]: v for v in VARIANTS}
+            variants = [by_name[name] for name in args.variants]  # in the order given, repeats allowed (A B A B)
         variants = [v for v in variants if idot_ok or not v.get("matvec_int_dot", be.matvec_int_dot)]
         result["decode"] = []
         for name in args.models:
