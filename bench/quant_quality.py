@@ -6,6 +6,7 @@ real stage entry (``quantize_model``), which evaluates float and fake-quantized 
 if present) and writes a table (Markdown + CSV) and a plot of perplexity against bits per weight.
 
     .venv/bin/python bench/quant_quality.py --out bench/out/quant [--scheme w4g128 ...] [--text hamlet]
+        [--gptq damp=0.03]   # GPTQ options for the gptq schemes; their rows get the options as a suffix
 """
 
 from __future__ import annotations
@@ -32,10 +33,17 @@ MIXED_OPTIONS = [{"bits": 2, "group": 64, "sym": False}, {"bits": 3, "group": 64
                  {"bits": 4, "group": 64, "sym": False}, {"bits": 8, "group": 0, "sym": True}]
 
 
-def scheme_of(name: str, texts: list[str], tokens: int, calibration_tokens: int) -> dict:
+def scheme_of(name: str, texts: list[str], tokens: int, calibration_tokens: int, gptq: dict | None = None) -> dict:
     """A preset, ``mixed-<bpw>`` (options ``MIXED_OPTIONS``, mse) or ``mixed-gptq-<bpw>`` (the same options by GPTQ,
-    vocabulary tables fixed at int8 per channel), evaluated on ``texts``."""
+    vocabulary tables fixed at int8 per channel), evaluated on ``texts``; ``gptq`` options go to GPTQ schemes."""
     common = {"perplexity": {"texts": texts, "tokens": tokens}, "calibration": {"tokens": calibration_tokens}}
+    scheme = _scheme_of(name, common)
+    if gptq and (scheme["method"] == "gptq" or scheme.get("base") == "gptq"):
+        scheme["gptq"] = gptq
+    return scheme
+
+
+def _scheme_of(name: str, common: dict) -> dict:
     if name.startswith("mixed-gptq-"):
         return {"name": name, "method": "mixed", "budget": {"bpw": float(name.split("-")[2])}, "base": "gptq",
                 "embedding": {"bits": 8, "group": 0}, "options": MIXED_OPTIONS, **common}
@@ -69,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads (default 1: on a shared 2-core machine 2 threads stall each other)")
     p.add_argument("--seed-of", default="gemma-3-27b-it",
                    help="model entry whose seed size (as bits per weight) the seed-size scheme gets (default gemma-3-27b-it)")
+    p.add_argument("--gptq", action="append", default=[], metavar="KEY=VALUE",
+                   help="GPTQ option for every gptq scheme (damp=<fraction>, table_damp=<fraction>: the schemes' `gptq` "
+                        "key, replacing a preset's); rows are then named SCHEME[KEY=VALUE,...]")
     p.add_argument("--redo", action="store_true", help="recompute schemes already in OUT/results.json")
     p.add_argument("--keep", action="store_true", help="keep the quantized model folders under OUT/models")
     args = p.parse_args(argv)
@@ -77,13 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     texts = args.text or ["hamlet"]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = _load_rows(args.out / "results.json")
-    for name in args.scheme or DEFAULT_SCHEMES:
+    gptq = _gptq_options(args.gptq)
+    for scheme_name in args.scheme or DEFAULT_SCHEMES:
+        scheme = scheme_of(scheme_name, texts, args.tokens, args.calibration_tokens, gptq)
+        name = scheme_name + ("[" + ",".join(args.gptq) + "]" if gptq and "gptq" in scheme else "")
         if name in rows and not args.redo:
             continue
         t0 = time.time()
-        folder = args.out / "models" / name
-        entry = seed_entry(args.seed_of) if name == "seed-size" else {}
-        q = quantize_model(source, scheme_of(name, texts, args.tokens, args.calibration_tokens), folder, entry)
+        folder = args.out / "models" / scheme_name
+        entry = seed_entry(args.seed_of) if scheme_name == "seed-size" else {}
+        q = quantize_model(source, scheme, folder, entry)
         ppl = q["perplexity"]
         rows[name] = {"scheme": name, "method": q["method"], "bpw": q["bits_per_weight"], "bytes": q["bytes"],
                       "mean_rel_error": q["mean_rel_error"], "float": ppl["float"], "quant": ppl["quant"],
@@ -98,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(folder)
     write_outputs(rows, args.out)
     return 0
+
+
+def _gptq_options(pairs: list[str]) -> dict:
+    """``["damp=0.03"]`` -> ``{"damp": 0.03}`` (values checked by the scheme)."""
+    opts = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in ("damp", "table_damp"):
+            raise LlmoptError(f"--gptq {pair}: expected damp=<fraction> or table_damp=<fraction>")
+        try:
+            opts[key] = float(value)
+        except ValueError:
+            raise LlmoptError(f"--gptq {pair}: {value!r} is not a number") from None
+    return opts
 
 
 def _load_rows(path: Path) -> dict:

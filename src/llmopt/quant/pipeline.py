@@ -75,7 +75,7 @@ def quantize_model(source_dir: Path, scheme: dict | str, out_dir: Path, model_en
             else:
                 method = _method_for(base, name, stats)
                 t, rel = quantize_measured(w, spec, method, name=name, importance=_diag(stats, "hessians", name),
-                                           hessian=(stats.get("hessians") or {}).get(name))
+                                           hessian=(stats.get("hessians") or {}).get(name), **_gptq_options(scheme, name))
                 report["tensors"][name] = {"format": spec.label, "method": method, **t.meta(),
                                            "bytes": t.nbytes, "rel_error": rel}
                 if budget and name in budget["losses"]:  # vocabulary tables fixed by `embedding` have no choice
@@ -181,6 +181,15 @@ def _calibrate(source_dir: Path, scheme: dict, plan: dict, real: bool) -> dict:
     return stats
 
 
+def _gptq_options(scheme: dict, name: str) -> dict:
+    """The quantizer's GPTQ keyword options for tensor ``name`` (none for schemes without gptq): a vocabulary table
+    gets ``table_damp``, which may differ because the tied table's head Hessian ignores its input-embedding role."""
+    opts = scheme.get("gptq")
+    if not opts:
+        return {}
+    return {"damp": opts["table_damp"] if schemes.is_vocabulary_table(name) else opts["damp"]}
+
+
 _STATS_CACHE: dict = {}  # calibration statistics of the last model, reused by the next scheme in this process
 
 
@@ -223,7 +232,7 @@ def _choose_mixed(index: dict, scheme: dict, plan: dict, stats: dict, model_entr
                 row_l.append(float("inf"))
                 continue
             qt = quantize(w, spec, _method_for(scheme["base"], name, stats), importance=_diag(stats, "hessians", name),
-                          hessian=(stats.get("hessians") or {}).get(name), name=name)
+                          hessian=(stats.get("hessians") or {}).get(name), name=name, **_gptq_options(scheme, name))
             row_c.append(qt.nbytes)
             row_l.append(tensor_loss(w, qt, kind, (stats.get("fisher") or {}).get(name),
                                      _diag(stats, "hessians", name)))

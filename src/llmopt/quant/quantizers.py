@@ -15,6 +15,7 @@ Each takes a float weight ``[out, in]`` and a ``Spec`` (bits, group, symmetric, 
   first) with static groups: every group's scale and zero come from the imatrix-weighted ``mse`` search on the
   original weights. On real Gemma 3 270M layers this cut the output error on held-out calibration text by 7-10%
   against in-order GPTQ with per-group parameters from the error-updated weights.
+  Option ``damp``: added to the Hessian's diagonal, as a fraction of its mean (default ``GPTQ_DAMP``).
 
 Scales and zero points are rounded to their storage dtype before codes are chosen, so the stored tensor decodes
 to exactly the weight that was optimized. Rows are processed in chunks, bounding peak memory for huge tensors
@@ -36,6 +37,7 @@ METHODS = ("rtn", "mse", "gptq")
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _CLIP_GRID = torch.linspace(1.0, 0.5, 11)  # fractions of the group range tried by the mse search
 _ROW_CHUNK_ELEMS = 1 << 20  # rows per chunk chosen so one chunk holds about 1M weights (4 MB in float32)
+GPTQ_DAMP = 0.01  # dampening added to the Hessian's diagonal, as a fraction of its mean
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,15 @@ class Spec:
 
 
 def quantize(w: torch.Tensor, spec: Spec, method: str = "rtn", *, importance: torch.Tensor | None = None,
-             hessian: torch.Tensor | None = None, name: str = "tensor") -> QuantizedTensor:
-    """Quantize ``w [out, in]`` to ``spec`` with ``method`` (rtn | mse | gptq); see the module docstring."""
-    return quantize_measured(w, spec, method, importance=importance, hessian=hessian, name=name)[0]
+             hessian: torch.Tensor | None = None, name: str = "tensor", **gptq) -> QuantizedTensor:
+    """Quantize ``w [out, in]`` to ``spec`` with ``method`` (rtn | mse | gptq); see the module docstring.
+    ``gptq``: GPTQ's option ``damp`` (default ``GPTQ_DAMP``)."""
+    return quantize_measured(w, spec, method, importance=importance, hessian=hessian, name=name, **gptq)[0]
 
 
 def quantize_measured(w: torch.Tensor, spec: Spec, method: str = "rtn", *, importance: torch.Tensor | None = None,
-                      hessian: torch.Tensor | None = None, name: str = "tensor") -> tuple[QuantizedTensor, float]:
+                      hessian: torch.Tensor | None = None, name: str = "tensor",
+                      damp: float = GPTQ_DAMP) -> tuple[QuantizedTensor, float]:
     """``quantize`` plus the relative error ``||W - deq||_F / ||W||_F``, measured on the fly (no second pass)."""
     if method not in METHODS:
         raise LlmoptError(f"{name}: unknown quantization method '{method}' (expected one of {METHODS})")
@@ -82,7 +86,7 @@ def quantize_measured(w: torch.Tensor, spec: Spec, method: str = "rtn", *, impor
     if method == "gptq":
         if hessian is None:
             raise LlmoptError(f"{name}: gptq needs a calibration Hessian of the layer inputs")
-        qt = _gptq(w, spec, group, hessian, name)
+        qt = _gptq(w, spec, group, hessian, name, damp)
         return qt, relative_error(w, qt)
     qweight = torch.empty(out, n_in * spec.bits // 8, dtype=torch.uint8)
     n_groups = n_in // group
@@ -216,7 +220,7 @@ def _group_error(wg, s, z, bits, w8) -> torch.Tensor:
 
 
 def _gptq(w: torch.Tensor, spec: Spec, group: int, hessian: torch.Tensor, name: str,
-          damp: float = 0.01, block: int = 128) -> QuantizedTensor:
+          damp: float = GPTQ_DAMP, block: int = 128) -> QuantizedTensor:
     out, n_in = w.shape
     if tuple(hessian.shape) != (n_in, n_in):
         raise LlmoptError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match input width {n_in}")
