@@ -26,7 +26,8 @@ module implementing them for one device (cpu, cuda, vulkan, iree-cpu, npu). Cont
 Optional methods a backend may add; the engine looks them up with ``getattr`` and falls back to the plain ops:
 ``linears(x, weights)`` (several projections of one input, e.g. q/k/v or gate/up, as one fused matmul; CUDA and
 Vulkan), ``add_rmsnorm(a, b, weight, eps, unit_offset)`` returning ``(a + b, rmsnorm(a + b))`` in one pass
-(Vulkan), ``rope_attention(q, k, v, cos, sin, head_dim, cache, layer, start, valid, spec)`` (RoPE on q and k, the
+(Vulkan), ``norm_add_rmsnorm(a, b, post_weight, weight, eps, unit_offset)`` the same with ``b`` first normed by
+``post_weight`` (Gemma's sandwich norms; Vulkan), ``rope_attention(q, k, v, cos, sin, head_dim, cache, layer, start, valid, spec)`` (RoPE on q and k, the
 KV store and ``attention`` in one op; Vulkan, decode steps), ``gated_linears(x, gate, up, kind)`` returning
 ``gated_act(x gate^T, x up^T, kind)`` from one fused matmul (Vulkan), and ``replay_decoder(model, state)``
 returning an object whose ``step(state, ids, greedy)`` runs a recorded decode step (Vulkan; CUDA's equivalent
