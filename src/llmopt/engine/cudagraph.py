@@ -93,9 +93,7 @@ class StaticDecoder:
         self.global_mask = (self.all_slots <= self.slot)[None, None, None, :]
         x = ops.embedding(self.ids, m.embed, a.embed_scale)
         tables = {r: self._rope(r) for r in self.freqs}
-        for i, layer in enumerate(m.layers):
-            x = m._block(ops, layer, x, tables[a.rope_layers[i]], self.state, i, None)
-        x = ops.rmsnorm(x, m.final_norm, a.norm_eps, a.norm_unit_offset)
+        x = m._stack(x, ops, tables, self.state, None, ops)
         y = ops.linear(x, m.head)[:, 0].float()
         if a.final_softcap:
             y = a.final_softcap * torch.tanh(y / a.final_softcap)

@@ -183,25 +183,34 @@ class Model:
             x = cur.from_host(host)
         valid = state.valid[:, :state.start + T] if state.padded else None
         tables = {r: rope_tables(r, positions, a.head_dim) for r in set(a.rope_layers)}
-        normed = None  # the next norm's output, when the previous block fused it with its residual add
-        for i, layer in enumerate(self.layers):
-            be = self.backends[self.layer_dev[i]]
-            if be is not cur:
-                x, cur = be.from_host(cur.to_host(x)), be
-            last = i + 1 == len(self.layers)
-            next_norm = self.final_norm if last else self.layers[i + 1]["attn_norm"]
-            if self.backends[self.head_dev if last else self.layer_dev[i + 1]] is not be:
-                next_norm = None  # that norm runs on another backend, after the transfer
-            out = self._block(be, layer, x, tables[a.rope_layers[i]], state, i, valid, normed, next_norm)
-            x, normed = out if next_norm is not None else (out, None)
+        x = self._stack(x, cur, tables, state, valid)
         head = self.backends[self.head_dev]
-        if head is not cur:
-            x = head.from_host(cur.to_host(x))
-        x = normed if normed is not None else head.rmsnorm(x, self.final_norm, a.norm_eps, a.norm_unit_offset)
         if not all_logits:
             return head.logits(x, self.head, a.final_softcap)
         y = head.to_host(head.linear(x, self.head))
         return a.final_softcap * torch.tanh(y / a.final_softcap) if a.final_softcap else y
+
+    def _stack(self, x, cur: Backend, tables: dict, state: State, valid, ops: Backend | None = None):
+        """Every block on ``x`` (held by backend ``cur``), then the final norm: the head's input, on the head's
+        backend. Each residual add is fused with the norm after it where both run on one backend, so an eager pass
+        and a recorded step (``ops``: one backend's recording view standing in for every device: the CUDA graph,
+        the replayed Vulkan step) run the same kernels. ``tables``: RoPE tables by RoPE kind."""
+        a, normed = self.args, None
+        for i, layer in enumerate(self.layers):
+            be = ops or self.backends[self.layer_dev[i]]
+            if be is not cur:
+                x, cur = be.from_host(cur.to_host(x)), be
+            last = i + 1 == len(self.layers)
+            after = ops or self.backends[self.head_dev if last else self.layer_dev[i + 1]]
+            next_norm = (self.final_norm if last else self.layers[i + 1]["attn_norm"]) if after is be else None
+            out = self._block(be, layer, x, tables[a.rope_layers[i]], state, i, valid, normed, next_norm)
+            x, normed = out if next_norm is not None else (out, None)
+        if normed is not None:
+            return normed
+        head = ops or self.backends[self.head_dev]
+        if head is not cur:
+            x = head.from_host(cur.to_host(x))
+        return head.rmsnorm(x, self.final_norm, a.norm_eps, a.norm_unit_offset)
 
     def _block(self, be: Backend, w: dict, x, rope, state: State, i: int, valid, normed=None, next_norm=None):
         """Layer ``i`` on ``x``. ``next_norm`` (the next norm's weight) fuses the final residual add with that norm

@@ -166,12 +166,9 @@ class VulkanDecoder:
                 dev.copy(host, self.step_dev, host.nbytes - start, src_offset=start, dst_offset=start)
                 self.advances.append(dev.end_recording())
             dev.begin_recording(self.profile)
-            x, normed = ops.embedding(None, m.embed, a.embed_scale), None
-            norms = [layer["attn_norm"] for layer in m.layers[1:]] + [m.final_norm]
-            for i, layer in enumerate(m.layers):  # each residual add fused with the norm after it
-                x, normed = m._block(ops, layer, x, self.tables[a.rope_layers[i]], state, i, None, normed, norms[i])
+            normed = m._stack(ops.embedding(None, m.embed, a.embed_scale), ops, self.tables, state, None, ops)
             self.logits = be.logits_device(normed, m.head, a.final_softcap)
-            del x, normed
+            del normed
             self.ids_dev = be._alloc(4 * self.batch, "greedy ids")  # while recording: from the private pool
             self.body = dev.end_recording()
             for ids_out in self.ids_out:  # argmax, ids to the host and to where the next step's embedding reads
