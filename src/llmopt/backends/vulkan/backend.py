@@ -364,7 +364,10 @@ class VulkanBackend(AttentionOps, Backend):
         bounds = np.cumsum([o.features for o in outs])[:-1].tolist()
         seg1, seg2 = (bounds + [w.n_out, w.n_out])[:2]
         ys = [self._whole(o.buf) for o in outs] + [self._whole(self.dummy)] * (3 - len(outs))
-        int_dot = self.matvec_int_dot and w.bits in (2, 4, 8)
+        int_dot = self.matvec_int_dot and w.bits in (2, 4, 8) and m <= MATVEC_MAX_M
+        if int_dot and not self.dev.features["integer_dot_product"]:
+            raise LlmoptError(f"Vulkan device '{self.dev.info['name']}' lacks shaderIntegerDotProduct "
+                              "(VK_KHR_shader_integer_dot_product): the int-dot mat-vec cannot run there")
         x8 = x.q8 is not None and int_dot and w.bits == 4  # x's int8 copy, in the order of 4-bit codes
         if gated and (m > MATVEC_MAX_M or len(w.pieces) != 1 or w.n_out % 2):
             raise LlmoptError(f"gated mat-vec {w.name}: needs at most {MATVEC_MAX_M} input rows and one piece of "
@@ -385,9 +388,6 @@ class VulkanBackend(AttentionOps, Backend):
                     push = pack_push("IIIIIIIII", w.k, n, n, 0, w.group, x_step, x_off, n, n)
                 else:
                     push = pack_push("IIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, seg1, seg2)
-                if int_dot and not self.dev.features["integer_dot_product"]:
-                    raise LlmoptError(f"Vulkan device '{self.dev.info['name']}' lacks shaderIntegerDotProduct "
-                                      "(VK_KHR_shader_integer_dot_product): the int-dot mat-vec cannot run there")
                 self._run("matvec_quant_idot" if int_dot else "matvec_quant", 8,
                           (rows, *spec_tail, self.matvec_split, int(x8), gated), bindings, push, (gx, gy, m), wg)
             else:
