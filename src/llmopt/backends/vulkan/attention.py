@@ -55,6 +55,12 @@ class VkKVCache(KVCache):
                     self.device.free(buf)
 
 
+
+def _window(spec: AttnSpec, cache: VkKVCache) -> int:
+    """The shaders' window push constant: the sliding window in slots, 0 where the layer sees the whole cache."""
+    return spec.window if spec.window is not None and spec.window < cache.max_len else 0
+
+
 class AttentionOps:
     """``VulkanBackend``'s attention ops (see the module docstring)."""
 
@@ -119,7 +125,7 @@ class AttentionOps:
         self._run("kv_store", 5, (int(slot is not None),),
                   [self._whole(k.buf), self._whole(v.buf), self._whole(cache.k[layer]), self._whole(cache.v[layer]), step],
                   pack_push("IIIII", T, kv_f, cache.max_len, start, total), self._grid(-(-total // self.wg)))
-        window = spec.window if spec.window is not None and spec.window < cache.max_len else 0
+        window = _window(spec, cache)
         scratch_len = cache.max_len if slot is not None else start + T
         return self._attend(q, cache.k[layer], cache.v[layer], mask or self.dummy, spec, cache.max_len, start, window,
                             0, int(mask is not None), mask_len, scratch_len, slot)
@@ -205,7 +211,7 @@ class AttentionOps:
         B, _, _ = q.shape
         group = spec.n_heads // spec.n_kv_heads
         splits = self._splits(spec, cache, B)
-        window = spec.window if spec.window is not None and spec.window < cache.max_len else 0
+        window = _window(spec, cache)
         out = self._new(q.shape)
         part = self._alloc(4 * B * spec.n_kv_heads * splits * group * (spec.head_dim + 2), "attention partials") \
             if splits > 1 else self.dummy
