@@ -5,11 +5,14 @@ Each case prefills (the unfused path: rope, rope, attention) and then decodes se
 ``VulkanBackend.rope_attention``, comparing every step's output with ``CpuBackend(quant="reference")`` fed the
 same inputs; later steps read the slots the fused dispatch stored, so its KV store is checked too. Head sizes and
 group sizes are odd where the shader allows, the KV length is split into many chunks (the cross-workgroup combine)
-and into one. Tolerance: relative error below 1e-5 (float32 over a few dozen slots).
+and into one. Tolerance: relative error below 1e-5 (float32 over a few dozen slots). The phase-clock build
+(``attn_clock``, ``rope_attention_clock.comp``) is checked the same way, and its records for consistency (skipped
+where the device lacks VK_KHR_shader_clock; lavapipe has it).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -213,3 +216,208 @@ def test_chunk_boundaries(be, cpu, gen, prompt, chunk_min):
     contexts of 4k + 1 slots over chunks of 4 (the last split again holds only this step's slot) next to 4k + 2..4."""
     spec = AttnSpec(7, 1, 24, 24 ** -0.5)
     assert run_case(be, cpu, gen, spec, prompt=prompt, decode=4, batch=2, chunk_min=chunk_min, split_target=64) == 4
+
+
+needs_clock = pytest.mark.skipif(not vulkan.probe()["features"].get("shader_clock"),
+                                 reason="the device lacks VK_KHR_shader_clock (device and subgroup clocks)")
+
+
+def check_clock_records(recs: dict, context: int, batch: int, n_kv: int) -> None:
+    """What rope_attention_clock's records must say about one dispatch over ``context`` slots: the active splits'
+    chunks cover the context, arrivals are a permutation with the last to arrive combining, exactly the highest
+    active split holds this step's slot, and each workgroup's stamps never go back in time."""
+    from llmopt.backends.vulkan.attention import CLOCK_ACTIVE, CLOCK_COMBINER, CLOCK_LAST, CLOCK_SINGLE
+    from llmopt.backends.vulkan.phase_clock import ARRIVED, COMBINED, KEY, ROPE, SCORES, SOFTMAX, START, VALUES
+
+    flags, rt, cy = recs["flags"], recs["realtime_ns"], recs["cycles"]
+    assert (rt[:, START] > 0).all()  # every workgroup of the grid, active or not, stamped its first instruction
+    for seq in range(batch):
+        for head in range(n_kv):
+            rows = np.flatnonzero((recs["seq"] == seq) & (recs["kv_head"] == head))
+            active = rows[(flags[rows] & CLOCK_ACTIVE) != 0]
+            n_active = len(active)
+            assert n_active >= 1 and (recs["n_active"][active] == n_active).all()
+            assert sorted(recs["split"][active]) == list(range(n_active))
+            assert recs["slots"][active].sum() == context
+            assert (flags[np.setdiff1d(rows, active)] == 0).all()
+            last = active[(flags[active] & CLOCK_LAST) != 0]
+            assert list(recs["split"][last]) == [n_active - 1]
+            single = n_active == 1
+            assert all(bool(f & CLOCK_SINGLE) == single for f in flags[active])
+            chain = [START, ROPE, KEY, SCORES, SOFTMAX, VALUES] + ([COMBINED] if single else [ARRIVED])
+            for stamps in (rt, cy):
+                assert (np.diff(stamps[np.ix_(active, chain)], axis=1) >= 0).all()
+            if single:
+                assert recs["arrival"][active[0]] == -1
+                continue
+            assert sorted(recs["arrival"][active]) == list(range(n_active))
+            combiner = active[(flags[active] & CLOCK_COMBINER) != 0]
+            assert list(recs["arrival"][combiner]) == [n_active - 1]
+            i = combiner[0]
+            assert rt[i, ARRIVED] <= rt[i, COMBINED - 1] <= rt[i, COMBINED]
+            assert rt[i, ARRIVED] >= rt[active, VALUES].max()  # it counted itself after every partial was written
+
+
+@needs_clock
+@pytest.mark.parametrize("chunk_min, split_target, pad, window", [(3, 64, [0, 5], None), (64, 1, None, None),
+                                                                   (2, 64, None, 7)])
+def test_phase_clock_build(be, cpu, gen, monkeypatch, chunk_min, split_target, pad, window):
+    """``attn_clock``: the stamping build computes the same attention (against the CPU reference, many splits over
+    a left-padded batch, one split, splits over a sliding window) and its records are consistent
+    (check_clock_records); the phase summary is made of non-negative durations."""
+    from llmopt.backends.vulkan.phase_clock import format_summary, phase_summary
+
+    monkeypatch.setattr(be, "attn_clock", True)
+    spec = AttnSpec(6, 2, 32, 32 ** -0.5, window=window, softcap=20.0)
+    prompt, decode, batch = 19, 3, 2
+    assert run_case(be, cpu, gen, spec, prompt=prompt, decode=decode, batch=batch, pad=pad, chunk_min=chunk_min,
+                    split_target=split_target) == decode
+    recs = be.attention_clock()
+    assert list(recs) == [0]
+    check_clock_records(recs[0], min(prompt + decode, window or prompt + decode), batch, spec.n_kv_heads)
+    summary = phase_summary([(recs, None)])
+    assert summary["dispatches"] == 1 and summary["timestamps_share_clock"] is None
+    assert all(v >= 0 for group in summary["phases_ns"].values() for v in group.values())
+    assert ("combiner (last to arrive)" in summary["phases_ns"]) == (split_target > 1)
+    assert "| rope q (+ this step's k/v) |" in format_summary(summary)
+
+
+@needs_clock
+def test_phase_clock_replayed_model(tmp_path):
+    """The replayed step with ``attn_clock``: the same logits as without (the model tests' 1e-4), a record set for
+    every layer, and the profiled step's timestamps bracketing each dispatch for the summary."""
+    from test_vulkan_models import ATOL
+
+    from llmopt.backends.vulkan.phase_clock import dispatch_bounds, phase_summary, recording_stamps_ns
+    from llmopt.backends.vulkan.replay import VulkanDecoder
+
+    model = _model(tmp_path, "qwen2")
+    be, n_layers = model.backends["vulkan"], model.args.n_layers
+    be.attn_chunk_min, be.attn_split_target = 2, 64
+    model.static_decode = True
+    ids = torch.randint(0, model.args.vocab_size, (1, 12))
+    logits = {}
+    for clock in (False, True):
+        be.attn_clock = clock
+        _, state = model.prefill(ids[:, :8], max_len=14)
+        logits[clock] = torch.stack([model.decode_step(state, ids[:, t]) for t in range(8, 12)])
+    assert (logits[True] - logits[False]).abs().max().item() <= ATOL
+    recs = be.attention_clock()
+    assert sorted(recs) == list(range(n_layers))
+    for r in recs.values():
+        check_clock_records(r, 12, 1, model.args.n_kv_heads)  # slots 0..11: 8 prefilled, 4 decoded
+    dec = VulkanDecoder(model, state, profile=True)
+    dec.step(state, ids[0, 11:12], greedy=True)
+    dec.replay(1)
+    bounds = dispatch_bounds(recording_stamps_ns(be.dev, dec.body), dec.body.labels)
+    assert len(bounds) == n_layers and all(a <= b for a, b in bounds)
+    summary = phase_summary([(be.attention_clock(), dict(enumerate(bounds)))])
+    assert summary["dispatches"] == n_layers and 0 <= summary["timestamps_share_clock"] <= 1
+    dec.close()
+    be.close()
+
+
+def test_phase_clock_bad_input(be, monkeypatch):
+    from llmopt.backends.vulkan.attention import CLOCK_GROUPS, CLOCK_LAYERS
+    from llmopt.backends.vulkan.phase_clock import phase_summary
+
+    monkeypatch.setattr(be, "_clock_buf", None)
+    with pytest.raises(LlmoptError, match="no decode attention ran with attn_clock on"):
+        be.attention_clock()
+    if be.dev.features["shader_clock"]:
+        for layer, grid in ((CLOCK_LAYERS, (1, 1, 1)), (0, (8, CLOCK_GROUPS // 8 + 1, 1))):
+            with pytest.raises(LlmoptError, match=f"phase records hold {CLOCK_LAYERS} layers of {CLOCK_GROUPS}"):
+                be._clock_binding(layer, grid)
+    monkeypatch.setitem(be.dev.features, "shader_clock", False)
+    monkeypatch.setattr(be, "attn_clock", True)
+    spec = AttnSpec(4, 2, 16, 0.25)
+    cache = be.kv_cache(1, 1, 4, 2, 16, [None])
+    q, kv = be.from_host(torch.randn(1, 1, 64)), be.from_host(torch.randn(1, 1, 32))
+    cos, sin = tables(1, 1, 16, torch.Generator().manual_seed(0))
+    with pytest.raises(LlmoptError, match="lacks VK_KHR_shader_clock"):
+        be.rope_attention(q, kv, kv, cos, sin, 16, cache, 0, 0, None, spec)
+    with pytest.raises(LlmoptError, match="no samples"):
+        phase_summary([])
+
+
+@pytest.mark.parametrize("chunk_min", [1, 3])
+def test_combine_more_splits_than_lanes(be, cpu, gen, chunk_min):
+    """The combine keeps each lane's first split's (max, sum) in registers; with chunks of one slot the splits
+    outnumber a subgroup's lanes (lavapipe's 8: 11 splits), so a lane's later splits are read again; left padding
+    masks whole splits (their max -inf)."""
+    spec = AttnSpec(6, 2, 32, 32 ** -0.5, softcap=20.0)
+    assert run_case(be, cpu, gen, spec, prompt=19, decode=3, batch=3, pad=[0, 4, 11], chunk_min=chunk_min,
+                    split_target=64) == 3
+
+
+CLOCK_RUN = r'''
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from test_vulkan_models import FAMILIES, save_random
+from llmopt.backends.vulkan import VulkanBackend
+from llmopt.engine import load_model
+
+be = VulkanBackend()
+be.attn_clock, be.attn_chunk_min, be.attn_split_target = True, 2, 64
+model = load_model(save_random(FAMILIES["qwen2"](), Path(sys.argv[1]), 0), backend=be)
+gen = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=5, stop_ids=[])  # left padding, two steps in flight
+assert gen.timings["decode_path"] == "replayed", gen.timings["decode_path"]
+assert sorted(be.attention_clock()) == list(range(model.args.n_layers))
+be.close()
+print("done")
+'''
+
+
+@needs_clock
+def test_phase_clock_runs_clean_under_validation_layer(tmp_path):
+    """The clock build (VK_KHR_shader_clock enabled with both clocks, the record buffer bound) in replayed greedy
+    decoding under the Khronos validation layer with synchronization validation: no message."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_vulkan_runtime import VALIDATION_DIR
+
+    manifest = VALIDATION_DIR / "usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json"
+    if not manifest.exists():
+        pytest.skip(f"Khronos validation layer not extracted at {VALIDATION_DIR}")
+    env = dict(os.environ, VK_LAYER_PATH=str(manifest.parent), VK_INSTANCE_LAYERS="VK_LAYER_KHRONOS_validation",
+               VK_LOADER_DEBUG="layer",
+               VK_LAYER_ENABLES="VK_VALIDATION_FEATURE_ENABLE_SYNCHRONIZATION_VALIDATION_EXT",
+               LD_LIBRARY_PATH=f"{VALIDATION_DIR / 'usr/lib/x86_64-linux-gnu'}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+    res = subprocess.run([sys.executable, "-c", CLOCK_RUN, str(tmp_path), str(Path(__file__).parent)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert 'Insert instance layer "VK_LAYER_KHRONOS_validation"' in log and "done" in res.stdout
+    messages = [ln for ln in log.splitlines()
+                if "Validation" in ln and ("Error" in ln or "Warning" in ln) or "VUID-" in ln or "SYNC-HAZARD" in ln]
+    assert not messages, "\n".join(messages[:20])
+
+
+def test_phase_summary_arithmetic():
+    """``phase_summary`` on hand-made records of one dispatch (a cached-slot split, the last split that combined,
+    an inactive one; SM at 2 cycles a ns): every phase, the timeline against the bracketing timestamps, the clock
+    rate, the realtime step and the arrival order come out as computed by hand."""
+    from llmopt.backends.vulkan.attention import CLOCK_ACTIVE, CLOCK_COMBINER, CLOCK_LAST
+    from llmopt.backends.vulkan.phase_clock import format_summary, phase_summary
+
+    t0 = 1_000_000
+    ns = np.array([[0, 100, 300, 350, 400, 600, 650, -1, -1],           # split 0: stops after counting its arrival
+                   [20, 120, 320, 370, 420, 700, 750, 900, 1000],       # split 1: holds the slot, combines
+                   [10, -1, -1, -1, -1, -1, -1, -1, -1]])               # split 2: past n_active, returned at once
+    reached = ns >= 0
+    recs = {0: {"realtime_ns": np.where(reached, t0 + ns, 0), "cycles": np.where(reached, 5000 + 2 * ns, 0),
+                "arrival": np.array([0, 1, -1]), "flags": np.array([CLOCK_ACTIVE, CLOCK_ACTIVE | CLOCK_LAST |
+                                                                       CLOCK_COMBINER, 0])}}
+    s = phase_summary([(recs, {0: (t0 - 500.0, t0 + 1300.0)})])
+    assert s["sm_ghz"] == pytest.approx(2.0) and s["realtime_step_ns"] == 10 and s["dispatches"] == 1
+    assert s["last_split_arrived_last"] == 1.0 and s["timestamps_share_clock"] == 1.0
+    own = [100, 200, 50, 50, 200, 50]
+    assert list(s["phases_ns"]["cached-slot splits"].values()) == pytest.approx(own)
+    assert list(s["phases_ns"]["last split"].values()) == pytest.approx(own[:4] + [280, 50])
+    assert list(s["phases_ns"]["combiner (last to arrive)"].values()) == pytest.approx([150, 100])
+    assert list(s["dispatch_ns"].values()) == pytest.approx([20, 700, 300, 1000, 500, 300, 1800, 800])
+    assert "| combine: outputs |  |  | 100 |" in format_summary(s)

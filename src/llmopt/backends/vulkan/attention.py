@@ -9,6 +9,9 @@ engine's ``getattr`` hook): ``rope_attention.comp`` ropes q and k, stores this s
 dispatch, a workgroup a (KV head, chunk of the context, sequence) serving the whole GQA group, the chunks combined
 by the last workgroup to finish (its docstring; docs/benchmarks.md for the H200 numbers). The replayed step
 (``llmopt.backends.vulkan.replay``) binds the step buffer's slot and RoPE positions instead of push constants.
+With ``attn_clock`` on, the decode dispatches run ``rope_attention_clock.comp`` instead (the same kernel stamping
+each phase with the shader clocks, VK_KHR_shader_clock) and ``attention_clock()`` reads the stamps of the last
+dispatch of each layer back (bench/vulkan_decode.py prints them as a phase table).
 
     be = VulkanBackend()
     cache = be.kv_cache(n_layers, batch, max_len, n_kv_heads, head_dim, windows)
@@ -32,6 +35,12 @@ if TYPE_CHECKING:
 
 MAX_HEAD_DIM = 256  # attention.comp's shared query buffer
 FUSED_MAX_G, FUSED_MAX_GD, FUSED_MAX_CHUNK = 8, 1024, 256  # rope_attention.comp's shared arrays
+# rope_attention_clock.comp's records (rope_attention.glsl says what each stamp and word holds)
+CLOCK_PHASES = ("start", "rope q", "first key scored", "scores", "softmax", "values + partials", "arrived",
+                "split weights", "combined")
+CLOCK_REC = 4 * len(CLOCK_PHASES) + 4  # realtime and cycle stamps (lo, hi), arrival, flags, n_active, slots
+CLOCK_ACTIVE, CLOCK_LAST, CLOCK_COMBINER, CLOCK_SINGLE = 1, 2, 4, 8  # the flags word
+CLOCK_LAYERS, CLOCK_GROUPS = 128, 1024  # records kept: a region of CLOCK_GROUPS workgroups a layer
 
 
 @dataclass
@@ -75,6 +84,47 @@ class AttentionOps:
         self.attn_chunk_min = 32
         self.attn_prefetch = True  # rope_attention issues its first key and value loads beside q's (PREFETCH)
         self.attn_split_target = 1 if probe["device"].get("type") == "cpu" else 128
+        self.attn_clock = False  # decode dispatches stamp their phases (rope_attention_clock; attention_clock())
+        self._clock_buf: Buffer | None = None
+        self._clock_grids: dict[int, tuple[int, int, int]] = {}  # layer -> the grid its records were written by
+
+    def attention_clock(self) -> dict[int, dict[str, np.ndarray]]:
+        """Per layer (the layers dispatched with ``attn_clock`` on), the stamps of its last fused decode dispatch,
+        a row a workgroup in grid order (sequence, split, KV head): ``realtime_ns`` and ``cycles`` [groups,
+        len(CLOCK_PHASES)] (int64; 0 where the workgroup did not reach that stamp: see ``flags``), ``arrival``
+        (the order its partials arrived in; -1 for inactive or single-split workgroups), ``flags`` (CLOCK_*),
+        ``n_active``, ``slots``, and the workgroup's ``kv_head``, ``split``, ``seq``."""
+        if self._clock_buf is None:
+            raise LlmoptError("attention_clock: no decode attention ran with attn_clock on")
+        self.synchronize()
+        n = len(CLOCK_PHASES)
+        out = {}
+        for layer, (kv, splits, batch) in sorted(self._clock_grids.items()):
+            groups = kv * splits * batch
+            rec = self.dev.download(self._clock_buf, 4 * groups * CLOCK_REC, np.uint32,
+                                    4 * layer * CLOCK_GROUPS * CLOCK_REC).reshape(groups, CLOCK_REC).astype(np.int64)
+            stamps = rec[:, :4 * n:2] | (rec[:, 1:4 * n:2] << 32)
+            seq, split, head = np.unravel_index(np.arange(groups), (batch, splits, kv))
+            arrival = rec[:, 4 * n].astype(np.uint32).astype(np.int64)
+            out[layer] = {"realtime_ns": stamps[:, :n], "cycles": stamps[:, n:],
+                          "arrival": np.where(arrival == 0xFFFFFFFF, -1, arrival), "flags": rec[:, 4 * n + 1],
+                          "n_active": rec[:, 4 * n + 2], "slots": rec[:, 4 * n + 3],
+                          "kv_head": head, "split": split, "seq": seq}
+        return out
+
+    def _clock_binding(self, layer: int, groups: tuple[int, int, int]) -> tuple[tuple, int]:
+        """rope_attention_clock's record buffer and the first word of ``layer``'s records."""
+        if not self.dev.features.get("shader_clock"):
+            raise LlmoptError(f"attn_clock: device '{self.dev.info['name']}' lacks VK_KHR_shader_clock with device "
+                              f"and subgroup clocks (the phase stamps of rope_attention_clock.comp)")
+        n_groups = groups[0] * groups[1] * groups[2]
+        if layer >= CLOCK_LAYERS or n_groups > CLOCK_GROUPS:
+            raise LlmoptError(f"attn_clock: layer {layer} with {n_groups} workgroups a dispatch; the phase records "
+                              f"hold {CLOCK_LAYERS} layers of {CLOCK_GROUPS} workgroups")
+        if self._clock_buf is None:
+            self._clock_buf = self.dev.buffer(4 * CLOCK_LAYERS * CLOCK_GROUPS * CLOCK_REC, name="attention clock")
+        self._clock_grids[layer] = groups
+        return self._whole(self._clock_buf), layer * CLOCK_GROUPS * CLOCK_REC
 
     def kv_cache(self, n_layers, batch, max_len, n_kv_heads, head_dim, windows):
         nbytes = 4 * batch * max_len * n_kv_heads * head_dim
@@ -215,14 +265,19 @@ class AttentionOps:
         out = self._new(q.shape)
         part = self._alloc(4 * B * spec.n_kv_heads * splits * group * (spec.head_dim + 2), "attention partials") \
             if splits > 1 else self.dummy
-        push = pack_push("IIIIIIIIIIff", spec.n_heads, spec.n_kv_heads, spec.head_dim, cache.max_len, start, window,
-                         int(mask is not None), mask_len, self.attn_chunk_min, pos_word, float(spec.scale),
-                         float(spec.softcap or 0.0))
+        grid = (spec.n_kv_heads, splits, B)
         bufs = [q.buf, k.buf, v.buf, cos, sin, cache.k[layer], cache.v[layer], mask or self.dummy, part,
                 cache.counters, out.buf]
-        self._run("rope_attention", 12, (int(step is not None), int(self.attn_prefetch)),
-                  [self._whole(b) for b in bufs] + [step or self._whole(self.dummy)], push,
-                  (spec.n_kv_heads, splits, B), self.attn_wg)
+        bindings = [self._whole(b) for b in bufs] + [step or self._whole(self.dummy)]
+        clock_base = 0
+        if self.attn_clock:
+            clock, clock_base = self._clock_binding(layer, grid)
+            bindings.append(clock)
+        push = pack_push("IIIIIIIIIIffI", spec.n_heads, spec.n_kv_heads, spec.head_dim, cache.max_len, start, window,
+                         int(mask is not None), mask_len, self.attn_chunk_min, pos_word, float(spec.scale),
+                         float(spec.softcap or 0.0), clock_base)
+        self._run("rope_attention_clock" if self.attn_clock else "rope_attention", len(bindings),
+                  (int(step is not None), int(self.attn_prefetch)), bindings, push, grid, self.attn_wg)
         if part is not self.dummy:
             self._release(part)
         return out

@@ -31,6 +31,7 @@ from llmopt.errors import LlmoptError
 MIN_API = (1, 1)
 PUSH_BYTES = 128
 INT_DOT_EXTENSION = "VK_KHR_shader_integer_dot_product"
+CLOCK_EXTENSION = "VK_KHR_shader_clock"  # rope_attention_clock.comp's phase stamps (VulkanBackend.attn_clock)
 
 
 def _vk():
@@ -61,7 +62,9 @@ def _describe(vk, pd) -> dict:
     s16 = ffi.new("VkPhysicalDevice16BitStorageFeatures*", {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_16BIT_STORAGE_FEATURES})
     idot = ffi.new("VkPhysicalDeviceShaderIntegerDotProductFeatures*",
                    {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_INTEGER_DOT_PRODUCT_FEATURES, "pNext": s16})
-    f2 = ffi.new("VkPhysicalDeviceFeatures2*", {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2, "pNext": idot})
+    clock = ffi.new("VkPhysicalDeviceShaderClockFeaturesKHR*",
+                    {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_CLOCK_FEATURES_KHR, "pNext": idot})
+    f2 = ffi.new("VkPhysicalDeviceFeatures2*", {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2, "pNext": clock})
     vk.lib.vkGetPhysicalDeviceFeatures2(pd, f2)
     extensions = {e.extensionName for e in vk.vkEnumerateDeviceExtensionProperties(pd, None)}
     # Packed 4x8-bit dot products (matvec_quant_idot.comp): the feature through the extension
@@ -107,6 +110,8 @@ def _describe(vk, pd) -> dict:
         "timestamps": bool(compute_q) and queues[compute_q[0]].timestampValidBits > 0,
         "integer_dot_product": has_idot,
         "integer_dot_4x8_signed_accelerated": has_idot and bool(idot_props.integerDotProduct4x8BitPackedSignedAccelerated),
+        # the realtime (device-wide) and subgroup (per-SM cycle) shader clocks, both used by the phase stamps
+        "shader_clock": CLOCK_EXTENSION in extensions and bool(clock.shaderDeviceClock and clock.shaderSubgroupClock),
     }
     return {"api": api, "device": device, "features": features}
 
@@ -200,6 +205,12 @@ class Device(Recordings):
             chain = self.ffi.new("VkPhysicalDeviceShaderIntegerDotProductFeatures*", {
                 "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_INTEGER_DOT_PRODUCT_FEATURES,
                 "shaderIntegerDotProduct": 1})
+        if self.features["shader_clock"]:  # rope_attention_clock (a profiling build) declares it
+            extensions.append(CLOCK_EXTENSION)
+            idot_chain = chain  # kept referenced until the device exists (cffi does not follow pNext)
+            chain = self.ffi.new("VkPhysicalDeviceShaderClockFeaturesKHR*", {
+                "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_CLOCK_FEATURES_KHR, "pNext": idot_chain,
+                "shaderSubgroupClock": 1, "shaderDeviceClock": 1})
         self.device = vk.vkCreateDevice(self.physical, vk.VkDeviceCreateInfo(
             pNext=chain, pQueueCreateInfos=[qinfo], queueCreateInfoCount=1,
             ppEnabledExtensionNames=extensions or None, enabledExtensionCount=len(extensions)), None)
