@@ -25,7 +25,9 @@
    resubmitted back to back (no host in between). Against the ceiling copy_bandwidth / bytes_read_per_token
    (weights + KV cache at that context). Several specializations (VARIANTS) are timed on the same loaded
    model (the first is the previous default: float mat-vec, separate q/k/v and gate/up; then fused linears, then
-   the int-dot mat-vec); the best (by replayed wall-clock) is reported, all are kept in the JSON.
+   the int-dot mat-vec); the best (by replayed wall-clock) is reported, all are kept in the JSON. Variants with
+   ``attn_clock`` ("attn clock") also print the fused attention's phase table from its shader clocks
+   (``attention_phases``; ``llmopt.backends.vulkan.phase_clock``).
 """
 
 from __future__ import annotations
@@ -76,15 +78,19 @@ VARIANTS = [
     {"name": "unfused attention", "fuse_rope_attention": False},  # rope(q), rope(k), kv_store, attention
     {"name": "no x8 rows", "matvec_x_q8": False},  # every int-dot mat-vec workgroup quantizes float x itself
     {"name": "previous mat-vec", "matvec_x_q8": False, "wg": 128, "rows_per_wg": 16},
-    {"name": "gated", "fuse_gated_act": True},  # the activation in the gate/up epilogue (off: slower with x8 rows)
+    {"name": "gated", "fuse_gated_act": True},  # the activation (and its x8 rows) in the gate/up epilogue
+    {"name": "norm epilogue", "fuse_matvec_norm": True},  # o/down + residual add + next norm in one mat-vec (Qwen)
+    {"name": "epilogues", "fuse_gated_act": True, "fuse_matvec_norm": True},  # both of the above
     {"name": "separate post norm", "fuse_post_norm": False},  # Gemma: rmsnorm, then add_rmsnorm
     {"name": "norms over memory", "norm_regs_max": 0},  # add_rmsnorm's passes over memory instead of registers
     {"name": "attn no prefetch", "attn_prefetch": False},  # rope_attention without its first loads issued ahead
+    {"name": "attn clock", "attn_clock": True},  # rope_attention's phases stamped: the phase table (attention_phases)
     {"name": "default again"},  # the first variant repeated last: the run's drift (KV length, clocks)
 ]
 VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
-                "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch")
+                "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch",
+                "fuse_matvec_norm", "attn_clock")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:
@@ -212,6 +218,36 @@ def replay_profile(be: VulkanBackend, model, state, token, n: int) -> dict:
     return {"steps": n, "total_ms": total, "kernels": rows}
 
 
+def attention_phases(be: VulkanBackend, model, state, token, n: int) -> dict:
+    """The fused attention's phase table (variants with ``attn_clock``; ``llmopt.backends.vulkan.phase_clock``):
+    the replayed step run once on a copy of ``state``, replayed ``n`` times for warm-up, then ``n`` times each read
+    back; first plain (the phases as in real use), then profiled (a timestamp after every dispatch, ~1 us each:
+    where the realtime clock shares their time base, the gap from the previous dispatch's end to the first
+    instruction)."""
+    from llmopt.backends.vulkan.phase_clock import (dispatch_bounds, format_summary, phase_summary,
+                                                    recording_stamps_ns)
+    from llmopt.backends.vulkan.replay import VulkanDecoder
+
+    out = {}
+    for label, profile in (("plain", False), ("profiled", True)):
+        decoder = VulkanDecoder(model, state, profile=profile)
+        try:
+            decoder.step(dataclasses.replace(state, valid=state.valid.clone(), next_pos=state.next_pos.clone()),
+                         token, greedy=True)
+            decoder.replay(n)
+            samples = []
+            for _ in range(n):
+                decoder.replay(1)
+                bounds = dispatch_bounds(recording_stamps_ns(be.dev, decoder.body), decoder.body.labels) \
+                    if profile else None
+                samples.append((be.attention_clock(), dict(enumerate(bounds)) if bounds else None))
+        finally:
+            decoder.close()
+        out[label] = phase_summary(samples)
+        print(f"      rope_attention phases, replayed step, {label} ({n} replays):\n" + format_summary(out[label]))
+    return out
+
+
 def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
                prompt: int, steps: int, variants: list, seed: int = 0) -> dict:
     from llmopt.engine.config import ModelArgs
@@ -280,6 +316,7 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
             token = flight[-1:]
             decoder.close()
             profile = replay_profile(be, model, replay_state, token, steps)
+            phases = attention_phases(be, model, replay_state, token, steps) if be.attn_clock else None
             runs.append({"name": variant["name"], **{key: getattr(be, key) for key in VARIANT_KEYS},
                          "wall_ms": statistics.median(walls) * 1e3, "wall_ms_spread": [min(walls) * 1e3, max(walls) * 1e3],
                          "replayed_wall_ms": statistics.median(replayed) * 1e3,
@@ -288,7 +325,7 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
                          "replay_ms": replay_ms, "replays_timed": n, "replay_vs_eager": check,
                          "gpu_ms": statistics.median(gpus), "gpu_ms_spread": [min(gpus), max(gpus)],
                          "last_step_kernels_ms": {k: round(v, 4) for k, (v, _) in be.kernel_times().items()},
-                         "replay_kernels": profile})
+                         "replay_kernels": profile, "attn_phases": phases})
             print(f"    variant {variant['name']} ({', '.join(f'{k}={getattr(be, k)}' for k in VARIANT_KEYS)}): "
                   f"wall eager {runs[-1]['wall_ms']:.2f} ms, replayed {runs[-1]['replayed_wall_ms']:.2f} ms, "
                   f"replayed 2 in flight {flight_ms:.2f} ms; "
