@@ -78,9 +78,7 @@ VARIANTS = [
     {"name": "unfused attention", "fuse_rope_attention": False},  # rope(q), rope(k), kv_store, attention
     {"name": "no x8 rows", "matvec_x_q8": False},  # every int-dot mat-vec workgroup quantizes float x itself
     {"name": "previous mat-vec", "matvec_x_q8": False, "wg": 128, "rows_per_wg": 16},
-    {"name": "gated", "fuse_gated_act": True},  # the activation (and its x8 rows) in the gate/up epilogue
-    {"name": "norm epilogue", "fuse_matvec_norm": True},  # o/down + residual add + next norm in one mat-vec (Qwen)
-    {"name": "epilogues", "fuse_gated_act": True, "fuse_matvec_norm": True},  # both of the above
+    {"name": "gated", "fuse_gated_act": True},  # the activation in the gate/up epilogue (off: slower with x8 rows)
     {"name": "separate post norm", "fuse_post_norm": False},  # Gemma: rmsnorm, then add_rmsnorm
     {"name": "norms over memory", "norm_regs_max": 0},  # add_rmsnorm's passes over memory instead of registers
     {"name": "attn no prefetch", "attn_prefetch": False},  # rope_attention without its first loads issued ahead
@@ -90,7 +88,7 @@ VARIANTS = [
 VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
                 "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch",
-                "fuse_matvec_norm", "attn_clock")
+                "attn_clock")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:

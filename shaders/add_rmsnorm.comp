@@ -12,6 +12,7 @@
 // Q8 = 1 (F a multiple of 32): y also as x8 rows (x8.glsl) for the int-dot mat-vec that reads it.
 // Dispatch: rows workgroups (folded).
 #include "common.glsl"
+#define X8_BITS 4u
 #define X8_BINDING 5
 #include "x8.glsl"
 

@@ -5,6 +5,7 @@
 // Dispatch: ceil(n / WG) workgroups (folded).
 #include "common.glsl"
 #include "act.glsl"
+#define X8_BITS 4u
 #define X8_BINDING 3
 #include "x8.glsl"
 

@@ -23,19 +23,6 @@
 // y[m, o] = act(gate_o . x + b_o) * (up_o . x + b_{N+o}): a set's ROWS rows are ROWS / 2 gate rows and the
 // matching up rows, so the activation runs in the epilogue (one dispatch, no [2N] round trip). Dispatch:
 // ceil(2N / (ROWS * WG / SPLIT)) workgroups; ROWS even.
-// Epilogues, for decode (one piece, one output y of N = n_out features, N a multiple of 32): each workgroup counts
-// itself on counter[m, chunk] for every 32-output chunk of y it wrote; the one completing a chunk (the last
-// "arrival", as in rope_attention.comp) reads the chunk back (coherent) and finishes it, then resets the counter.
-//   EPILOGUE = 1 (x8 rows, the gated mat-vec): the chunk quantized into x8 rows (x8.glsl), the bits gated_act's
-//     x8 rows would hold, so the down projection still reads int8 x and gated_act's dispatch is gone.
-//   EPILOGUE = 2 (residual add + RMSNorm): y = res + (W x + b) is the new residual stream (added as add.comp
-//     adds); a completed chunk writes the x8 codes of y * (nw + offset) (the norm weight) and its sum of squares
-//     (binding 12): codes do not depend on 1 / rms, only the scale does. No float normalized x is written.
-// X_RMS = 1 (a mat-vec reading EPILOGUE = 2's x8 rows): each workgroup adds its row's chunk sums of squares
-// (binding 12, loaded before the main loop, added in a fixed order: every step gives the same bits) into
-// 1 / rms = 1 / sqrt(sum / K + eps) and multiplies each row sum by it before the bias. Reducing them here costs
-// no barrier (they ride on the row sums' one) and no dependent round trip, where a second arrival counter in
-// the producer did both.
 #ifndef USE_INT_DOT
 #define USE_INT_DOT 0
 #endif
@@ -57,11 +44,8 @@ layout(constant_id = 5) const uint HAS_BIAS = 0;
 layout(constant_id = 6) const uint SPLIT = 0;  // invocations a row set: a power of two dividing WG; 0 means WG
 layout(constant_id = 7) const uint X_Q8 = 0;   // binding 0 holds x8 rows (int-dot, 4-bit codes, K % 32 == 0)
 layout(constant_id = 8) const uint GATED = 0;  // 1 + activation kind: gated epilogue over a [gate; up] weight
-layout(constant_id = 9) const uint EPILOGUE = 0;  // 1: x8 rows of y; 2: residual add + RMSNorm (header above)
-layout(constant_id = 10) const uint X_RMS = 0;    // x8 rows of an EPILOGUE = 2 output: row sums times 1 / rms
 
-#define X8_BINDING 10
-#define X8_UNSTAGED
+#define X8_BITS BITS
 #include "x8.glsl"
 
 layout(std430, binding = 0) readonly buffer XBuf { float x[]; };
@@ -75,11 +59,6 @@ layout(std430, binding = 4) readonly buffer BBuf { float bias[]; };
 layout(std430, binding = 5) writeonly buffer YBuf { float y[]; };
 layout(std430, binding = 6) writeonly buffer Y1Buf { float y1[]; };
 layout(std430, binding = 7) writeonly buffer Y2Buf { float y2[]; };
-layout(std430, binding = 5) coherent buffer YCBuf { float yc[]; };     // y, written and read back by epilogues
-layout(std430, binding = 8) readonly buffer ResBuf { float res[]; };    // EPILOGUE 2: the residual stream
-layout(std430, binding = 9) readonly buffer NwBuf { float nw[]; };      // EPILOGUE 2: the norm weight
-layout(std430, binding = 11) coherent buffer CntBuf { uint counter[]; };  // [M, N / 32], zero between dispatches
-layout(std430, binding = 12) buffer SqBuf { float sumsq[]; };           // chunk sums of squares [M, N / 32]
 
 layout(push_constant) uniform Params {
     uint K;       // input features
@@ -91,8 +70,6 @@ layout(push_constant) uniform Params {
     uint x_off;
     uint seg1;    // first output feature written to y1 (n_out when there is one output)
     uint seg2;    // first output feature written to y2
-    float eps;    // EPILOGUE 2 and X_RMS: the norm's epsilon
-    float offset; // EPILOGUE 2: added to the norm weight (Gemma's 1 + w)
 } p;
 
 #include "packed.glsl"
@@ -101,10 +78,6 @@ const uint SET = SPLIT == 0u ? WG : SPLIT;
 const uint SETS = WG / SET;
 const uint HALF = ROWS / 2u;
 shared float part[ROWS * WG];  // partial sums, row r of invocation t at part[r * WG + t]
-shared uint done[ROWS * SETS / 32u + 2u];  // chunks of y this workgroup completed (epilogues)
-shared uint n_done;
-shared float rms_part[WG];  // X_RMS: the sum of squares of each subgroup (or invocation)
-const uint SQ_AHEAD = 4u;   // X_RMS: chunk sums an invocation loads before the main loop
 
 // Weight row of a set's row r; `first` is the set's first row (gated: counting gate and up rows, ROWS a set).
 // Rows past the end are clamped: computed and discarded.
@@ -112,46 +85,6 @@ uint weight_row(uint first, uint r) {
     if (GATED == 0u) return min(first + r, p.N - 1u);
     const uint o = min(first / 2u + r % HALF, p.N - 1u);
     return r < HALF ? o : p.N + o;
-}
-
-// Epilogues (header): this workgroup wrote outputs o0 .. o0 + count - 1 (clamped to N) of y's row m.
-void finish_chunks(uint m, uint o0, uint count) {
-    const uint tid = gl_LocalInvocationID.x;
-    const uint n_chunks = p.N / 32u, cnt0 = m * n_chunks;
-    if (o0 >= p.N) return;  // a folded grid's overshoot (uniform: whole workgroups)
-    memoryBarrierBuffer();
-    barrier();
-    if (tid == 0u) {  // count this workgroup on each chunk it touched; keep the chunks it completed
-        n_done = 0u;
-        const uint o1 = min(o0 + count, p.N);
-        for (uint c = o0 / 32u; c <= (o1 - 1u) / 32u; ++c) {
-            const uint arrivals = (min(c * 32u + 32u, p.N) - 1u) / count - (c * 32u) / count + 1u;
-            if (atomicAdd(counter[cnt0 + c], 1u) == arrivals - 1u) done[n_done++] = c;
-        }
-    }
-    barrier();
-    memoryBarrierBuffer();
-    for (uint j = tid; j < n_done; j += WG) {  // an invocation a completed chunk
-        const uint c = done[j], at = m * p.N + c * 32u;
-        vec4 xv[8];
-        [[unroll]] for (uint i = 0; i < 8u; ++i) xv[i] = vec4(yc[at + 4u * i], yc[at + 4u * i + 1u],
-                                                             yc[at + 4u * i + 2u], yc[at + 4u * i + 3u]);
-        if (EPILOGUE == 2u) {
-            float ss = 0.0;
-            [[unroll]] for (uint i = 0; i < 8u; ++i) {
-                ss += dot(xv[i], xv[i]);
-                xv[i] *= vec4(nw[c * 32u + 4u * i], nw[c * 32u + 4u * i + 1u], nw[c * 32u + 4u * i + 2u],
-                              nw[c * 32u + 4u * i + 3u]) + p.offset;
-            }
-            sumsq[cnt0 + c] = ss;
-        }
-        int xq[8];
-        float xd;
-        int qsum;
-        x8_quantize(xv, 4u, xq, xd, qsum);
-        x8_put(m, p.N, c, xq, xd, qsum);
-        counter[cnt0 + c] = 0u;
-    }
 }
 
 void main() {
@@ -168,11 +101,6 @@ void main() {
 
     float acc[ROWS];
     [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] = 0.0;
-    float sq[SQ_AHEAD];  // X_RMS: loads issued now, added after the main loop
-    if (X_RMS != 0u) [[unroll]] for (uint i = 0; i < SQ_AHEAD; ++i) {
-        const uint c = tid + i * WG;
-        sq[i] = c < n_chunks ? sumsq[xrow * n_chunks + c] : 0.0;
-    }
 
     for (uint c = lane; c < n_chunks; c += SET) {
         const uint xc = xbase + c * 32u;
@@ -217,7 +145,7 @@ void main() {
             } else {
                 vec4 xv[8];
                 [[unroll]] for (uint i = 0; i < 8u; ++i) xv[i] = x4[(xc >> 2) + i];
-                x8_quantize(xv, BITS, xq, xd, qsum);
+                x8_quantize(xv, xq, xd, qsum);
             }
             [[unroll]] for (uint r = 0; r < ROWS; ++r) {
                 int d = 0;
@@ -288,26 +216,7 @@ void main() {
     }
 #endif
     if (tid % stride == 0u) [[unroll]] for (uint r = 0; r < ROWS; ++r) part[r * WG + tid] = acc[r];
-    uint n_rms_parts = WG;
-    if (X_RMS != 0u) {  // this row's sum of squares, in a fixed order
-        float ss = 0.0;
-        [[unroll]] for (uint i = 0; i < SQ_AHEAD; ++i) ss += sq[i];
-        for (uint c = tid + SQ_AHEAD * WG; c < n_chunks; c += WG) ss += sumsq[xrow * n_chunks + c];
-#if USE_SUBGROUP
-        ss = subgroupAdd(ss);
-        n_rms_parts = gl_NumSubgroups;
-        if (subgroupElect()) rms_part[gl_SubgroupID] = ss;
-#else
-        rms_part[tid] = ss;
-#endif
-    }
     barrier();
-    float inv_rms = 1.0;
-    if (X_RMS != 0u) {
-        float ss = 0.0;
-        for (uint i = 0; i < n_rms_parts; ++i) ss += rms_part[i];
-        inv_rms = inversesqrt(ss / float(p.K) + p.eps);
-    }
     if (GATED != 0u) {  // invocation r + HALF * set: output of gate row r and up row r + HALF of its set
         for (uint o = tid; o < HALF * SETS; o += WG) {
             const uint r = o % HALF, set = o / HALF;
@@ -318,14 +227,10 @@ void main() {
             }
             const uint out_row = (group_index() * SETS + set) * HALF + r;
             if (out_row >= p.N) continue;
-            if (X_RMS != 0u) { sg *= inv_rms; su *= inv_rms; }
             sg += HAS_BIAS != 0 ? bias[out_row] : 0.0;
             su += HAS_BIAS != 0 ? bias[p.N + out_row] : 0.0;
-            const float v = activation(sg, GATED - 1u) * su;
-            if (EPILOGUE == 0u) y[m * p.N + out_row] = v;
-            else yc[m * p.N + out_row] = v;
+            y[m * p.N + out_row] = activation(sg, GATED - 1u) * su;
         }
-        if (EPILOGUE != 0u) finish_chunks(m, group_index() * SETS * HALF, SETS * HALF);
         return;
     }
     for (uint o = tid; o < ROWS * SETS; o += WG) {
@@ -335,15 +240,9 @@ void main() {
         const uint row = (group_index() * SETS + set) * ROWS + r;
         if (row >= p.N) continue;
         const uint R = p.row0 + row;
-        if (X_RMS != 0u) s *= inv_rms;
         s += HAS_BIAS != 0 ? bias[R] : 0.0;
-        if (EPILOGUE == 2u) {
-            precise const float v = res[m * p.N + R] + s;  // as add.comp rounds it
-            yc[m * p.N + R] = v;
-        } else if (EPILOGUE == 1u) yc[m * p.N + R] = s;
-        else if (R < p.seg1) y[m * p.seg1 + R] = s;
+        if (R < p.seg1) y[m * p.seg1 + R] = s;
         else if (R < p.seg2) y1[m * (p.seg2 - p.seg1) + R - p.seg1] = s;
         else y2[m * (p.n_out - p.seg2) + R - p.seg2] = s;
     }
-    if (EPILOGUE != 0u) finish_chunks(m, group_index() * SETS * ROWS, SETS * ROWS);
 }

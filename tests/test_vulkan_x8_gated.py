@@ -203,16 +203,20 @@ def test_gated_linears(fast, gen, monkeypatch, kind, bits, int_dot):
         assert torch.equal(be.to_host(out), separate), case
 
 
-@pytest.mark.parametrize("wg,rows,split,min_groups", [(64, 16, 0, 1), (32, 4, 16, 1), (16, 8, 0, 64), (16, 1, 0, 1)])
+@pytest.mark.parametrize("wg,rows,split,min_groups", [(64, 16, 0, 1), (32, 4, 16, 1), (16, 8, 0, 64), (16, 1, 0, 1),
+                                                   (16, 5, 0, 1), (16, 10, 0, 64)])
 def test_gated_specializations(fast, gen, monkeypatch, wg, rows, split, min_groups):
-    """Even rows per set whatever is asked (1 becomes 2; halving for more workgroups stops at 2), row sets."""
+    """Even rows per set whatever is asked (1 becomes 2, 5 becomes 6; halving for more workgroups keeps them even and
+    stops at 2), row sets."""
     be = fast
     for key, value in (("wg", wg), ("rows_per_wg", rows), ("matvec_split", split), ("matvec_min_groups", min_groups)):
         monkeypatch.setattr(be, key, value)
-    qts = [random_qt(45, 192, 4, 64, False, torch.bfloat16, gen) for _ in range(2)]
+    # 40 outputs: no whole row sets, and [gate; up] fuses (its scale rows end on the 16-byte alignment)
+    qts = [random_qt(40, 192, 4, 64, False, torch.bfloat16, gen) for _ in range(2)]
     gate, up = (be.linear_weight(n, q) for n, q in zip(("g", "u"), qts))
     x = torch.randn(1, 2, 192, generator=gen)
     out = be.to_host(be.gated_linears(be.from_host(x), gate, up, "gelu_tanh"))
+    assert be._fused[(id(gate), id(up))][1] is not None  # the gated mat-vec ran, not linears + gated_act
     ref = gated_reference(x, *(q.dequantize(torch.float64) for q in qts), None, None, "gelu_tanh", True)
     assert rel_err(out, ref) < RTOL, (wg, rows, split, min_groups)
 

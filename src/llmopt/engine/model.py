@@ -203,8 +203,7 @@ class Model:
             last = i + 1 == len(self.layers)
             after = ops or self.backends[self.head_dev if last else self.layer_dev[i + 1]]
             next_norm = (self.final_norm if last else self.layers[i + 1]["attn_norm"]) if after is be else None
-            readers = (self.head,) if last else tuple(self.layers[i + 1][k] for k in "qkv")  # of next_norm's output
-            out = self._block(be, layer, x, tables[a.rope_layers[i]], state, i, valid, normed, next_norm, readers)
+            out = self._block(be, layer, x, tables[a.rope_layers[i]], state, i, valid, normed, next_norm)
             x, normed = out if next_norm is not None else (out, None)
         if normed is not None:
             return normed
@@ -213,11 +212,9 @@ class Model:
             x = head.from_host(cur.to_host(x))
         return head.rmsnorm(x, self.final_norm, a.norm_eps, a.norm_unit_offset)
 
-    def _block(self, be: Backend, w: dict, x, rope, state: State, i: int, valid, normed=None, next_norm=None,
-               readers: tuple = ()):
+    def _block(self, be: Backend, w: dict, x, rope, state: State, i: int, valid, normed=None, next_norm=None):
         """Layer ``i`` on ``x``. ``next_norm`` (the next norm's weight) fuses the final residual add with that norm
-        and returns ``(x, its norm)``, which the next block takes as ``normed`` (its attention norm, done);
-        ``readers``: the weights that multiply that norm (the next q, k, v or the head)."""
+        and returns ``(x, its norm)``, which the next block takes as ``normed`` (its attention norm, done)."""
         a, spec = self.args, self.specs[i]
         h = normed if normed is not None else be.rmsnorm(x, w["attn_norm"], a.norm_eps, a.norm_unit_offset)
         q, k, v = _linears(be, h, (w["q"], w["k"], w["v"]))
@@ -226,14 +223,13 @@ class Model:
             k = be.rmsnorm(k, w["k_norm"], a.norm_eps, a.norm_unit_offset, group=a.head_dim)
         cache = state.caches[self.layer_dev[i]]
         attn = _rope_attention(be, q, k, v, rope, a.head_dim, cache, self.local_index[i], state.start, valid, spec)
+        h = be.linear(attn, w["o"])
         post = w["post_attn_norm"] if a.sandwich_norm else None
-        x, h = _linear_add_rmsnorm(be, attn, w["o"], x, w["ffn_norm"], a.norm_eps, a.norm_unit_offset, post,
-                                   (w["gate"], w["up"]))
-        h = _gated_linears(be, h, w["gate"], w["up"], a.act)
+        x, h = _add_rmsnorm(be, x, h, w["ffn_norm"], a.norm_eps, a.norm_unit_offset, post)
+        h = be.linear(_gated_linears(be, h, w["gate"], w["up"], a.act), w["down"])
         post = w["post_ffn_norm"] if a.sandwich_norm else None
         if next_norm is not None:
-            return _linear_add_rmsnorm(be, h, w["down"], x, next_norm, a.norm_eps, a.norm_unit_offset, post, readers)
-        h = be.linear(h, w["down"])
+            return _add_rmsnorm(be, x, h, next_norm, a.norm_eps, a.norm_unit_offset, post)
         return be.add(x, h if post is None else be.rmsnorm(h, post, a.norm_eps, a.norm_unit_offset))
 
     # --- public steps --------------------------------------------------------------------------------
@@ -406,15 +402,6 @@ def _add_rmsnorm(be: Backend, x, h, weight, eps: float, unit_offset: bool, post=
         return fused(x, h, weight, eps, unit_offset)
     x = be.add(x, h)
     return x, be.rmsnorm(x, weight, eps, unit_offset)
-
-
-def _linear_add_rmsnorm(be: Backend, x, w, res, weight, eps: float, unit_offset: bool, post, readers: tuple) -> tuple:
-    """``_add_rmsnorm(res, linear(x, w), ...)``; without a post norm, a backend offering ``linear_add_rmsnorm`` may
-    do all three in one op (the norm then only for ``readers``, the weights that multiply it)."""
-    fused = getattr(be, "linear_add_rmsnorm", None) if post is None else None
-    if fused is not None:
-        return fused(x, w, res, weight, eps, unit_offset, readers)
-    return _add_rmsnorm(be, res, be.linear(x, w), weight, eps, unit_offset, post)
 
 
 def load_model(folder: str | Path, backend: str | Backend = "cpu", plan: dict | None = None,

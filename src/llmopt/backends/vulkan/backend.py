@@ -15,11 +15,8 @@ products are accelerated, int2/4/8 mat-vecs run ``matvec_quant_idot`` (x quantiz
 ``int8_chunks`` is its reference); with ``matvec_x_q8`` the ops that feed them at decode (rmsnorm, add_rmsnorm,
 gated_act) also write their output so quantized (``VkAct.q8``, ``shaders/x8.glsl``), which int4 mat-vecs read
 instead of quantizing x in every workgroup. ``gated_linears`` (``fuse_gated_act``) runs gate/up and the gated
-activation as one mat-vec, whose epilogue also writes the x8 rows (per 32-output chunk, by the last workgroup to
-finish it); ``linear_add_rmsnorm`` (``fuse_matvec_norm``) runs the o or down projection, the residual add and the
-next RMSNorm as one mat-vec, its normed output only x8 rows and chunk sums of squares (``VkAct.rms``) for the int4
-mat-vecs that read it (both measured slower on an H200, off: docs/benchmarks.md). The KV cache (on the device),
-RoPE and attention come from ``llmopt.backends.vulkan.attention`` (``AttentionOps``; a decode step's RoPE, K/V store and attention are one
+activation as one mat-vec. The KV cache (on the device), RoPE and attention come from
+``llmopt.backends.vulkan.attention`` (``AttentionOps``; a decode step's RoPE, K/V store and attention are one
 dispatch, ``rope_attention``). Host tables (RoPE cos/sin, masks, token ids) are uploaded once per submission and
 reused by every layer that passes the same tensor. ``replay_decoder`` records a model's whole decode step once and replays it per
 token (``llmopt.backends.vulkan.replay``; ``Model.decode_step`` uses it by itself); ``add_rmsnorm`` fuses the
@@ -49,7 +46,6 @@ MAX_GROUPS = 65535  # workgroups per grid dimension every device supports; wider
 MATVEC_MAX_M = 8  # up to this many input rows the weights are streamed once per row (decode); beyond, tiled matmul
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "quick_gelu": 3}
 ROW_SHADERS = {"rmsnorm", "add_rmsnorm", "layernorm", "attention", "argmax"}  # one workgroup a row/head: sized by wg_reduce
-COUNTER_WORDS = 1 << 14  # the mat-vec epilogues' completion counters, [M, N / 32] of one dispatch
 
 
 def int8_chunks(x: torch.Tensor) -> torch.Tensor:
@@ -66,18 +62,13 @@ def int8_chunks(x: torch.Tensor) -> torch.Tensor:
 
 
 class VkAct:
-    """A float32 activation ``shape`` on the device; its buffers go back to the pool when dropped. ``q8``: the
-    same values as int8 per 32 (``shaders/x8.glsl``'s x8 rows), where the op that made it wrote them too. ``rms``
-    (a norm done in a mat-vec's epilogue, ``linear_add_rmsnorm``): ``buf`` is None, ``q8`` holds the rows before
-    the 1 / rms of each row, ``rms`` the sums of squares of each row's 32-value chunks and ``eps`` the norm's
-    epsilon (the int4 mat-vecs reading it make 1 / rms from them and apply it to their row sums)."""
+    """A float32 activation ``shape`` on the device; its buffer goes back to the pool when dropped. ``q8``: the
+    same values as int8 per 32 (``shaders/x8.glsl``'s x8 rows), where the op that made it wrote them too."""
 
-    __slots__ = ("backend", "buf", "shape", "q8", "rms", "eps")
+    __slots__ = ("backend", "buf", "shape", "q8")
 
-    def __init__(self, backend: "VulkanBackend", buf: Buffer | None, shape: tuple[int, ...], q8: Buffer | None = None,
-                 rms: Buffer | None = None, eps: float = 0.0):
+    def __init__(self, backend: "VulkanBackend", buf: Buffer, shape: tuple[int, ...], q8: Buffer | None = None):
         self.backend, self.buf, self.shape, self.q8 = backend, buf, tuple(int(s) for s in shape), q8
-        self.rms, self.eps = rms, eps
 
     @property
     def rows(self) -> int:
@@ -88,9 +79,9 @@ class VkAct:
         return self.shape[-1]
 
     def __del__(self):
-        for buf in (self.buf, self.q8, self.rms):
-            if buf is not None:
-                self.backend._release(buf)
+        self.backend._release(self.buf)
+        if self.q8 is not None:
+            self.backend._release(self.q8)
 
     def __repr__(self) -> str:
         return f"VkAct{list(self.shape)}"
@@ -106,21 +97,6 @@ class Piece:
     w: tuple
     s: tuple | None
     z: tuple | None
-
-
-@dataclass
-class Epilogue:
-    """A decode mat-vec's epilogue (``matvec_quant.glsl``'s EPILOGUE): kind 1 writes y's x8 rows into ``x8``; kind
-    2 adds the residual ``res`` to y and norms it with ``weight`` (+ ``offset``): x8 rows of y * (weight + offset)
-    into ``x8``, each 32-value chunk's sum of squares into ``sumsq``."""
-
-    kind: int
-    x8: Buffer
-    res: Buffer | None = None
-    weight: Buffer | None = None
-    sumsq: Buffer | None = None
-    eps: float = 0.0
-    offset: float = 0.0
 
 
 @dataclass
@@ -166,7 +142,6 @@ class VulkanBackend(AttentionOps, Backend):
         self.matvec_x_q8 = bool(spec.get("matvec_x_q8", 0))  # norms feeding int-dot mat-vecs also write x as int8
         self.fuse_linears = True
         self.fuse_gated_act = bool(spec.get("matvec_gated", 0))  # gated_linears: the activation in the mat-vec
-        self.fuse_matvec_norm = bool(spec.get("matvec_norm", 0))  # linear_add_rmsnorm: add + norm in the mat-vec
         self.fuse_post_norm = True  # norm_add_rmsnorm: Gemma's post norm, the residual add and the next norm at once
         self.norm_regs_max = 16  # add_rmsnorm holds rows of up to this many values an invocation in registers
         self._init_attention(info)
@@ -177,8 +152,6 @@ class VulkanBackend(AttentionOps, Backend):
         self._owner: dict[int, dict] = {}  # id(buffer) -> the private pool of the recording that uses it
         self._uploads: dict = {}  # host tensor identity -> (device buffer, tensor) for this submission
         self.dummy = self.dev.buffer(16, name="dummy")
-        self.counters = self.dev.buffer(4 * COUNTER_WORDS, name="mat-vec counters")  # zero between dispatches
-        self.dev.upload(self.counters, np.zeros(COUNTER_WORDS, np.uint32))
         self.weight_bytes = 0
         self.kinds: dict[str, int] = {}  # weight storage kind ("int4", "float32", ...) -> matrices uploaded
 
@@ -242,9 +215,6 @@ class VulkanBackend(AttentionOps, Backend):
     def _run(self, shader: str, n_bindings: int, spec: tuple, bindings: list, push: bytes, groups,
              wg: int | None = None) -> None:
         wg = wg or (self.wg_reduce if shader in ROW_SHADERS else self.wg)
-        if any(b is None for b, _, _ in bindings):
-            raise LlmoptError(f"{shader}: an input exists only as x8 rows (normed in a mat-vec epilogue "
-                              "for int4 readers); this op reads float values")
         pipe = self.dev.pipeline(shader, n_bindings, (wg, *spec))
         self.dev.dispatch(pipe, [(b, o, r) for b, o, r in bindings], push, groups)
 
@@ -322,8 +292,6 @@ class VulkanBackend(AttentionOps, Backend):
         return act
 
     def to_host(self, x):
-        if x.buf is None:
-            raise LlmoptError(f"to_host: {x} exists only as x8 rows (normed in a mat-vec epilogue)")
         out = self.dev.download(x.buf, 4 * math.prod(x.shape))
         self._submitted()
         return torch.from_numpy(out).view(x.shape)
@@ -374,10 +342,8 @@ class VulkanBackend(AttentionOps, Backend):
     def gated_linears(self, x: VkAct, gate: VkWeight, up: VkWeight, kind: str) -> VkAct:
         """``gated_act(x gate^T, x up^T, kind)``. At decode sizes, where ``fuse_gated_act`` is on and the two weights
         fuse (``linears``), one mat-vec over [gate; up] whose workgroups own matching gate and up rows and write
-        act(gate) * up (no [2F] round trip, one dispatch fewer), and its x8 rows where ``gated_act`` would write
-        them (each 32-output chunk quantized by the workgroup that completes it); otherwise ``linears`` then
-        ``gated_act``."""
-        from llmopt.backends.vulkan.fusion import epilogue_x8, fused_weight  # imports this module
+        act(gate) * up (no [2F] round trip, one dispatch fewer); otherwise ``linears`` then ``gated_act``."""
+        from llmopt.backends.vulkan.fusion import fused_weight  # imports this module
 
         fused = None
         if self.fuse_gated_act and self.fuse_linears and x.rows <= MATVEC_MAX_M and gate.n_out == up.n_out:
@@ -387,28 +353,13 @@ class VulkanBackend(AttentionOps, Backend):
         if x.features != fused.k:
             raise LlmoptError(f"gated_linears {fused.name}: input has {x.features} features, weights expect {fused.k}")
         out = self._new((*x.shape[:-1], gate.n_out))
-        out.q8 = epilogue_x8(self, out.shape)
-        self._matmul(x, fused, [out], x.rows, 1, 0, gated=self._kind(kind) + 1,
-                     epilogue=Epilogue(1, out.q8) if out.q8 is not None else None)
+        self._matmul(x, fused, [out], x.rows, 1, 0, gated=self._kind(kind) + 1)
         return out
 
-    def linear_add_rmsnorm(self, x: VkAct, w: VkWeight, res: VkAct, weight: Buffer, eps: float, unit_offset: bool,
-                           readers: tuple = ()) -> tuple[VkAct, VkAct]:
-        """``add_rmsnorm(res, linear(x, w), weight, eps, unit_offset)``: the new residual stream and its norm.
-        With ``fuse_matvec_norm`` at decode sizes, where every reader of the norm (``readers``: the weights that
-        will multiply it) is an int4 int-dot mat-vec over x8 rows, one mat-vec whose epilogue adds the residual and
-        norms (``llmopt.backends.vulkan.fusion.linear_add_rmsnorm``); otherwise ``linear`` then ``add_rmsnorm``."""
-        from llmopt.backends.vulkan.fusion import linear_add_rmsnorm  # imports this module
-
-        return linear_add_rmsnorm(self, x, w, res, weight, eps, unit_offset, readers)
-
-    def _matmul(self, x: VkAct, w: VkWeight, outs: list, m: int, x_step: int, x_off: int, gated: int = 0,
-                epilogue: Epilogue | None = None) -> None:
+    def _matmul(self, x: VkAct, w: VkWeight, outs: list, m: int, x_step: int, x_off: int, gated: int = 0) -> None:
         """Record ``outs = x W^T (+ bias)`` for ``m`` input rows; several ``outs`` split W's rows in order.
-        ``gated`` (mat-vec only; 1 + activation kind): W is [gate; up] and the one output act(gate) * up.
-        ``epilogue`` (mat-vec only, one piece, one output): see ``Epilogue``."""
-        dummy = self._whole(self.dummy)
-        bias = self._whole(w.bias) if w.bias is not None else dummy
+        ``gated`` (mat-vec only; 1 + activation kind): W is [gate; up] and the one output act(gate) * up."""
+        bias = self._whole(w.bias) if w.bias is not None else self._whole(self.dummy)
         spec_tail = (w.bits, int(w.scale_bf16), int(w.has_zeros), int(w.bias is not None))
         bounds = np.cumsum([o.features for o in outs])[:-1].tolist()
         seg1, seg2 = (bounds + [w.n_out, w.n_out])[:2]
@@ -418,37 +369,28 @@ class VulkanBackend(AttentionOps, Backend):
             raise LlmoptError(f"Vulkan device '{self.dev.info['name']}' lacks shaderIntegerDotProduct "
                               "(VK_KHR_shader_integer_dot_product): the int-dot mat-vec cannot run there")
         x8 = x.q8 is not None and int_dot and w.bits == 4  # x's int8 copy, in the order of 4-bit codes
-        if x.rms is not None and not x8:
-            raise LlmoptError(f"linear {w.name}: its input was normed in a mat-vec epilogue (x8 rows only), "
-                              f"which only an int4 int-dot mat-vec reads; this is int{w.bits}, {m} rows")
-        if epilogue is not None and (m > MATVEC_MAX_M or len(w.pieces) != 1 or len(outs) != 1
-                                     or (epilogue.kind == 2 and x.rms is not None)):  # both use binding 12
-            raise LlmoptError(f"mat-vec epilogue on {w.name}: needs at most {MATVEC_MAX_M} rows, one piece, one output "
-                              "(a norm epilogue: an input not itself normed in an epilogue)")
-        e = epilogue or Epilogue(0, self.dummy)
-        sumsq = e.sumsq if e.kind == 2 else x.rms  # binding 12: a norm epilogue writes it, x8 rows' readers read it
-        eps = e.eps if e.kind == 2 else x.eps
-        tail = [self._whole(b) if b is not None else dummy for b in (e.res, e.weight, e.x8, self.counters, sumsq)]
         if gated and (m > MATVEC_MAX_M or len(w.pieces) != 1 or w.n_out % 2):
             raise LlmoptError(f"gated mat-vec {w.name}: needs at most {MATVEC_MAX_M} input rows and one piece of "
                               f"[gate; up] rows, got {m} rows, {len(w.pieces)} pieces, {w.n_out} weight rows")
         for pc in w.pieces:
-            bindings = [self._whole(x.q8 if x8 else x.buf), pc.w, pc.s or dummy, pc.z or dummy, bias, *ys]
+            bindings = [self._whole(x.q8 if x8 else x.buf), pc.w, pc.s or self._whole(self.dummy),
+                        pc.z or self._whole(self.dummy), bias, *ys]
             if m <= MATVEC_MAX_M:
                 wg = self._matvec_wg(w.k)
                 least = 2 if gated else 1  # a gated set holds matching gate and up rows: an even count
-                rows = max(self.rows_per_wg, least) + (self.rows_per_wg % 2 if gated else 0)
+                rows = max(self.rows_per_wg, least)
+                rows += rows % least  # gated: even
                 sets = self._matvec_sets(wg, rows)
                 while rows > least and -(-pc.rows // (rows * sets)) < self.matvec_min_groups:
                     rows = max(least, rows // 2 // least * least)  # gated: stays even
                 gx, gy, _ = self._grid(-(-pc.rows // (rows * sets)))
-                n = pc.rows // 2 if gated else pc.rows
-                sizes = (n, n, 0, w.group, x_step, x_off, n, n) if gated else \
-                    (pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, seg1, seg2)
-                push = pack_push("IIIIIIIIIff", w.k, *sizes, eps, e.offset)
-                self._run("matvec_quant_idot" if int_dot else "matvec_quant", 13,
-                          (rows, *spec_tail, self.matvec_split, int(x8), gated, e.kind, int(x.rms is not None)),
-                          bindings + tail, push, (gx, gy, m), wg)
+                if gated:
+                    n = pc.rows // 2
+                    push = pack_push("IIIIIIIII", w.k, n, n, 0, w.group, x_step, x_off, n, n)
+                else:
+                    push = pack_push("IIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, seg1, seg2)
+                self._run("matvec_quant_idot" if int_dot else "matvec_quant", 8,
+                          (rows, *spec_tail, self.matvec_split, int(x8), gated), bindings, push, (gx, gy, m), wg)
             else:
                 push = pack_push("IIIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m, seg1, seg2)
                 self._run("matmul_quant", 8, (self.tile, *spec_tail), bindings, push,

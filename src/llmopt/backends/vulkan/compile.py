@@ -46,9 +46,7 @@ def device_config(probe: dict) -> dict:
     at 256, while rows of 3584 were fastest at 64-128); ``matvec_x_q8``: 1 to have the norms that feed int-dot
     mat-vecs also write their output as int8 per 32 values (x8.glsl), read by 4-bit mat-vecs instead of quantizing
     x in every workgroup; ``matvec_gated``: 1 to run gate/up and the gated activation as one mat-vec
-    (``VulkanBackend.gated_linears``; its epilogue writes the x8 rows too); ``matvec_norm``: 1 to run the o and
-    down projections with the residual add and the next RMSNorm in their epilogue
-    (``VulkanBackend.linear_add_rmsnorm``, Qwen-style layers).
+    (``VulkanBackend.gated_linears``).
 
     CPU devices (lavapipe) run one invocation per SIMD lane group and pay for every barrier, so small workgroups
     (16 invocations, 8 rows each) win there by about 5x (FACTS §6); GPUs want 64-256 invocations a workgroup.
@@ -63,16 +61,15 @@ def device_config(probe: dict) -> dict:
     else:  # the fastest decode step measured on an H200 (bench/vulkan_decode.py, docs/benchmarks.md)
         wg, rows, tile, wg_reduce, min_groups, split, wg_max = 64, 4, 32, 1024, 256, 0, 256
     # x8 rows with wg 64, rows 4: 1.38x / 1.27x decode on an H200 against wg 128, rows 16 without them; the gated
-    # epilogue (writing the x8 rows itself) and the add + norm epilogue measured slower there (their completion
-    # counters cost each mat-vec what the dispatches they save cost, docs/benchmarks.md v9), so both stay off
-    x_q8, gated, norm = int_dot, 0, 0
+    # epilogue measured slower there with x8 rows (the down projection then reads float x), so it stays off
+    x_q8, gated = int_dot, 0
     return {
         "defines": {"USE_SUBGROUP": int(bool(features.get("subgroup_arithmetic")) and subgroup > 0),
                     "SMALL_CODE": int(device.get("type") == "cpu")},
         "spec": {"wg": min(wg, max_wg), "rows": rows, "tile": tile, "wg_reduce": min(wg_reduce, max_wg),
                  "matvec_min_groups": min_groups, "matvec_split": split, "matvec_wg_max": min(wg_max, max_wg),
                  "matvec_int_dot": int_dot,
-                 "matvec_x_q8": x_q8, "matvec_gated": gated, "matvec_norm": norm},
+                 "matvec_x_q8": x_q8, "matvec_gated": gated},
     }
 
 

@@ -1,8 +1,6 @@
-"""Fused linears for ``VulkanBackend.linears``: weights that read the same input, run as one mat-vec dispatch; and
-the mat-vec epilogues' host side (``shaders/matvec_quant.glsl``'s EPILOGUE).
+"""Fused linears for ``VulkanBackend.linears``: weights that read the same input, run as one mat-vec dispatch.
 
     fused = fused_weight(be, (wq, wk, wv))   # a VkWeight over their rows, or None (then one dispatch each)
-    x, normed = linear_add_rmsnorm(be, attn, wo, x, ffn_norm, eps, False, (w_gate, w_up))
 
 The first call for a tuple of weights copies their codes, scales and zero points into one device buffer, region
 by region (all codes, then all scales, then all zero points, so the fused weight has the ordinary layout), and
@@ -13,21 +11,13 @@ and mat-mul shaders write the fused rows to one output per weight (``seg1``/``se
 Fusable: 2 or 3 weights with the same input size, bit width, group, scale dtype and zero points, one piece each,
 whose row ranges in the fused buffer start on the device's storage-buffer offset alignment and fit its range.
 Not inside a replayable recording (the copies need a submit): those weights fuse on a later eager call.
-
-``linear_add_rmsnorm`` (``VulkanBackend.fuse_matvec_norm``): the o or down projection whose epilogue adds the
-residual and writes the next RMSNorm as x8 rows and chunk sums of squares only (``VkAct.rms``), for int4 readers;
-``epilogue_x8``: the x8 rows such an epilogue (or the gated mat-vec's) writes, where they may be written.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from llmopt.backends.vulkan.backend import COUNTER_WORDS, MATVEC_MAX_M, Epilogue, Piece, VkAct, VkWeight, VulkanBackend
-from llmopt.backends.vulkan.device import Buffer
-from llmopt.errors import LlmoptError
+from llmopt.backends.vulkan.backend import Piece, VkWeight, VulkanBackend
 
 
 def fused_weight(be: VulkanBackend, ws: tuple) -> VkWeight | None:
@@ -99,38 +89,3 @@ def _concatenate(be: VulkanBackend, ws: tuple, regions: list) -> VkWeight:
     return VkWeight("+".join(w.name for w in ws), n_out, first.k, first.bits, first.group, first.scale_bf16,
                     first.has_zeros, [Piece(0, n_out, buf, fused_ranges["w"], fused_ranges.get("s"),
                                             fused_ranges.get("z"))], bias)
-
-
-def linear_add_rmsnorm(be: VulkanBackend, x: VkAct, w: VkWeight, res: VkAct, weight: Buffer, eps: float,
-                       unit_offset: bool, readers: tuple) -> tuple[VkAct, VkAct]:
-    """``VulkanBackend.linear_add_rmsnorm``: one mat-vec (EPILOGUE 2) where ``fuse_matvec_norm`` is on, ``w`` is one
-    piece, its outputs whole chunks of 32 at decode rows, and every one of ``readers`` an int4 weight over them;
-    else ``linear`` then ``add_rmsnorm``."""
-    n = w.n_out
-    q8 = None
-    if (be.fuse_matvec_norm and readers and x.rms is None and len(w.pieces) == 1 and res.shape[-1] == n
-            and all(isinstance(r, VkWeight) and r.bits == 4 and r.k == n for r in readers)):
-        q8 = epilogue_x8(be, res.shape)
-    if q8 is None:
-        return be.add_rmsnorm(res, be.linear(x, w), weight, eps, unit_offset)
-    if x.features != w.k:
-        raise LlmoptError(f"linear {w.name}: input has {x.features} features, weight expects {w.k}")
-    if res.shape[:-1] != x.shape[:-1]:
-        raise LlmoptError(f"linear_add_rmsnorm: residual {list(res.shape)} and input {list(x.shape)} differ in rows")
-    be._check_norm_weight("linear_add_rmsnorm", weight, n)
-    total = be._new(res.shape)
-    normed = VkAct(be, None, res.shape, q8, be._alloc(4 * res.rows * (n // 32), "rms sums"), float(eps))
-    be._matmul(x, w, [total], x.rows, 1, 0,
-               epilogue=Epilogue(2, q8, res.buf, weight, normed.rms, float(eps), 1.0 if unit_offset else 0.0))
-    return total, normed
-
-
-def epilogue_x8(be: VulkanBackend, shape: tuple) -> Buffer | None:
-    """x8 rows for a mat-vec epilogue to write into (``shape`` its output), or None where none may: int-dot mat-vecs
-    reading x8 rows off, more than ``MATVEC_MAX_M`` rows, features not a multiple of 32, or more chunks than the
-    completion counters hold."""
-    f, rows = shape[-1], math.prod(shape[:-1])
-    if (be.matvec_x_q8 and be.matvec_int_dot and rows <= MATVEC_MAX_M and f % 32 == 0
-            and rows * (f // 32) <= COUNTER_WORDS):
-        return be._alloc(rows * 160 * -(-f // 128), "x8")  # x8.glsl: 10 uvec4 per 4 chunks of 32
-    return None
