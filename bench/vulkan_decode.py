@@ -25,7 +25,9 @@
    resubmitted back to back (no host in between). Against the ceiling copy_bandwidth / bytes_read_per_token
    (weights + KV cache at that context). Several specializations (VARIANTS) are timed on the same loaded
    model (the first is the previous default: float mat-vec, separate q/k/v and gate/up; then fused linears, then
-   the int-dot mat-vec); the best (by replayed wall-clock) is reported, all are kept in the JSON. Variants with
+   the int-dot mat-vec); the best (by replayed wall-clock) is reported, all are kept in the JSON. Each variant's
+   replayed step is also profiled (a timestamp after every dispatch), its mat-vecs split by weight (q+k+v, o,
+   gate+up, down, head: ``matvec_by_weight``). Variants with
    ``attn_clock`` ("attn clock") also print the fused attention's phase table from its shader clocks
    (``attention_phases``; ``llmopt.backends.vulkan.phase_clock``).
 """
@@ -175,7 +177,9 @@ def matvec_sweep(be: VulkanBackend, shapes: dict, rng, configs, reps: int = 50, 
                         be.linear(xin, w)
                 be.synchronize()
                 kernel = "matvec_quant_idot" if cfg[3] else "matvec_quant"
-                times[cfg].append(be.dev.kernel_times[kernel] / be.dev.kernel_counts[kernel])
+                labels = [k for k in be.dev.kernel_times if k.split(" ")[0] == kernel]  # "lm_head": "<kernel> head"
+                ms = sum(be.dev.kernel_times[k] for k in labels)
+                times[cfg].append(ms / sum(be.dev.kernel_counts[k] for k in labels))
         for cfg, ms_all in times.items():
             (wg, rpw, split, idot, with_x8), ms, (err, err_plain) = cfg, min(ms_all), errs[cfg]
             rows.append({"shape": label, "n": shape[0], "k": shape[1], "wg": wg, "rows": rpw, "split": split,
@@ -211,9 +215,13 @@ def replay_profile(be: VulkanBackend, model, state, token, n: int) -> dict:
     finally:
         decoder.close()
     total = sum(r["ms"] for r in rows.values())
+    matvec = {name.split(" ", 1)[1]: r for name, r in rows.items() if name.startswith("matvec") and " " in name}
     print(f"      replayed step, {n} profiled replays: {total:.3f} ms of timestamps a step; " + ", ".join(
         f"{name} {r['ms'] * 1e3:.0f} us/{r['dispatches']}" for name, r in rows.items()))
-    return {"steps": n, "total_ms": total, "kernels": rows}
+    print(f"      mat-vecs by weight: {sum(r['ms'] for r in matvec.values()) * 1e3:.0f} us; " + ", ".join(
+        f"{role} {r['ms'] * 1e3:.0f} us/{r['dispatches']} ({r['ms'] * 1e3 / r['dispatches']:.1f} each)"
+        for role, r in sorted(matvec.items(), key=lambda kv: -kv[1]["ms"])))
+    return {"steps": n, "total_ms": total, "kernels": rows, "matvec_by_weight": matvec}
 
 
 def attention_phases(be: VulkanBackend, model, state, token, n: int) -> dict:

@@ -48,6 +48,26 @@ ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "quick_gelu": 3}
 ROW_SHADERS = {"rmsnorm", "add_rmsnorm", "layernorm", "attention", "argmax"}  # one workgroup a row/head: sized by wg_reduce
 
 
+# decoder weights by the part of their (HF) name that says what they do: a mat-vec or mat-mul is timed under its
+# shader's name and this role (kernel_times: "matvec_quant_idot gate+up"), so a profile splits the mat-vec time
+ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+         "down_proj": "down", "lm_head": "head"}
+
+
+def weight_role(name: str) -> str | None:
+    """The role of a decoder weight named ``name``: ``"o"``, ``"down"``, ``"head"``...; a fused weight's (names
+    joined by "+") joins its parts' roles (``"q+k+v"``, ``"gate+up"``). None for any other weight (the vision tower's,
+    a benchmark's), timed under the shader's name alone."""
+    roles = []
+    for part in name.split("+"):
+        words = part.split(".")
+        role = next((r for key, r in ROLES.items() if key in words), None)
+        if role is None or words[0] in ("visual", "merger"):
+            return None
+        roles.append(role)
+    return "+".join(roles)
+
+
 def int8_chunks(x: torch.Tensor) -> torch.Tensor:
     """x (float64) as ``matvec_quant_idot`` multiplies it: each whole 32-value chunk of a row as int8 codes times
     the chunk's scale max|x| / 127 (float32 steps as in the shader: 127 / max|x|, round half to even); a tail
@@ -213,10 +233,10 @@ class VulkanBackend(AttentionOps, Backend):
         return (MAX_GROUPS, -(-n_groups // MAX_GROUPS), 1)
 
     def _run(self, shader: str, n_bindings: int, spec: tuple, bindings: list, push: bytes, groups,
-             wg: int | None = None) -> None:
+             wg: int | None = None, label: str | None = None) -> None:
         wg = wg or (self.wg_reduce if shader in ROW_SHADERS else self.wg)
         pipe = self.dev.pipeline(shader, n_bindings, (wg, *spec))
-        self.dev.dispatch(pipe, [(b, o, r) for b, o, r in bindings], push, groups)
+        self.dev.dispatch(pipe, [(b, o, r) for b, o, r in bindings], push, groups, label)
 
     @staticmethod
     def _whole(buf: Buffer) -> tuple:
@@ -369,6 +389,7 @@ class VulkanBackend(AttentionOps, Backend):
             raise LlmoptError(f"Vulkan device '{self.dev.info['name']}' lacks shaderIntegerDotProduct "
                               "(VK_KHR_shader_integer_dot_product): the int-dot mat-vec cannot run there")
         x8 = x.q8 is not None and int_dot and w.bits == 4  # x's int8 copy, in the order of 4-bit codes
+        role = weight_role(w.name)
         if gated and (m > MATVEC_MAX_M or len(w.pieces) != 1 or w.n_out % 2):
             raise LlmoptError(f"gated mat-vec {w.name}: needs at most {MATVEC_MAX_M} input rows and one piece of "
                               f"[gate; up] rows, got {m} rows, {len(w.pieces)} pieces, {w.n_out} weight rows")
@@ -389,12 +410,14 @@ class VulkanBackend(AttentionOps, Backend):
                     push = pack_push("IIIIIIIII", w.k, n, n, 0, w.group, x_step, x_off, n, n)
                 else:
                     push = pack_push("IIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, seg1, seg2)
-                self._run("matvec_quant_idot" if int_dot else "matvec_quant", 8,
-                          (rows, *spec_tail, self.matvec_split, int(x8), gated), bindings, push, (gx, gy, m), wg)
+                shader = "matvec_quant_idot" if int_dot else "matvec_quant"
+                self._run(shader, 8, (rows, *spec_tail, self.matvec_split, int(x8), gated), bindings, push,
+                          (gx, gy, m), wg, f"{shader} {role}" if role else None)
             else:
                 push = pack_push("IIIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m, seg1, seg2)
-                self._run("matmul_quant", 8, (self.tile, *spec_tail), bindings, push,
-                          (-(-pc.rows // self.tile), -(-m // self.tile), 1))
+                grid = (-(-pc.rows // self.tile), -(-m // self.tile), 1)
+                self._run("matmul_quant", 8, (self.tile, *spec_tail), bindings, push, grid,
+                          label=f"matmul_quant {role}" if role else None)
 
     def _matvec_wg(self, k: int) -> int:
         """Mat-vec workgroup size for rows of ``k``: doubled from ``wg`` up to ``matvec_wg_max`` while every invocation
@@ -562,7 +585,8 @@ class VulkanBackend(AttentionOps, Backend):
                   self._grid(groups))
 
     def kernel_times(self) -> dict[str, tuple[float, int]]:
-        """Per-kernel GPU time (ms) and dispatch count since construction (``profile=True`` only)."""
+        """Per-kernel GPU time (ms) and dispatch count since construction (``profile=True`` only); mat-vecs and
+        mat-muls of decoder weights per kernel and weight role (``weight_role``)."""
         return {k: (v, self.dev.kernel_counts[k]) for k, v in sorted(self.dev.kernel_times.items(), key=lambda kv: -kv[1])}
 
     def close(self) -> None:

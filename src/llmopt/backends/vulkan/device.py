@@ -441,8 +441,10 @@ class Device(Recordings):
         pipe.descriptor_sets[bindings] = dset
         return dset
 
-    def dispatch(self, pipe: Pipeline, bindings: list, push: bytes, groups: tuple[int, int, int]) -> None:
-        """Record one dispatch. ``bindings``: (Buffer, offset, range) per binding, range None = to the end."""
+    def dispatch(self, pipe: Pipeline, bindings: list, push: bytes, groups: tuple[int, int, int],
+                 label: str | None = None) -> None:
+        """Record one dispatch. ``bindings``: (Buffer, offset, range) per binding, range None = to the end.
+        ``label``: its name in timings (default: the shader's)."""
         if any(g <= 0 for g in groups):
             return
         key = tuple((b, o, min(b.nbytes - o, self.max_range) if r is None else r) for b, o, r in bindings)
@@ -459,7 +461,7 @@ class Device(Recordings):
         if push:
             lib.vkCmdPushConstants(cmd, pipe.layout, self.vk.VK_SHADER_STAGE_COMPUTE_BIT, 0, len(push), push)
         lib.vkCmdDispatch(cmd, *groups)
-        self._after(pipe.name)
+        self._after(label or pipe.name)
 
     def _barrier(self, stage: str) -> None:
         """Make the previous command's writes visible to a command of ``stage`` and order the two."""

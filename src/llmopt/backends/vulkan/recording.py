@@ -36,9 +36,9 @@ class Recording:
     cmd: object
     n_commands: int
     query_pool: object = None  # profiled recordings: timestamps after every command
-    labels: list | None = None  # the kernel name of each timestamp (profiled recordings)
-    times: dict = field(default_factory=dict)  # kernel name -> ms summed over collected submissions
-    counts: dict = field(default_factory=dict)  # kernel name -> commands timed
+    labels: list | None = None  # the label of each timestamp's command (Device.dispatch; profiled recordings)
+    times: dict = field(default_factory=dict)  # label -> ms summed over collected submissions
+    counts: dict = field(default_factory=dict)  # label -> commands timed
 
 
 @dataclass(eq=False)

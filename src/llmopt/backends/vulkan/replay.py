@@ -25,8 +25,9 @@ whole ``[B, vocab]`` back, for sampling).
 
 ``VulkanDecoder(model, state, profile=True)`` records a timestamp after every dispatch and copy, inside the recorded
 command buffers (their query pools reset there too), so ``step`` and ``replay`` time the replayed step at the
-clocks of real use; ``kernel_times()`` sums them by kernel name over every profiled submission. A profiled
-decoder refuses ``greedy_steps`` (two submissions of one recording in flight would share its query pool).
+clocks of real use; ``kernel_times()`` sums them by kernel name over every profiled submission (mat-vecs by kernel
+and weight role, "matvec_quant_idot gate+up": ``backend.weight_role``). A profiled decoder refuses ``greedy_steps``
+(two submissions of one recording in flight would share its query pool).
 
 ``greedy_steps`` keeps two steps in flight: step t+1 is queued before the host waits for step t, so the GPU never
 idles while the host reads ids and writes the next step. The greedy tail also copies its ids into the step

@@ -1,0 +1,132 @@
+"""Mat-vec timings split by weight role (lavapipe in CI): ``VulkanBackend`` times each mat-vec / mat-mul of a decoder
+weight as "<shader> <role>" (``backend.weight_role``: q+k+v, o, gate+up, down, head), so the replayed step's
+profile (``VulkanDecoder(profile=True).kernel_times()``, bench/vulkan_decode.py's ``replay_profile``) shows where the
+mat-vec time goes instead of summing ~113 dispatches under one name.
+
+Checks: the role of every decoder weight name (fused names, the vision tower's and others' None); whole tiny
+Qwen2 and Gemma 2 models, weights fused (q+k+v, gate+up) or not (mixed bit widths: q, k, v, gate, up apart), every
+mat-vec of the replayed step labelled once a layer (head once), none left under the bare shader name, the eager
+path's prefill mat-muls and decode mat-vecs likewise; the bench's per-weight split from the same profile; labels
+never change results (replayed = eager bit for bit with profiling on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmopt.engine import load_model
+from tiny_models import COMMON, FAMILIES, pack_folder, save_random
+
+vulkan = pytest.importorskip("llmopt.backends.vulkan")
+pytestmark = pytest.mark.vulkan
+if not vulkan.probe()["present"]:
+    pytest.skip(f"no Vulkan device: {vulkan.probe()['reason']}", allow_module_level=True)
+
+from llmopt.backends.vulkan.backend import weight_role  # noqa: E402
+from llmopt.backends.vulkan.replay import VulkanDecoder  # noqa: E402
+
+LAYERS = COMMON["num_hidden_layers"]
+FUSED = {"q+k+v": LAYERS, "o": LAYERS, "gate+up": LAYERS, "down": LAYERS, "head": 1}
+APART = {"q": LAYERS, "k": LAYERS, "v": LAYERS, "o": LAYERS, "gate": LAYERS, "up": LAYERS, "down": LAYERS, "head": 1}
+
+
+@pytest.mark.parametrize("name, role", [
+    ("layers.3.self_attn.q_proj.weight", "q"),
+    ("layers.0.self_attn.o_proj.weight", "o"),
+    ("layers.11.mlp.down_proj.weight", "down"),
+    ("lm_head.weight", "head"),
+    ("layers.0.self_attn.q_proj.weight+layers.0.self_attn.k_proj.weight+layers.0.self_attn.v_proj.weight", "q+k+v"),
+    ("layers.2.mlp.gate_proj.weight+layers.2.mlp.up_proj.weight", "gate+up"),
+    ("visual.blocks.0.mlp.gate_proj", None),  # the vision tower's FFN is not the decoder's
+    ("merger.mlp.0", None),
+    ("layers.0.self_attn.q_proj.weight+visual.blocks.0.attn.q", None),  # any part without a role: none
+    ("embed_tokens.weight", None),
+    ("o", None),  # a benchmark's weight named after a shape, not a role
+    ("layers.0.self_attn.q_proj_extra.weight", None),  # whole name parts only
+])
+def test_weight_role(name, role):
+    assert weight_role(name) == role
+
+
+def matvec_labels(times: dict) -> dict:
+    """role -> dispatches, for the mat-vec labels of ``kernel_times()``; fails on a mat-vec timed without a role."""
+    bare = [k for k in times if k in ("matvec_quant", "matvec_quant_idot")]
+    assert not bare, f"mat-vecs timed without their weight's role: {bare}"
+    return {k.split(" ", 1)[1]: n for k, (_, n) in times.items() if k.startswith("matvec_quant")}
+
+
+def tiny(tmp_path, family: str, fused: bool):
+    """A tiny model with every 2-D weight packed: all int4 g32 (q/k/v and gate/up fuse), or int4 and int8 in turn
+    (neighbours differ, so nothing fuses)."""
+    from llmopt.quant.quantizers import Spec
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    folder = save_random(FAMILIES[family](), tmp_path / "f", seed)
+    specs = [Spec(4, 32)] if fused else [Spec(4, 32), Spec(8, 0)]
+    return pack_folder(folder, tmp_path / "q", specs), seed
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "apart"])
+def test_replayed_profile_splits_matvecs_by_role(be, tmp_path, family, fused):
+    folder, seed = tiny(tmp_path, family, fused)
+    model = load_model(folder, backend=be)
+    ids = torch.randint(0, COMMON["vocab_size"], (1, 6))
+    model.static_decode = False
+    logits, state = model.prefill(ids, max_len=8)
+    token = logits.argmax(-1)
+    dec = VulkanDecoder(model, state, profile=True)
+    try:
+        replay_state = dataclasses.replace(state, valid=state.valid.clone())
+        replayed = dec.step(replay_state, token)
+        eager = model.decode_step(state, token)
+        assert torch.equal(replayed, eager), f"{family} seed={seed}: profiled replay differs from eager"
+        counts = matvec_labels(dec.kernel_times())
+    finally:
+        dec.close()
+    assert counts == (FUSED if fused else APART), f"{family} seed={seed}"
+
+
+def test_eager_profile_labels_matmuls_and_matvecs(tmp_path):
+    folder, _ = tiny(tmp_path, "qwen2", True)
+    be = vulkan.VulkanBackend(profile=True)
+    try:
+        model = load_model(folder, backend=be)
+        model.static_decode = False
+        be.synchronize()
+        be.dev.kernel_times.clear()
+        be.dev.kernel_counts.clear()
+        logits, state = model.prefill(torch.randint(0, COMMON["vocab_size"], (1, 12)), max_len=13)  # 12 rows: mat-muls
+        times = be.kernel_times()
+        prefill = {k.split(" ", 1)[1]: n for k, (_, n) in times.items() if k.startswith("matmul_quant")}
+        assert prefill == {"q+k+v": LAYERS, "o": LAYERS, "gate+up": LAYERS, "down": LAYERS}  # the head: last row
+        assert "matmul_quant" not in times
+        be.dev.kernel_times.clear()
+        be.dev.kernel_counts.clear()
+        model.decode_step(state, logits.argmax(-1))
+        assert matvec_labels(be.kernel_times()) == FUSED
+    finally:
+        be.close()
+
+
+def test_bench_replay_profile_per_weight(be, tmp_path):
+    spec = importlib.util.spec_from_file_location("vulkan_decode", Path(__file__).parents[1] / "bench" / "vulkan_decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folder, _ = tiny(tmp_path, "qwen2", True)
+    model = load_model(folder, backend=be)
+    model.static_decode = False
+    logits, state = model.prefill(torch.randint(0, COMMON["vocab_size"], (1, 5)), max_len=8)
+    profile = bench.replay_profile(be, model, state, logits.argmax(-1), 2)
+    split = profile["matvec_by_weight"]
+    assert {role: r["dispatches"] for role, r in split.items()} == FUSED
+    assert all(r["ms"] > 0 for r in split.values())
+    kernel = next(k for k in profile["kernels"] if k.startswith("matvec_quant"))
+    assert sum(r["ms"] for r in split.values()) == pytest.approx(
+        sum(r["ms"] for k, r in profile["kernels"].items() if k.split(" ")[0] == kernel.split(" ")[0]))
+    assert state.start == 5  # the profile ran on a copy of the state
