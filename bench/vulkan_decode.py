@@ -84,13 +84,14 @@ VARIANTS = [
     {"name": "separate post norm", "fuse_post_norm": False},  # Gemma: rmsnorm, then add_rmsnorm
     {"name": "norms over memory", "norm_regs_max": 0},  # add_rmsnorm's passes over memory instead of registers
     {"name": "attn no prefetch", "attn_prefetch": False},  # rope_attention without its first loads issued ahead
+    {"name": "attn no x8", "attn_x8": False},  # rope_attention writes float only: o's workgroups each quantize x
     {"name": "attn clock", "attn_clock": True},  # rope_attention's phases stamped: the phase table (attention_phases)
     {"name": "default again"},  # the first variant repeated last: the run's drift (KV length, clocks)
 ]
 VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
                 "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch",
-                "attn_clock")
+                "attn_x8", "attn_clock")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:

@@ -20,6 +20,9 @@
 // FROM_STEP = 1 (replayed decode): the slot is step[0] and sequence b's RoPE table row is step[pos_word + b]
 // (the host writes both into the step buffer before each submit); otherwise the slot is the push constant
 // `start` and the tables hold one row a sequence. Dispatch: (KV, S, B).
+// Q8 = 1 (x8.glsl; head_dim a multiple of 32): the workgroup that writes a head's outputs (the combiner, or the
+// single split) also writes them as x8 rows for the int-dot o projection: its G * D outputs are the G * D / 32
+// whole chunks of row b from chunk h * G * D / 32 on, quantized from the very floats stored to `o`.
 // PREFETCH = 1: each team's first cached key and each invocation's first block of values are loaded at the very
 // start, beside q and the RoPE rows (they depend on neither q nor the softmax; only cached slots, never this
 // step's), so the scores and the value sums wait for no memory round trip of their own at short contexts.
@@ -37,9 +40,13 @@
 #extension GL_EXT_shader_realtime_clock : require
 #endif
 #include "common.glsl"
+#define X8_BITS 4u
+#define X8_BINDING 12
+#include "x8.glsl"
 
-layout(constant_id = 1) const uint FROM_STEP = 0;
-layout(constant_id = 2) const uint PREFETCH = 1;  // 0: no loads issued ahead (the form before; measured beside it)
+// constant_id 1, 2: x8.glsl's Q8 and X8_LEN
+layout(constant_id = 3) const uint FROM_STEP = 0;
+layout(constant_id = 4) const uint PREFETCH = 1;  // 0: no loads issued ahead (the form before; measured beside it)
 
 const uint MAX_G = 8;        // query heads a KV head (Qwen2.5-7B: 7)
 const uint MAX_D = 256;      // head dimension
@@ -60,9 +67,10 @@ layout(std430, binding = 8) coherent buffer PBuf { float part[]; };     // [B, K
 layout(std430, binding = 9) coherent buffer NBuf { uint counter[]; };   // [B * KV], zero between dispatches
 layout(std430, binding = 10) writeonly buffer OBuf { float o[]; };      // [B, H * D]
 layout(std430, binding = 11) readonly buffer StepBuf { uint step[]; };  // FROM_STEP only
+// binding 12: x8 rows of o [B, H * D] (x8.glsl's X8Out; Q8 only)
 #if PHASE_CLOCK
 const uint CLOCK_STAMPS = 9, CLOCK_REC = 4 * CLOCK_STAMPS + 4;
-layout(std430, binding = 12) writeonly buffer ClockBuf { uint clk[]; };  // a record a workgroup (see above)
+layout(std430, binding = 13) writeonly buffer ClockBuf { uint clk[]; };  // a record a workgroup (see above)
 #define STAMP(i) if (tid == 0u) { \
     const uvec2 rt_ = clockRealtime2x32EXT(), cy_ = clock2x32ARB(); \
     clk[rec + 2u * (i)] = rt_.x; clk[rec + 2u * (i) + 1u] = rt_.y; \
@@ -245,10 +253,16 @@ void main() {
             TILE_LOOP for (uint u = 0u; u < BLOCK; ++u) acc += sc[w + j + u] * val[u];
         }
         for (; j < n_cached; ++j) acc += sc[w + j] * vc[at + j * kvf];
-        if (n_active == 1u) o[(b * p.H + h * G + g) * D + d] = acc / hl[g];
-        else part[(pbase + g) * (D + 2u) + d] = acc;
+        if (n_active == 1u) {
+            const float y = acc / hl[g];
+            o[(b * p.H + h * G + g) * D + d] = y;
+            if (Q8 != 0u) x8_vals[i + i / 32u] = y;
+        } else {
+            part[(pbase + g) * (D + 2u) + d] = acc;
+        }
     }
     if (n_active == 1u) {
+        if (Q8 != 0u) x8_store(b, p.H * D, h * G * D / 32u, G * D / 32u);
         CLOCK_BARRIER
         STAMP(5u)
         STAMP(8u)
@@ -319,8 +333,11 @@ void main() {
             TILE_LOOP for (uint u = 0u; u < BLOCK; ++u) acc += sc[(s + u) * MAX_G + g] * val[u];
         }
         for (; s < n_active; ++s) acc += sc[s * MAX_G + g] * part[(base0 + s * G + g) * (D + 2u) + d];
-        o[(b * p.H + h * G + g) * D + d] = acc / hl[g];
+        const float y = acc / hl[g];
+        o[(b * p.H + h * G + g) * D + d] = y;
+        if (Q8 != 0u) x8_vals[i + i / 32u] = y;
     }
+    if (Q8 != 0u) x8_store(b, p.H * D, h * G * D / 32u, G * D / 32u);
     if (tid == 0u) counter[b * p.KV + h] = 0u;
     CLOCK_BARRIER
     STAMP(8u)

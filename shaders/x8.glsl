@@ -1,5 +1,5 @@
 // x as int8 per 32 values, the input of matvec_quant_idot: one quantizer for the mat-vec (which quantizes its own
-// x chunk when it gets float x) and for the ops that write x already quantized (rmsnorm, add_rmsnorm with Q8 = 1),
+// x chunk when it gets float x) and for the ops that write x already quantized (Q8 = 1: see X8_BINDING below),
 // so both give the same bits. Scale d = max|x| / 127, codes roundEven(x * 127 / max|x|) in -127..127 (an all-zero
 // chunk: d = 0, codes 0). Bytes are packed in the order of X8_BITS-bit weight codes (defined by the includer):
 // word i * SHIFTS + s holds in byte b the code of value i * PER_WORD + s + SHIFTS * b, i.e. the values a weight
@@ -33,9 +33,10 @@ void x8_quantize(const vec4 xv[8], out int xq[8], out float xd, out int qsum) {
 }
 
 #ifdef X8_BINDING
-// Writing x8 rows (rmsnorm, add_rmsnorm, gated_act): spec constant Q8 = 1 turns it on; the op leaves value i of
-// the chunks it quantizes in x8_vals[i + i / 32] (i counted from its first chunk; a float of padding every 32: the
-// chunk-per-invocation reads below hit distinct banks), then x8_store quantizes them from there. X8_LEN (>= the
+// Writing x8 rows (rmsnorm, add_rmsnorm, gated_act, rope_attention): spec constant Q8 = 1 turns it on; the op
+// leaves value i of the chunks it quantizes in x8_vals[i + i / 32] (i counted from its first chunk; a float of
+// padding every 32: the chunk-per-invocation reads below hit distinct banks), then x8_store quantizes them from
+// there. X8_LEN (>= the
 // values + a 32nd where used, else 1) sizes x8_vals.
 layout(constant_id = 1) const uint Q8 = 0;
 layout(constant_id = 2) const uint X8_LEN = 1;

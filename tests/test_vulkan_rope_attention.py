@@ -360,7 +360,8 @@ from llmopt.engine import load_model
 
 be = VulkanBackend()
 be.attn_clock, be.attn_chunk_min, be.attn_split_target = True, 2, 64
-model = load_model(save_random(FAMILIES["qwen2"](), Path(sys.argv[1]), 0), backend=be)
+be.matvec_int_dot = be.matvec_x_q8 = bool(be.dev.features["integer_dot_product"])  # heads of 32: x8 rows bound too
+model = load_model(save_random(FAMILIES["qwen2"](head_dim=32), Path(sys.argv[1]), 0), backend=be)
 gen = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=5, stop_ids=[])  # left padding, two steps in flight
 assert gen.timings["decode_path"] == "replayed", gen.timings["decode_path"]
 assert sorted(be.attention_clock()) == list(range(model.args.n_layers))
@@ -371,8 +372,9 @@ print("done")
 
 @needs_clock
 def test_phase_clock_runs_clean_under_validation_layer(tmp_path):
-    """The clock build (VK_KHR_shader_clock enabled with both clocks, the record buffer bound) in replayed greedy
-    decoding under the Khronos validation layer with synchronization validation: no message."""
+    """The clock build (VK_KHR_shader_clock enabled with both clocks, the record buffer bound; and the x8 rows'
+    buffer, where the device has the int-dot mat-vec) in replayed greedy decoding under the Khronos validation layer
+    with synchronization validation: no message."""
     import os
     import subprocess
     import sys

@@ -7,7 +7,8 @@ and attend to the last ``window``). Prefill (and anything else with more than on
 tower runs ``attention.comp`` over segments (``attention_full``). A decode step runs ``rope_attention`` (the
 engine's ``getattr`` hook): ``rope_attention.comp`` ropes q and k, stores this step's K/V and attends in one
 dispatch, a workgroup a (KV head, chunk of the context, sequence) serving the whole GQA group, the chunks combined
-by the last workgroup to finish (its docstring; docs/benchmarks.md for the H200 numbers). The replayed step
+by the last workgroup to finish (its docstring; docs/benchmarks.md for the H200 numbers); with ``attn_x8`` the
+workgroup writing a head's outputs also writes them as x8 rows (``VkAct.q8``) for the o projection. The replayed step
 (``llmopt.backends.vulkan.replay``) binds the step buffer's slot and RoPE positions instead of push constants.
 With ``attn_clock`` on, the decode dispatches run ``rope_attention_clock.comp`` instead (the same kernel stamping
 each phase with the shader clocks, VK_KHR_shader_clock) and ``attention_clock()`` reads the stamps of the last
@@ -83,6 +84,7 @@ class AttentionOps:
         self.attn_wg = self.wg_reduce
         self.attn_chunk_min = 32
         self.attn_prefetch = True  # rope_attention issues its first key and value loads beside q's (PREFETCH)
+        self.attn_x8 = True  # rope_attention also writes its output as x8 rows for the o projection (with matvec_x_q8)
         self.attn_split_target = 1 if probe["device"].get("type") == "cpu" else 128
         self.attn_clock = False  # decode dispatches stamp their phases (rope_attention_clock; attention_clock())
         self._clock_buf: Buffer | None = None
@@ -236,11 +238,25 @@ class AttentionOps:
         """Whether ``rope_attention.comp`` serves this step: one token a sequence, a group and head that fit its
         shared arrays, and a context it can split into chunks of at most FUSED_MAX_CHUNK slots."""
         group = spec.n_heads // spec.n_kv_heads
-        shared = 4 * (FUSED_MAX_GD + 2 * MAX_HEAD_DIM + FUSED_MAX_G * (FUSED_MAX_CHUNK + 2) + self.attn_wg + 1)
+        shared = self._fused_shared_bytes(1)
         return (self.fuse_rope_attention and q.shape[1] == 1 and spec.n_heads % spec.n_kv_heads == 0
                 and group <= FUSED_MAX_G and group * spec.head_dim <= FUSED_MAX_GD and spec.head_dim % 2 == 0
                 and spec.head_dim <= MAX_HEAD_DIM and self._splits(spec, cache, q.shape[0]) <= FUSED_MAX_CHUNK
                 and shared <= int(self.probe["device"].get("max_shared_memory_bytes") or shared))
+
+    def _fused_shared_bytes(self, x8_len: int) -> int:
+        """rope_attention.comp's shared memory with an x8 staging array (``x8_vals``) of ``x8_len`` floats."""
+        return 4 * (FUSED_MAX_GD + 2 * MAX_HEAD_DIM + FUSED_MAX_G * (FUSED_MAX_CHUNK + 2) + self.attn_wg + 1 + x8_len)
+
+    def _attn_out(self, q: VkAct, spec: AttnSpec) -> tuple[VkAct, tuple]:
+        """The fused attention's output and its (Q8, X8_LEN) specialization: x8 rows (``q8``) where ``attn_x8`` is on,
+        the other producers' conditions hold (``VulkanBackend._normed``: ``matvec_x_q8``, int-dot, decode rows) and
+        the head dimension is a multiple of 32, so the G * D outputs of a workgroup are whole chunks; and where its
+        staging array still fits the device's shared memory."""
+        per = spec.n_heads // spec.n_kv_heads * spec.head_dim
+        limit = int(self.probe["device"].get("max_shared_memory_bytes") or 16384)
+        fits = self._fused_shared_bytes(per + per // 32) <= limit
+        return self._normed(q.shape, per if self.attn_x8 and spec.head_dim % 32 == 0 and fits else None)
 
     def _splits(self, spec: AttnSpec, cache: VkKVCache, batch: int) -> int:
         """Splits over the KV length (the grid's y): enough that no chunk exceeds FUSED_MAX_CHUNK slots at the longest
@@ -262,13 +278,13 @@ class AttentionOps:
         group = spec.n_heads // spec.n_kv_heads
         splits = self._splits(spec, cache, B)
         window = _window(spec, cache)
-        out = self._new(q.shape)
+        out, x8 = self._attn_out(q, spec)
         part = self._alloc(4 * B * spec.n_kv_heads * splits * group * (spec.head_dim + 2), "attention partials") \
             if splits > 1 else self.dummy
         grid = (spec.n_kv_heads, splits, B)
         bufs = [q.buf, k.buf, v.buf, cos, sin, cache.k[layer], cache.v[layer], mask or self.dummy, part,
                 cache.counters, out.buf]
-        bindings = [self._whole(b) for b in bufs] + [step or self._whole(self.dummy)]
+        bindings = [self._whole(b) for b in bufs] + [step or self._whole(self.dummy), self._whole(out.q8 or self.dummy)]
         clock_base = 0
         if self.attn_clock:
             clock, clock_base = self._clock_binding(layer, grid)
@@ -277,7 +293,7 @@ class AttentionOps:
                          int(mask is not None), mask_len, self.attn_chunk_min, pos_word, float(spec.scale),
                          float(spec.softcap or 0.0), clock_base)
         self._run("rope_attention_clock" if self.attn_clock else "rope_attention", len(bindings),
-                  (int(step is not None), int(self.attn_prefetch)), bindings, push, grid, self.attn_wg)
+                  (*x8, int(step is not None), int(self.attn_prefetch)), bindings, push, grid, self.attn_wg)
         if part is not self.dummy:
             self._release(part)
         return out

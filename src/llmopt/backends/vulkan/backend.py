@@ -13,9 +13,9 @@ device's storage-buffer range is split into row pieces, one dispatch each. ``lin
 as one mat-vec over their rows concatenated on the device; where the probe says packed 4x8-bit integer dot
 products are accelerated, int2/4/8 mat-vecs run ``matvec_quant_idot`` (x quantized to int8 per 32 values,
 ``int8_chunks`` is its reference); with ``matvec_x_q8`` the ops that feed them at decode (rmsnorm, add_rmsnorm,
-gated_act) also write their output so quantized (``VkAct.q8``, ``shaders/x8.glsl``), which int4 mat-vecs read
-instead of quantizing x in every workgroup. ``gated_linears`` (``fuse_gated_act``) runs gate/up and the gated
-activation as one mat-vec. The KV cache (on the device), RoPE and attention come from
+gated_act, the fused decode attention) also write their output so quantized (``VkAct.q8``, ``shaders/x8.glsl``),
+which int4 mat-vecs read instead of quantizing x in every workgroup. ``gated_linears`` (``fuse_gated_act``) runs
+gate/up and the gated activation as one mat-vec. The KV cache (on the device), RoPE and attention come from
 ``llmopt.backends.vulkan.attention`` (``AttentionOps``; a decode step's RoPE, K/V store and attention are one
 dispatch, ``rope_attention``). Host tables (RoPE cos/sin, masks, token ids) are uploaded once per submission and
 reused by every layer that passes the same tensor. ``replay_decoder`` records a model's whole decode step once and replays it per
@@ -487,7 +487,7 @@ class VulkanBackend(AttentionOps, Backend):
             raise LlmoptError(f"{op}: the norm weight holds {weight.nbytes // 4} values, {n} features need one each")
 
     def _normed(self, shape: tuple, per_group: int | None) -> tuple[VkAct, tuple]:
-        """The output of an op that can also write it as int8 (x8 rows, ``q8``: rmsnorm, add_rmsnorm, gated_act),
+        """The output of an op that can also write it as int8 (x8 rows, ``q8``: norms, gated_act, rope_attention),
         and the op's specialization (Q8, X8_LEN) for it. x8 rows are written where an int-dot mat-vec may read them:
         ``matvec_x_q8`` on, decode rows, a multiple of 32 features, and ``per_group`` (the values one workgroup
         quantizes: a row, or the workgroup's own; None: the op cannot) fitting the device's shared memory."""

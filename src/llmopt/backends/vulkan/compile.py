@@ -43,10 +43,10 @@ def device_config(probe: dict) -> dict:
     where the device runs the packed signed 4x8-bit dot product as a native instruction; ``matvec_wg_max``: a
     mat-vec over long rows doubles its workgroup up to this size while every invocation still gets two or more
     32-value chunks of a row (on an H200 the 18944-wide down projection ran 27.6 us at 128 invocations and 22.7 us
-    at 256, while rows of 3584 were fastest at 64-128); ``matvec_x_q8``: 1 to have the norms that feed int-dot
-    mat-vecs also write their output as int8 per 32 values (x8.glsl), read by 4-bit mat-vecs instead of quantizing
-    x in every workgroup; ``matvec_gated``: 1 to run gate/up and the gated activation as one mat-vec
-    (``VulkanBackend.gated_linears``).
+    at 256, while rows of 3584 were fastest at 64-128); ``matvec_x_q8``: 1 to have the ops that feed int-dot
+    mat-vecs (norms, gated_act, the fused decode attention) also write their output as int8 per 32 values (x8.glsl),
+    read by 4-bit mat-vecs instead of quantizing x in every workgroup; ``matvec_gated``: 1 to run gate/up and the
+    gated activation as one mat-vec (``VulkanBackend.gated_linears``).
 
     CPU devices (lavapipe) run one invocation per SIMD lane group and pay for every barrier, so small workgroups
     (16 invocations, 8 rows each) win there by about 5x (FACTS §6); GPUs want 64-256 invocations a workgroup.
