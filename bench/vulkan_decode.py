@@ -48,6 +48,7 @@ import torch
 
 from llmopt.backends.vulkan import VulkanBackend
 from llmopt.backends.vulkan.backend import int8_chunks
+from llmopt.fsutil import write_text
 from llmopt.quant.format import QuantizedTensor
 
 MODELS = {
@@ -489,11 +490,16 @@ def main(argv=None) -> int:
             for key in ("wall", "replayed_wall", "flight_wall", "gpu", "replay"):
                 row[f"{key}_tok_s"] = 1e3 / row[f"{key}_ms"] if row[f"{key}_ms"] else None  # no timestamps: None
             result["decode"].append(row)
+            save(result, args.out)  # after each model: a run cut short keeps the models it finished
         print_decode_table(result["decode"])
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str))
+    save(result, args.out)
     return 0
+
+
+def save(result: dict, out: Path | None) -> None:
+    if out:  # atomically: a run killed mid-write leaves the previous model's JSON
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text(out, json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":

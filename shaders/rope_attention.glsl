@@ -17,9 +17,10 @@
 // arrive combines the partials (log-sum-exp rescaling) into the output and resets the counter for the next
 // dispatch. `has_mask` excludes slots whose valid flag [B, mask_len] is 0 (left padding); this step's slot is
 // always visible. softcap > 0 applies softcap * tanh(s / softcap) to the scaled scores.
-// FROM_STEP = 1 (replayed decode): the slot is step[0] and sequence b's RoPE table row is step[pos_word + b]
-// (the host writes both into the step buffer before each submit); otherwise the slot is the push constant
-// `start` and the tables hold one row a sequence. Dispatch: (KV, S, B).
+// FROM_STEP = 1 (replayed decode): the slot is step[0] (the host writes it into the step buffer before each
+// submit); otherwise the push constant `start`. The cos/sin tables hold this step's row of each sequence (in the
+// replayed step: regions of the step buffer the host fills with them), so q's rotation waits for one round trip,
+// not for the slot or a position first. Dispatch: (KV, S, B).
 // Q8 = 1 (x8.glsl; head_dim a multiple of 32): the workgroup that writes a head's outputs (the combiner, or the
 // single split) also writes them as x8 rows for the int-dot o projection: its G * D outputs are the G * D / 32
 // whole chunks of row b from chunk h * G * D / 32 on, quantized from the very floats stored to `o`.
@@ -58,8 +59,8 @@ const uint KEY_BLOCK = 8;    // key loads a lane issues together
 layout(std430, binding = 0) readonly buffer QBuf { float q[]; };        // [B, H * D], before RoPE
 layout(std430, binding = 1) readonly buffer KBuf { float k[]; };        // [B, KV * D], before RoPE
 layout(std430, binding = 2) readonly buffer VBuf { float v[]; };        // [B, KV * D]
-layout(std430, binding = 3) readonly buffer CBuf { float cs[]; };       // cos rows [rows, D]
-layout(std430, binding = 4) readonly buffer SBuf { float sn[]; };       // sin rows [rows, D]
+layout(std430, binding = 3) readonly buffer CBuf { float cs[]; };       // cos rows [B, D]
+layout(std430, binding = 4) readonly buffer SBuf { float sn[]; };       // sin rows [B, D]
 layout(std430, binding = 5) buffer KCBuf { float kc[]; };               // key cache [B, L, KV * D]
 layout(std430, binding = 6) buffer VCBuf { float vc[]; };               // value cache [B, L, KV * D]
 layout(std430, binding = 7) readonly buffer MBuf { uint valid[]; };     // [B, mask_len] (has_mask only)
@@ -93,7 +94,6 @@ layout(push_constant) uniform Params {
     uint has_mask;
     uint mask_len;
     uint chunk_min;
-    uint pos_word;   // FROM_STEP: word of the first RoPE position in the step buffer
     float scale;
     float softcap;   // 0 = none
     uint clock_base; // PHASE_CLOCK: the first word of this dispatch's records in clk
@@ -125,7 +125,7 @@ void main() {
     }
     const uint s0 = lo + c * chunk, n = min(chunk, hi - s0);
     const bool last = c == n_active - 1u;
-    const uint trow = (FROM_STEP != 0u ? step[p.pos_word + b] : b) * D;
+    const uint trow = b * D;
     const uint n_cached = last ? n - 1u : n;  // the last split's last slot is this step's, in shared memory
 #if USE_SUBGROUP
     const uint lane = gl_SubgroupInvocationID, team = gl_SubgroupID, n_teams = gl_NumSubgroups, team_size = gl_SubgroupSize;

@@ -9,7 +9,8 @@ engine's ``getattr`` hook): ``rope_attention.comp`` ropes q and k, stores this s
 dispatch, a workgroup a (KV head, chunk of the context, sequence) serving the whole GQA group, the chunks combined
 by the last workgroup to finish (its docstring; docs/benchmarks.md for the H200 numbers); with ``attn_x8`` the
 workgroup writing a head's outputs also writes them as x8 rows (``VkAct.q8``) for the o projection. The replayed step
-(``llmopt.backends.vulkan.replay``) binds the step buffer's slot and RoPE positions instead of push constants.
+(``llmopt.backends.vulkan.replay``) binds the step buffer's slot word instead of the push constant, and this step's
+cos/sin rows from the same buffer as the tables.
 With ``attn_clock`` on, the decode dispatches run ``rope_attention_clock.comp`` instead (the same kernel stamping
 each phase with the shader clocks, VK_KHR_shader_clock) and ``attention_clock()`` reads the stamps of the last
 dispatch of each layer back (bench/vulkan_decode.py prints them as a phase table).
@@ -231,8 +232,9 @@ class AttentionOps:
         if start >= cache.max_len:
             raise LlmoptError(f"attention: position {start} exceeds the KV cache of {cache.max_len}")
         mask = self._upload_host(valid[:, :start + 1].to(torch.int32), np.uint32) if valid is not None else None
-        return self._rope_attend(q, k, v, self._upload_host(cos, np.float32), self._upload_host(sin, np.float32), cache,
-                                 layer, start, mask, start + 1, spec)
+        return self._rope_attend(q, k, v, self._whole(self._upload_host(cos, np.float32)),
+                                 self._whole(self._upload_host(sin, np.float32)), cache, layer, start, mask, start + 1,
+                                 spec)
 
     def _fusable(self, q: VkAct, spec: AttnSpec, cache: VkKVCache) -> bool:
         """Whether ``rope_attention.comp`` serves this step: one token a sequence, a group and head that fit its
@@ -268,12 +270,11 @@ class AttentionOps:
         wanted = min(-(-self.attn_split_target // (spec.n_kv_heads * batch)), -(-span // self.attn_chunk_min))
         return max(1, wanted, -(-span // FUSED_MAX_CHUNK))
 
-    def _rope_attend(self, q, k, v, cos: Buffer, sin: Buffer, cache: VkKVCache, layer: int, start: int,
-                     mask: Buffer | None, mask_len: int, spec: AttnSpec, step: tuple | None = None,
-                     pos_word: int = 0) -> VkAct:
+    def _rope_attend(self, q, k, v, cos: tuple, sin: tuple, cache: VkKVCache, layer: int, start: int,
+                     mask: Buffer | None, mask_len: int, spec: AttnSpec, step: tuple | None = None) -> VkAct:
         """Record ``rope_attention.comp`` for one token a sequence at cache slot ``start`` (or, ``step`` bound: the
-        step buffer from the slot word on, slot first and the RoPE table rows at word ``pos_word``); ``cos``/``sin``
-        hold one row a sequence (or, ``step`` bound, a row a position)."""
+        uint32 slot it holds, read on the device); the ``cos``/``sin`` bindings hold this step's row of each sequence
+        (the replayed step binds regions of its step buffer)."""
         B, _, _ = q.shape
         group = spec.n_heads // spec.n_kv_heads
         splits = self._splits(spec, cache, B)
@@ -282,15 +283,15 @@ class AttentionOps:
         part = self._alloc(4 * B * spec.n_kv_heads * splits * group * (spec.head_dim + 2), "attention partials") \
             if splits > 1 else self.dummy
         grid = (spec.n_kv_heads, splits, B)
-        bufs = [q.buf, k.buf, v.buf, cos, sin, cache.k[layer], cache.v[layer], mask or self.dummy, part,
-                cache.counters, out.buf]
-        bindings = [self._whole(b) for b in bufs] + [step or self._whole(self.dummy), self._whole(out.q8 or self.dummy)]
+        bindings = [self._whole(q.buf), self._whole(k.buf), self._whole(v.buf), cos, sin]
+        bufs = [cache.k[layer], cache.v[layer], mask or self.dummy, part, cache.counters, out.buf]
+        bindings += [self._whole(b) for b in bufs] + [step or self._whole(self.dummy), self._whole(out.q8 or self.dummy)]
         clock_base = 0
         if self.attn_clock:
             clock, clock_base = self._clock_binding(layer, grid)
             bindings.append(clock)
-        push = pack_push("IIIIIIIIIIffI", spec.n_heads, spec.n_kv_heads, spec.head_dim, cache.max_len, start, window,
-                         int(mask is not None), mask_len, self.attn_chunk_min, pos_word, float(spec.scale),
+        push = pack_push("IIIIIIIIIffI", spec.n_heads, spec.n_kv_heads, spec.head_dim, cache.max_len, start, window,
+                         int(mask is not None), mask_len, self.attn_chunk_min, float(spec.scale),
                          float(spec.softcap or 0.0), clock_base)
         self._run("rope_attention_clock" if self.attn_clock else "rope_attention", len(bindings),
                   (*x8, int(step is not None), int(self.attn_prefetch)), bindings, push, grid, self.attn_wg)

@@ -5,13 +5,17 @@ A normal ``Model.decode_step`` on ``VulkanBackend`` records ~16 dispatches a lay
 GPU's work (docs/benchmarks.md). Here the step is recorded once, with every per-token input read by the shaders
 from a small step buffer instead of push constants or uploads:
 
-    step buffer (uint32):  [ids of the B sequences]  [slot]               [RoPE position of each sequence]
-                           embedding                 kv_store, attention  rope (row of a table of every position)
-                                                     rope_attention (slot and positions: one binding)
+    step buffer:  [ids of the B sequences]  [slot]                   [RoPE position of   [cos rows] [sin rows]
+                                                                       each sequence]      [B, head_dim] a RoPE kind
+                  embedding                 kv_store, attention,     rope (row of a      rope_attention (q and
+                                            rope_attention           table of every      this step's k)
+                                                                     position)
 
-Before each submit the host writes those few words into a host-visible copy; a recorded prologue copies them to
-the device buffer ahead of the body. The RoPE tables (cos/sin of every position the state can reach, per RoPE
-kind) and the padding mask (the prompt's valid flags; decode slots are always valid) are uploaded once. In the body
+Before each submit the host writes those words (and rows of its copy of the RoPE tables: the fused attention ropes
+q after one round trip, not after fetching the slot or a position first) into a host-visible copy; a recorded
+prologue copies them to the device buffer ahead of the body. The RoPE tables (cos/sin of every position the state
+can reach, per RoPE kind; for the unfused rope) and the padding mask (the prompt's valid flags; decode slots are
+always valid) are uploaded once. In the body
 every residual add is fused with the norm after it (``add_rmsnorm``: the next layer's attention norm, or the final
 norm; with Gemma's sandwich norms the post norm before it too, ``norm_add_rmsnorm``), as in an eager
 ``Model._forward``, so the two run the same kernels. The body ends at the logits; one of two recorded tails
@@ -81,10 +85,9 @@ class _ReplayOps:
         if not be._fusable(q, spec, cache):
             return self.attention(self.rope(q, cos, sin, head_dim), self.rope(k, cos, sin, head_dim), v, cache, layer,
                                   start, valid, spec)
-        o = dec.offsets  # the slot word, then (pos_word words on) the RoPE positions: one binding
-        region = (dec.step_dev, o["slot"], o["pos"] + dec.sizes["pos"] - o["slot"])
-        return be._rope_attend(q, k, v, cos, sin, cache, layer, 0, dec.mask, cache.max_len, spec, step=region,
-                               pos_word=(o["pos"] - o["slot"]) // 4)
+        # the slot word, and this step's cos/sin rows of the layer's RoPE kind: q's rotation needs no position first
+        return be._rope_attend(q, k, v, *dec.step_rows[id(cos)], cache, layer, 0, dec.mask, cache.max_len, spec,
+                               step=dec.region("slot"))
 
 
 class VulkanDecoder:
@@ -106,8 +109,11 @@ class VulkanDecoder:
         self.caches = state.caches  # the recording binds them: they live as long as it does
         self.batch, self.vocab, self.max_len = int(state.valid.shape[0]), a.vocab_size, state.max_len
         B, dev = self.batch, be.dev
-        # step buffer regions, each at the device's storage-buffer offset alignment
-        words = {"ids": B, "slot": 1, "pos": B}  # slot and pos adjacent: one copy advances both
+        # step buffer regions, each at the device's storage-buffer offset alignment; after the positions, this
+        # step's cos and sin rows [B, head_dim] of each RoPE kind (rope_attention reads q's rotation from there)
+        ropes = sorted(set(a.rope_layers), key=repr)
+        words = {"ids": B, "slot": 1, "pos": B}  # slot, pos and rows adjacent: one copy advances all
+        words.update({f"{t}{i}": B * a.head_dim for i in range(len(ropes)) for t in ("cos", "sin")})
         self.offsets, size = {}, 0
         for name, n in words.items():
             self.offsets[name] = size
@@ -120,10 +126,16 @@ class VulkanDecoder:
             self.step_host = [self._buffer(size, host=True, name="decode step (host)") for _ in range(2)]
             self.step_dev = self._buffer(size, name="decode step")
             self.step_words = [buf.view(np.uint32, size // 4) for buf in self.step_host]
+            self.step_floats = [buf.view(np.float32, size // 4) for buf in self.step_host]
             self.ids_out = [self._buffer(4 * B, host=True, cached=True, name="greedy ids") for _ in range(2)]  # read by
             self.logits_out = self._buffer(4 * B * self.vocab, host=True, cached=True, name="logits readback")  # cached
             self.table_len = int(state.next_pos.max()) + state.max_len - state.start
-            self.tables = {r: self._table(r, a.head_dim) for r in set(a.rope_layers)}
+            self.host_rows, self.tables, self.step_rows = {}, {}, {}
+            for i, r in enumerate(ropes):
+                cos, sin = rope_tables(r, torch.arange(self.table_len).view(1, -1), a.head_dim)  # the host's tables
+                self.host_rows[f"cos{i}"], self.host_rows[f"sin{i}"] = cos[0].numpy(), sin[0].numpy()
+                self.tables[r] = tuple(self._upload(t.contiguous().numpy()) for t in (cos, sin))
+                self.step_rows[id(self.tables[r][0])] = (self.region(f"cos{i}"), self.region(f"sin{i}"))
             self.mask = None
             if state.padded:  # prompt slots as valid as they were; every slot a decode step writes is valid
                 valid = state.valid.clone()
@@ -141,14 +153,10 @@ class VulkanDecoder:
         self._resources.append(buf)
         return buf
 
-    def _table(self, rope, head_dim: int):
-        cos, sin = rope_tables(rope, torch.arange(self.table_len).view(1, -1), head_dim)  # exactly the host tables
-        bufs = []
-        for t in (cos, sin):
-            buf = self._buffer(t.numel() * 4, name="rope table")
-            self.dev.upload(buf, t.contiguous().numpy())
-            bufs.append(buf)
-        return tuple(bufs)
+    def _upload(self, table: np.ndarray):
+        buf = self._buffer(table.nbytes, name="rope table")
+        self.dev.upload(buf, table)
+        return buf
 
     def region(self, name: str) -> tuple:
         return (self.step_dev, self.offsets[name], self.sizes[name])
@@ -202,7 +210,11 @@ class VulkanDecoder:
             raise LlmoptError(f"{state.start + ahead + 1} tokens exceed the KV cache of {state.max_len} tokens")
         w, o, B = self.step_words[parity], self.offsets, self.batch
         w[o["slot"] // 4] = state.start + ahead
-        w[o["pos"] // 4:o["pos"] // 4 + B] = (state.next_pos + ahead).numpy()
+        pos = (state.next_pos + ahead).numpy()
+        w[o["pos"] // 4:o["pos"] // 4 + B] = pos
+        f = self.step_floats[parity]
+        for name, table in self.host_rows.items():
+            f[o[name] // 4:o[name] // 4 + table.shape[1] * B] = table[pos].reshape(-1)
         if ids is not None:
             w[o["ids"] // 4:o["ids"] // 4 + B] = ids.numpy()
 
