@@ -451,6 +451,11 @@ def main(argv=None) -> int:
         p.error("--steps must be at least 2 (the first step records the replayed step and is not timed)")
     if any(not 0 <= i < len(SWEEP) for i in args.sweep_configs or ()):
         p.error(f"--sweep-configs: indices into SWEEP run from 0 to {len(SWEEP) - 1}")
+    for name in args.models if args.hidden else ():
+        heads = MODELS[name]["num_attention_heads"]  # a head_dim in the config keeps heads * head_dim apart from hidden
+        if args.hidden % 128 or ("head_dim" not in MODELS[name] and args.hidden % heads):
+            p.error(f"--hidden {args.hidden}: {name} needs a multiple of 128"
+                    + ("" if "head_dim" in MODELS[name] else f" and of its {heads} attention heads"))
     if args.real:
         result = {"real": str(args.real), "date": time.strftime("%Y-%m-%d"),
                   "rows": real_side_by_side(args.real, args.steps, args.paths, args.rounds)}

@@ -130,3 +130,14 @@ def test_bench_replay_profile_per_weight(be, tmp_path):
     assert sum(r["ms"] for r in split.values()) == pytest.approx(
         sum(r["ms"] for k, r in profile["kernels"].items() if k.split(" ")[0] == kernel.split(" ")[0]))
     assert state.start == 5  # the profile ran on a copy of the state
+
+
+def test_bench_rejects_a_hidden_size_the_heads_do_not_divide(capsys):
+    spec = importlib.util.spec_from_file_location("vulkan_decode", Path(__file__).parents[1] / "bench" / "vulkan_decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for argv, message in ((["--hidden", "256"], "qwen2.5-7b needs a multiple of 128 and of its 28 attention heads"),
+                          (["--hidden", "260", "--models", "gemma-2-9b"], "gemma-2-9b needs a multiple of 128")):
+        with pytest.raises(SystemExit):
+            bench.main([*argv, "--no-sweep"])
+        assert message in capsys.readouterr().err
