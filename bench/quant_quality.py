@@ -7,6 +7,7 @@ if present) and writes a table (Markdown + CSV) and a plot of perplexity against
 
     .venv/bin/python bench/quant_quality.py --out bench/out/quant [--scheme w4g128 ...] [--text hamlet]
         [--gptq damp=0.03]   # GPTQ options for the gptq schemes; their rows get the options as a suffix
+        [--tune steps=100]   # end-to-end tuning options, for schemes with `tune` (or every scheme: --tune on)
 """
 
 from __future__ import annotations
@@ -33,13 +34,17 @@ MIXED_OPTIONS = [{"bits": 2, "group": 64, "sym": False}, {"bits": 3, "group": 64
                  {"bits": 4, "group": 64, "sym": False}, {"bits": 8, "group": 0, "sym": True}]
 
 
-def scheme_of(name: str, texts: list[str], tokens: int, calibration_tokens: int, gptq: dict | None = None) -> dict:
+def scheme_of(name: str, texts: list[str], tokens: int, calibration_tokens: int, gptq: dict | None = None,
+              tune: dict | None = None) -> dict:
     """A preset, ``mixed-<bpw>`` (options ``MIXED_OPTIONS``, mse) or ``mixed-gptq-<bpw>`` (the same options by GPTQ,
-    vocabulary tables fixed at int8 per channel), evaluated on ``texts``; ``gptq`` options go to GPTQ schemes."""
+    vocabulary tables fixed at int8 per channel), evaluated on ``texts``; ``gptq`` options go to GPTQ schemes,
+    ``tune`` options to schemes with ``tune`` (``{"on": ...}`` adds tuning to any rtn / mse / gptq scheme)."""
     common = {"perplexity": {"texts": texts, "tokens": tokens}, "calibration": {"tokens": calibration_tokens}}
     scheme = _scheme_of(name, common)
     if gptq and (scheme["method"] == "gptq" or scheme.get("base") == "gptq"):
         scheme["gptq"] = gptq
+    if tune and ("tune" in scheme or "on" in tune):
+        scheme["tune"] = {**(scheme.get("tune") or {}), **{k: v for k, v in tune.items() if k != "on"}}
     return scheme
 
 
@@ -80,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gptq", action="append", default=[], metavar="KEY=VALUE",
                    help="GPTQ option for every gptq scheme (damp=<fraction>, table_damp=<fraction>: the schemes' `gptq` "
                         "key, replacing a preset's); rows are then named SCHEME[KEY=VALUE,...]")
+    p.add_argument("--tune", action="append", default=[], metavar="KEY=VALUE",
+                   help="end-to-end tuning option (steps=, lr=, tokens=, topk=, params=all|layers|table; `on` adds "
+                        "tuning with defaults to every rtn/mse/gptq scheme) for schemes with `tune`; rows are then "
+                        "named SCHEME[KEY=VALUE,...]")
     p.add_argument("--redo", action="store_true", help="recompute schemes already in OUT/results.json")
     p.add_argument("--keep", action="store_true", help="keep the quantized model folders under OUT/models")
     args = p.parse_args(argv)
@@ -89,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = _load_rows(args.out / "results.json")
     gptq = _gptq_options(args.gptq)
+    tune = _tune_options(args.tune)
     for scheme_name in args.scheme or DEFAULT_SCHEMES:
-        scheme = scheme_of(scheme_name, texts, args.tokens, args.calibration_tokens, gptq)
-        name = scheme_name + ("[" + ",".join(args.gptq) + "]" if gptq and "gptq" in scheme else "")
+        scheme = scheme_of(scheme_name, texts, args.tokens, args.calibration_tokens, gptq, tune)
+        suffix = (args.gptq if gptq and "gptq" in scheme else []) + (args.tune if tune and "tune" in scheme else [])
+        name = scheme_name + ("[" + ",".join(suffix) + "]" if suffix else "")
         if name in rows and not args.redo:
             continue
         t0 = time.time()
@@ -102,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = {"scheme": name, "method": q["method"], "bpw": q["bits_per_weight"], "bytes": q["bytes"],
                       "mean_rel_error": q["mean_rel_error"], "float": ppl["float"], "quant": ppl["quant"],
                       "increase_pct": ppl["increase_pct"], "formats": q.get("budget", {}).get("formats"),
-                      "calibration_tokens": q["calibration"].get("tokens"),
+                      "calibration_tokens": q["calibration"].get("tokens"), "peak_rss_mb": q["peak_rss_mb"],
+                      "tune": {k: v for k, v in q["tune"].items() if k != "kl_curve"} if "tune" in q else None,
                       "time_s": round(time.time() - t0, 1)}
         print(json.dumps(rows[name]), flush=True)
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
@@ -125,6 +137,28 @@ def _gptq_options(pairs: list[str]) -> dict:
             opts[key] = float(value)
         except ValueError:
             raise LlmoptError(f"--gptq {pair}: {value!r} is not a number") from None
+    return opts
+
+
+def _tune_options(pairs: list[str]) -> dict:
+    """``["steps=100", "params=table", "on"]`` -> ``{"steps": 100, "params": "table", "on": True}`` (values checked
+    by the scheme)."""
+    opts: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if key == "on" and not sep:
+            opts["on"] = True
+        elif sep and key in ("steps", "tokens", "topk"):
+            opts[key] = int(value) if value.isdigit() else value
+        elif sep and key == "lr":
+            try:
+                opts[key] = float(value)
+            except ValueError:
+                raise LlmoptError(f"--tune {pair}: {value!r} is not a number") from None
+        elif sep and key == "params":
+            opts[key] = value
+        else:
+            raise LlmoptError(f"--tune {pair}: expected on, steps=, tokens=, topk=, lr= or params=")
     return opts
 
 

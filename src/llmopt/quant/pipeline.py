@@ -8,13 +8,16 @@ files copied, packed ``model.safetensors`` (or shards + index), ``manifest.json`
 
     {"scheme": {...resolved...}, "method", "bytes", "orig_bytes", "params", "quantized_params",
      "bits_per_weight" (all stored bytes over all parameters), "quantized_bits_per_weight",
-     "compression" (orig_bytes / bytes), "budget": {...} (mixed), "calibration": {...},
-     "tensors": {name: {"format", "bits", "group", "sym", "shape", "bytes", "rel_error", "loss"?} | {"dtype", "bytes"}},
+     "compression" (orig_bytes / bytes), "budget": {...} (mixed), "calibration": {...}, "tune": {...} (tune),
+     "tensors": {name: {"format", "bits", "group", "sym", "shape", "bytes", "rel_error", "loss"?,
+                        "rel_error_before_tune"?} | {"dtype", "bytes"}},
      "perplexity": {"float": {text: ppl}, "quant": {text: ppl}, "increase_pct": {text: %}, "protocol": {...}}
                    or {"skipped": reason},
      "time_s", "peak_rss_mb", "versions"}
 
-``rel_error`` is ``||W - deq(Q(W))||_F / ||W||_F`` per tensor. Scheme keys: ``llmopt.quant.schemes``.
+``rel_error`` is ``||W - deq(Q(W))||_F / ||W||_F`` per tensor. Scheme keys: ``llmopt.quant.schemes``. With ``tune``
+(end-to-end tuning of scales and zeros, ``llmopt.quant.tune``) the packed tensors are held in memory until tuned,
+then written; the float model is resident while tuning.
 
     llmopt quantize SOURCE_DIR OUT_DIR --scheme w4g128      # the same from the command line
 """
@@ -53,6 +56,8 @@ def quantize_model(source_dir: Path, scheme: dict | str, out_dir: Path, model_en
     index = io.tensor_index(source_dir)
     real = is_real(source_dir)
     plan = _plan_formats(index, scheme)
+    if scheme.get("tune"):
+        _check_tunable(source_dir, index, scheme, real)
     stats = _calibrate(source_dir, scheme, plan, real)
     budget = None
     if scheme["method"] == "mixed":
@@ -65,6 +70,7 @@ def quantize_model(source_dir: Path, scheme: dict | str, out_dir: Path, model_en
             if (source_dir / name).exists():
                 shutil.copy2(source_dir / name, tmp / name)
         writer = io.ShardWriter(tmp, scheme["shard_bytes"], {"llmopt.scheme": scheme["name"]})
+        held = {} if scheme.get("tune") else None  # tuning needs every packed tensor before any is written
         for name, (path, dtype, shape) in tqdm(index.items(), desc=f"quantize {scheme['name']}", unit="tensor"):
             w = io.read_tensor(path, name)
             spec = plan.get(name)
@@ -80,9 +86,17 @@ def quantize_model(source_dir: Path, scheme: dict | str, out_dir: Path, model_en
                                            "bytes": t.nbytes, "rel_error": rel}
                 if budget and name in budget["losses"]:  # vocabulary tables fixed by `embedding` have no choice
                     report["tensors"][name]["loss"] = budget["losses"][name]
-            writer.add(name, t)
+            if held is None:
+                writer.add(name, t)
+            else:
+                held[name] = t
             del w, t
             _release_freed_memory()
+        if held is not None:
+            held, report["tune"] = _tune(source_dir, scheme, held, index, report["tensors"])
+            for name, t in held.items():
+                writer.add(name, t)
+            del held
         files = writer.close()
         report.update(_summary(index, report["tensors"], scheme))
         report["perplexity"] = _perplexity(source_dir, tmp, scheme, real)
@@ -188,6 +202,37 @@ def _gptq_options(scheme: dict, name: str) -> dict:
     if not opts:
         return {}
     return {"damp": opts["table_damp"] if schemes.is_vocabulary_table(name) else opts["damp"]}
+
+
+def _check_tunable(source_dir: Path, index: dict, scheme: dict, real: bool) -> None:
+    """Fail before any work when ``tune`` cannot run: it needs real weights, a tokenizer and the memory."""
+    from llmopt.quant.tune import check_fits
+
+    if not real:
+        raise LlmoptError(f"{source_dir}: scheme '{scheme['name']}' has tune, which needs real weights and a "
+                          "tokenizer (it matches the float model's next-token distributions); this folder is synthetic")
+    check_fits(sum(_numel(shape) for _, _, shape in index.values()), f"{source_dir} (scheme '{scheme['name']}')")
+
+
+def _tune(source_dir: Path, scheme: dict, held: dict, index: dict, tensors: dict) -> tuple[dict, dict]:
+    """End-to-end tuning of the held packed tensors on calibration text; their ``rel_error`` is measured again."""
+    from llmopt.quant.calibration import calibration_windows
+    from llmopt.quant.perplexity import load_model
+    from llmopt.quant.quantizers import relative_error
+    from llmopt.quant.tune import tune
+
+    opts, cal = scheme["tune"], scheme["calibration"]
+    model, tok = load_model(source_dir)
+    windows = calibration_windows(tok, cal["texts"], cal["tokens"], window=opts["tokens"])[:opts["steps"]]
+    packed = {n: t for n, t in held.items() if n in tensors and "bits" in tensors[n]}
+    tuned, report = tune(model, packed, windows, opts["steps"], opts["lr"], opts["params"], opts["topk"],
+                         desc=f"tune {scheme['name']}")
+    del model
+    for name in tqdm(packed, desc="error after tuning", unit="tensor", leave=False):
+        path = index[name][0]
+        tensors[name]["rel_error_before_tune"] = tensors[name]["rel_error"]
+        tensors[name]["rel_error"] = relative_error(io.read_tensor(path, name), tuned[name])
+    return {**held, **tuned}, report
 
 
 _STATS_CACHE: dict = {}  # calibration statistics of the last model, reused by the next scheme in this process

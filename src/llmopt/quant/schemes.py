@@ -16,6 +16,7 @@ Keys (docs/FORMAT.md "Schemes" has the same table):
 | ``options`` | ``mixed`` only: formats the knapsack chooses from, ``[{"bits", "group", "sym"}, ...]`` | ``MIXED_OPTIONS`` |
 | ``base`` | ``mixed`` only: method that quantizes each tensor (rtn / mse / gptq) | mse |
 | ``gptq`` | gptq (or ``mixed`` with base gptq) only: ``{"damp": x, "table_damp": y}``, the dampening added to the Hessian's diagonal (fraction of its mean) of every tensor / of a vocabulary table quantized as the head | ``GPTQ_DAMP``, ``damp`` |
+| ``tune`` | rtn / mse / gptq only: end-to-end tuning of every group's scale and zero after the codes are fixed (``llmopt.quant.tune``), ``{"steps", "lr", "tokens" (per step), "params" (all / layers / table), "topk"}``; needs real weights | off; keys default to ``tune.DEFAULTS`` |
 | ``sensitivity`` | ``mixed`` only: ``fisher`` (real models), ``output`` (imatrix-weighted error), ``mse`` (plain), ``auto`` | auto |
 | ``on_indivisible`` | a 2-D weight whose width the group does not divide: ``error`` or ``keep`` (stored in float) | error |
 | ``calibration`` | ``{"texts": [...], "tokens": n}``: text for gptq / imatrix / fisher, disjoint from evaluation | 8 plays, 4096 |
@@ -45,6 +46,9 @@ PRESETS: dict[str, dict] = {
     "w4g128-mse": {"method": "mse", "bits": 4, "group": 128, "sym": False},
     # the int4 tied table's GPTQ damped 10x more: measured better here (docs/benchmarks.md, "Round 3")
     "w4g128-gptq": {"method": "gptq", "bits": 4, "group": 128, "sym": False, "gptq": {"table_damp": 0.1}},
+    # w4g128-gptq's codes, then every scale and zero trained on the float model's next-token distributions ("Round 4")
+    "w4g128-gptq-tuned": {"method": "gptq", "bits": 4, "group": 128, "sym": False, "gptq": {"table_damp": 0.1},
+                          "tune": {}},
     "w4g128-gptq-emb8": {"method": "gptq", "bits": 4, "group": 128, "sym": False, "embedding": {"bits": 8, "group": 0}},
     "w4g32": {"method": "rtn", "bits": 4, "group": 32},  # llama.cpp Q4_0's layout: 4.5 bits per weight
     "w4g32-gptq": {"method": "gptq", "bits": 4, "group": 32},
@@ -58,7 +62,7 @@ MIXED_OPTIONS = ({"bits": 2, "group": 128, "sym": False}, {"bits": 2, "group": 6
                  {"bits": 4, "group": 128, "sym": False}, {"bits": 4, "group": 32, "sym": False},
                  {"bits": 8, "group": 0, "sym": True})
 _KEYS = {"name", "method", "bits", "group", "sym", "embedding", "scale_dtype", "dtype", "budget", "options", "base",
-         "sensitivity", "on_indivisible", "calibration", "perplexity", "shard_bytes", "gptq"}
+         "sensitivity", "on_indivisible", "calibration", "perplexity", "shard_bytes", "gptq", "tune"}
 _FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -106,6 +110,8 @@ def _check(s: dict, name: str) -> None:
         _check_gptq(s, where)
     elif "gptq" in s:
         raise LlmoptError(f"{where}: gptq options are set but the scheme does not use gptq (method {method!r})")
+    if "tune" in s:
+        _check_tune(s, where)
     if "embedding" in s:
         emb = s["embedding"]
         if method == "none":
@@ -148,6 +154,26 @@ def _check_gptq(s: dict, where: str) -> None:
     for key, damp in s["gptq"].items():
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
             raise LlmoptError(f"{where}: gptq.{key} {damp!r} must be a number in (0, 1] (fraction of the Hessian's mean diagonal)")
+
+
+def _check_tune(s: dict, where: str) -> None:
+    from llmopt.quant.tune import DEFAULTS, PARAMS
+
+    opts = s["tune"] if s["tune"] is not None else {}
+    if s["method"] not in ("rtn", "mse", "gptq"):
+        raise LlmoptError(f"{where}: tune applies to rtn, mse or gptq schemes, not method {s['method']!r}")
+    if not isinstance(opts, dict) or not set(opts) <= set(DEFAULTS):
+        raise LlmoptError(f"{where}: tune must be a dict with keys among {sorted(DEFAULTS)}, got {opts!r}")
+    s["tune"] = {**DEFAULTS, **opts}
+    for key in ("steps", "tokens", "topk"):
+        v = s["tune"][key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise LlmoptError(f"{where}: tune.{key} {v!r} must be a positive integer")
+    lr = s["tune"]["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
+        raise LlmoptError(f"{where}: tune.lr {lr!r} must be a number in (0, 1) (a fraction of each scale per step)")
+    if s["tune"]["params"] not in PARAMS:
+        raise LlmoptError(f"{where}: tune.params {s['tune']['params']!r} is not one of {PARAMS}")
 
 
 def _spec_of(d: dict, scale_dtype: str, where: str) -> Spec:

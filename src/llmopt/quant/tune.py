@@ -1,0 +1,276 @@
+"""End-to-end tuning of quantization parameters (EfficientQAT's E2E-QP) after the codes are fixed.
+
+GPTQ (or any method) chooses every weight's integer code; tuning then trains every group's scale and zero point,
+codes frozen, to minimize ``KL(float model's next-token distribution || quantized model's)`` on calibration text
+(disjoint from evaluation). The stored format does not change: the tuned scales and zeros are rounded to their
+storage dtype and written beside the same codes. Because the loss is the model's output, a tied embedding/head
+table's scales see both of its roles (input lookup and output head), which GPTQ's head-only objective cannot.
+
+Parametrization: ``s = s0 * (1 + a)`` and ``z = z0 + b`` with ``a, b`` starting at 0, so Adam's step size is
+unit-free (a fraction of each scale; code units for zero points). Cosine learning-rate decay to 0.
+
+The float model's distributions are computed once per calibration window and kept as its top ``topk`` tokens'
+log-probabilities plus the mass of the rest (one bucket; exact when ``topk`` covers the vocabulary), so the
+teacher's head is not recomputed at every step. Cost per step of ``T`` tokens, ``P`` body parameters and a
+``V x d`` head: the body's forward and backward (``~6 P T`` flops, float32), the student's logits (``V d T``,
+float32: a bfloat16 output would round a logit of 20 to 0.06, the size of what is learnt) and the two gradient
+products (bfloat16 inputs, AMX: only gradients are rounded). The KL runs over token chunks, so the ``T x V`` logits
+never exist at once. Memory: the float model, the codes (float32, so dequantizing is one ``addcmul``), one
+dequantized copy and its gradient (``~20 bytes`` per parameter); ``check_fits`` refuses models that would not fit
+the machine's available memory. Gemma 3 270M: ~4.4 s per 128-token step on one core (docs/benchmarks.md).
+
+    python -m llmopt.quant.tune     # tunes a random tiny model's int4 weights, prints the KL before and after
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm import tqdm
+
+from llmopt.errors import LlmoptError
+from llmopt.quant.format import QuantizedTensor, pack_bits
+
+DEFAULTS = {"steps": 200, "lr": 1e-3, "tokens": 128, "params": "all", "topk": 1024}
+PARAMS = ("all", "layers", "table")  # which tensors' scales and zeros are trained
+BYTES_PER_PARAM = 20  # float model 4, codes 4, dequantized weight 4, its gradient 4, temporaries ~4
+KL_WINDOWS = 8  # calibration windows whose mean KL is reported before and after tuning
+_KL_CHUNK = 128  # tokens per head chunk: 128 x 262144 float32 logits = 128 MB, a few of them alive at once
+
+
+class _Dequantize(torch.autograd.Function):
+    """``W = (codes - z) * s`` per group, with the gradients of ``s`` and ``z`` only (codes are frozen).
+    ``codes`` is float32 (exact for integers): converting from uint8 at every step cost more than the matmuls."""
+
+    @staticmethod
+    def forward(ctx, codes, s, z):
+        ctx.save_for_backward(codes, s, z)
+        return torch.addcmul((-z * s).unsqueeze(-1), codes, s.unsqueeze(-1)).flatten(1)
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        codes, s, z = ctx.saved_tensors
+        g = grad_w.view(codes.shape)
+        g_sum = g.sum(-1)
+        grad_s = (g * codes).sum(-1) - z * g_sum
+        return None, grad_s, -s * g_sum
+
+
+class TunedTensor(torch.nn.Module):
+    """One quantized weight with trainable relative scale and zero offsets around its stored values."""
+
+    def __init__(self, qt: QuantizedTensor):
+        super().__init__()
+        out, n_in = qt.shape
+        self.qt = qt
+        self.register_buffer("codes", qt.unpacked().view(out, n_in // qt.group, qt.group).float(), persistent=False)
+        self.register_buffer("s0", qt.scales.float(), persistent=False)
+        self.register_buffer("z0", (torch.full_like(self.s0, 2.0 ** (qt.bits - 1)) if qt.sym else qt.zeros.float()),
+                             persistent=False)
+        self.a = torch.nn.Parameter(torch.zeros_like(self.s0))
+        self.b = None if qt.sym else torch.nn.Parameter(torch.zeros_like(self.s0))
+
+    def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.s0 * (1 + self.a)
+        return s, self.z0 if self.b is None else self.z0 + self.b
+
+    def forward(self) -> torch.Tensor:
+        return _Dequantize.apply(self.codes, *self.scales_zeros())
+
+    @torch.no_grad()
+    def stored(self) -> QuantizedTensor:
+        """The tuned tensor in its storage format: the same codes, scales (and zeros) rounded to their dtype."""
+        s, z = self.scales_zeros()
+        dtype = self.qt.scales.dtype
+        s = s.to(dtype)
+        s = torch.where(s == 0, self.qt.scales, s)  # an underflowed scale would zero its whole group
+        zeros = None if self.qt.sym else z.to(dtype)
+        return QuantizedTensor(self.qt.qweight, s, zeros, self.qt.bits, self.qt.group, self.qt.shape,
+                               self.qt.orig_dtype)
+
+
+def check_fits(n_params: int, name: str = "model") -> None:
+    """Raise when end-to-end tuning of ``n_params`` parameters would not fit in this machine's available memory."""
+    need = BYTES_PER_PARAM * n_params
+    avail = _available_bytes()
+    if need > avail:
+        raise LlmoptError(f"{name}: end-to-end tuning of {n_params / 1e9:.2f} B parameters needs about "
+                          f"{need / 2**30:.1f} GiB ({BYTES_PER_PARAM} bytes each), this machine has "
+                          f"{avail / 2**30:.1f} GiB available; drop `tune` from the scheme or use a larger machine")
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise LlmoptError("/proc/meminfo: no MemAvailable line; cannot check memory for end-to-end tuning")
+
+
+class _Student:
+    """The model with its quantized weights replaced by tunable tensors: body hidden states and the head weight."""
+
+    def __init__(self, model, tensors: dict[str, QuantizedTensor], params: str):
+        self.model = model
+        self.base = model.base_model
+        prefix = model.base_model_prefix + "."
+        self.head = model.get_output_embeddings()
+        embed = model.get_input_embeddings()
+        names = {p: n for n, p in model.named_parameters()}
+        self.head_name = names[self.head.weight]
+        self.tied = self.head.weight is embed.weight
+        self.table_names = {names[embed.weight], self.head_name}
+        self.tuned = {n: TunedTensor(qt) for n, qt in tensors.items() if n in names.values()}
+        for n, t in self.tuned.items():
+            train = params == "all" or (params == "table") == (n in self.table_names)
+            for p in t.parameters():
+                p.requires_grad_(train)
+        self.body_names = {n: n.removeprefix(prefix) for n in self.tuned if n.startswith(prefix)}
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for t in self.tuned.values() for p in t.parameters() if p.requires_grad]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: t() for n, t in self.tuned.items()}
+
+    def hidden(self, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        body = {short: weights[n] for n, short in self.body_names.items()}
+        out = torch.func.functional_call(self.base, body, (ids.unsqueeze(0),), tie_weights=True)
+        return out.last_hidden_state[0]
+
+    def head_weight(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        return weights.get(self.head_name, self.head.weight)
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = h @ w.T
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+@torch.no_grad()
+def teacher_targets(h_f: torch.Tensor, w_f: torch.Tensor, k: int, softcap: float | None = None,
+                    chunk: int = _KL_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float model's next-token distributions, kept as the top ``k`` tokens' log-probabilities plus the mass
+    of the rest: ``(ids [T, k], log p [T, k], tail mass [T])`` (a few MB per window instead of ``T x V``)."""
+    ids, logp, tail = [], [], []
+    for c0 in range(0, h_f.shape[0], chunk):
+        lf = torch.log_softmax(_logits(h_f[c0:c0 + chunk], w_f, softcap), -1)
+        top = lf.topk(min(k, lf.shape[-1]), -1)
+        ids.append(top.indices)
+        logp.append(top.values)
+        tail.append(lf.exp_().scatter_(1, top.indices, 0.0).sum(-1))  # summed directly: 1 - sum(top) cancels
+    return torch.cat(ids), torch.cat(logp), torch.cat(tail)
+
+
+def head_kl(h_q: torch.Tensor, w_q: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+            softcap: float | None = None, grad_dtype: torch.dtype = torch.bfloat16, chunk: int = _KL_CHUNK):
+    """Mean over tokens of ``KL(p || q)``, ``q = softmax(h_q w_q^T)`` and ``p`` the teacher's ``targets``, over
+    the top-k tokens plus one bucket for the rest (exact when k covers the vocabulary; otherwise the teacher's
+    tail is taken to have the student's shape), and its gradients with respect to ``h_q`` and ``w_q``:
+    ``d KL / d logit = q - p`` on the top k, ``q * (1 - p_tail / q_tail)`` on the rest."""
+    ids, logp_f, tail_f = targets
+    n = h_q.shape[0]
+    total = 0.0
+    g_all = torch.empty(n, w_q.shape[0], dtype=grad_dtype)
+    for c0 in range(0, n, chunk):
+        i, lf, tf = ids[c0:c0 + chunk], logp_f[c0:c0 + chunk], tail_f[c0:c0 + chunk]
+        raw = h_q[c0:c0 + chunk] @ w_q.T
+        lq = torch.log_softmax(raw if softcap is None else torch.tanh(raw / softcap) * softcap, -1)
+        lq_top = lq.gather(1, i)
+        q = lq.exp_().scatter_(1, i, 0.0)  # the student's tail, in place of its log-probabilities
+        tq = q.sum(-1)
+        pf = lf.exp()
+        total += float((pf * (lf - lq_top)).sum() + (torch.xlogy(tf, tf) - tf * tq.clamp_min(1e-30).log()).sum())
+        ratio = torch.where(tq > 0, tf / tq.clamp_min(1e-30), torch.zeros_like(tq))
+        g = q.mul_((1 - ratio).unsqueeze(1)).scatter_(1, i, lq_top.exp() - pf).div_(n)
+        if softcap is not None:
+            g.mul_(1 - torch.tanh(raw / softcap).square())
+        g_all[c0:c0 + chunk] = g
+    grad_h = (g_all @ w_q.to(grad_dtype)).to(h_q.dtype)
+    grad_w = (g_all.T @ h_q.to(grad_dtype)).to(w_q.dtype)
+    return total / n, grad_h, grad_w
+
+
+def tune(model, tensors: dict[str, QuantizedTensor], windows: list[torch.Tensor], steps: int = DEFAULTS["steps"],
+         lr: float = DEFAULTS["lr"], params: str = DEFAULTS["params"], topk: int = DEFAULTS["topk"],
+         grad_dtype: torch.dtype = torch.bfloat16, desc: str = "tune") -> tuple[dict[str, QuantizedTensor], dict]:
+    """Tune the scales and zeros of ``tensors`` (name -> packed weight of ``model``, the float model) for ``steps``
+    Adam steps, one calibration window per step, cycling; returns the tuned tensors and a report
+    (KL on the first ``KL_WINDOWS`` windows before and after, per-step KL curve)."""
+    if params not in PARAMS:
+        raise LlmoptError(f"tune: params {params!r} is not one of {PARAMS}")
+    if not windows:
+        raise LlmoptError("tune: no calibration windows")
+    start = time.time()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    student = _Student(model, tensors, params)
+    trainable = student.trainable()
+    if not trainable:
+        raise LlmoptError(f"tune: params={params!r} selects no quantized tensor of this model")
+    w_f = student.head.weight.detach()
+    with torch.no_grad():
+        teacher = [teacher_targets(model.base_model(w.unsqueeze(0)).last_hidden_state[0], w_f, topk, student.softcap)
+                   for w in tqdm(windows, desc="tune: teacher distributions", leave=False)]
+    kl_before = _mean_kl(student, windows[:KL_WINDOWS], teacher, grad_dtype)
+    opt = torch.optim.Adam(trainable, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    curve = []
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for step in bar:
+        ids, targets = windows[step % len(windows)], teacher[step % len(windows)]
+        opt.zero_grad(set_to_none=True)
+        weights = student.weights()
+        h_q = student.hidden(weights, ids)
+        w_q = student.head_weight(weights)
+        kl, grad_h, grad_w = head_kl(h_q.detach(), w_q.detach(), targets, student.softcap, grad_dtype)
+        outs, grads = [h_q], [grad_h]
+        if w_q.requires_grad:
+            outs.append(w_q)
+            grads.append(grad_w)
+        torch.autograd.backward(outs, grads)
+        opt.step()
+        sched.step()
+        curve.append(kl)
+        bar.set_postfix(kl=f"{sum(curve[-20:]) / len(curve[-20:]):.4f}")
+        del weights, h_q, w_q, grad_h, grad_w
+    tuned = {n: t.stored() for n, t in student.tuned.items()}
+    kl_after = _mean_kl(_Student(model, tuned, params), windows[:KL_WINDOWS], teacher, grad_dtype)
+    report = {"steps": steps, "lr": lr, "params": params, "topk": topk, "windows": len(windows),
+              "kl_windows": min(KL_WINDOWS, len(windows)), "tokens_per_step": int(windows[0].numel()), "kl_before": kl_before, "kl_after": kl_after,
+              "kl_curve": [round(x, 5) for x in curve], "time_s": round(time.time() - start, 1)}
+    return {**tensors, **tuned}, report
+
+
+@torch.no_grad()
+def _mean_kl(student: _Student, windows, teacher, grad_dtype) -> float:
+    """Token-weighted mean KL over the calibration windows (the top-k bucketed KL that is trained)."""
+    weights = student.weights()
+    w_q = student.head_weight(weights)
+    kls = [head_kl(student.hidden(weights, ids), w_q, t, student.softcap, grad_dtype)[0] * len(ids)
+           for ids, t in zip(tqdm(windows, desc="tune: KL", leave=False), teacher)]
+    return sum(kls) / sum(len(w) for w in windows)
+
+
+def main() -> None:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from llmopt.quant.quantizers import Spec, quantize
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=64)
+    model = Gemma3ForCausalLM(cfg).eval()
+    spec = Spec(4, 32, sym=False)
+    tensors = {n: quantize(p.detach(), spec, "rtn", name=n) for n, p in model.named_parameters()
+               if n.endswith(".weight") and p.dim() == 2}
+    windows = [torch.randint(0, cfg.vocab_size, (65,)) for _ in range(4)]
+    _, report = tune(model, tensors, windows, steps=60, lr=1e-2)
+    print(f"KL before {report['kl_before']:.5f}, after {report['kl_after']:.5f} ({report['time_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
