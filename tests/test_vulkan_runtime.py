@@ -54,8 +54,15 @@ def test_one_spirv_per_shader_and_incremental_rebuild(compiled):
     edited = vk_compile.compile_shaders(src, out, PROBE)
     assert [s for s, e in edited["shaders"].items() if e["rebuilt"]] == ["add"]
     (src / "act.glsl").write_text((src / "act.glsl").read_text() + "\n// header edited\n")
-    header = vk_compile.compile_shaders(src, out, PROBE)
-    assert all(e["rebuilt"] for e in header["shaders"].values())  # every shader hashes the headers
+    header = vk_compile.compile_shaders(src, out, PROBE)  # act.glsl: by act.comp, gated_act.comp, matvec_quant.glsl
+    assert sorted(s for s, e in header["shaders"].items() if e["rebuilt"]) == [
+        "act", "gated_act", "matvec_quant", "matvec_quant_idot"]
+    (src / "broken.glsl").write_text('#include "absent.glsl"\n')
+    (src / "add.comp").write_text('#include "broken.glsl"\n' + (src / "add.comp").read_text())
+    with pytest.raises(LlmoptError, match=r'broken\.glsl: includes "absent\.glsl", which is not in'):
+        vk_compile.compile_shaders(src, out, PROBE)
+    (src / "broken.glsl").unlink()
+    (src / "add.comp").write_text((src / "add.comp").read_text().split("\n", 1)[1])
     assert vk_compile.check_manifest(out, src)["spec"] == vk_compile.device_config(PROBE)["spec"]
 
 

@@ -123,7 +123,8 @@ def test_slurm_profile_dry_run(probed):
 
 
 def test_shader_change_recompiles_only_that_shader(tmp_path):
-    """Compile two shaders for real, edit one: the dry run shows one compile_shader job (+ the manifest)."""
+    """Compile two shaders for real, edit a header only one includes, then that shader: each time the dry run shows
+    one compile_shader job (+ the manifest)."""
     shaders = tmp_path / "shaders"
     shaders.mkdir()
     for path in [REPO / "shaders/add.comp", REPO / "shaders/rmsnorm.comp", *(REPO / "shaders").glob("*.glsl")]:
@@ -139,8 +140,9 @@ def test_shader_change_recompiles_only_that_shader(tmp_path):
     assert {p.name for p in (tmp_path / "results/kernels/vulkan").glob("*.spv")} == {"add.spv", "rmsnorm.spv"}
     assert "Nothing to be done" in snakemake(tmp_path, *args, "-n", "results/kernels/vulkan/manifest.json").out
 
-    with open(shaders / "rmsnorm.comp", "a") as f:
-        f.write("\n// edited\n")
-    out = snakemake(tmp_path, *args, "-n", "results/kernels/vulkan/manifest.json").out
-    assert job_counts(out) == {"compile_shader": 1, "compile_vulkan": 1}
-    assert "wildcards: shader=rmsnorm" in out and "shader=add" not in out
+    for edited in ("x8.glsl", "rmsnorm.comp"):  # a header only rmsnorm.comp includes, then the shader itself
+        with open(shaders / edited, "a") as f:
+            f.write("\n// edited\n")
+        out = snakemake(tmp_path, *args, "-n", "results/kernels/vulkan/manifest.json").out
+        assert job_counts(out) == {"compile_shader": 1, "compile_vulkan": 1}, edited
+        assert "wildcards: shader=rmsnorm" in out and "shader=add" not in out, edited

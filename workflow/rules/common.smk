@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+from llmopt.backends.vulkan.compile import included_headers
 from llmopt.partition import DEFAULT_DEVICES
 from llmopt.registry import load as load_registry, rule_safe
 
@@ -16,8 +17,12 @@ TARGETS = list(REG.targets)
 SHADER_DIR = REPO / config["shaders_dir"]  # relative paths are the repository's
 KERNEL_DIR = REPO / config["kernels_dir"]
 SHADERS = sorted(p.stem for p in SHADER_DIR.glob("*.comp"))
-SHADER_HEADERS = sorted(str(p) for p in SHADER_DIR.glob("*.glsl"))
 KERNEL_SOURCES = sorted(str(p) for p in KERNEL_DIR.glob("*") if p.is_file())
+
+
+def shader_headers(wildcards):
+    """The headers ``{shader}.comp`` includes, transitively: editing one reruns only the shaders that include it."""
+    return sorted(str(p) for p in included_headers(SHADER_DIR / f"{wildcards.shader}.comp"))
 
 
 def alternatives(names):

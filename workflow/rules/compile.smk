@@ -11,7 +11,7 @@ manifest records the probe's reason.
 rule compile_shader:
     input:
         comp=str(SHADER_DIR / "{shader}.comp"),
-        headers=SHADER_HEADERS,
+        headers=shader_headers,
         probe="results/targets/vulkan.json",
     output:
         spv="results/kernels/vulkan/{shader}.spv",

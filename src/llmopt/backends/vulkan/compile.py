@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from llmopt.errors import LlmoptError
 from llmopt.fsutil import atomic_path, read_json, sha256_file, write_json
+
+INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 
 MANIFEST = "manifest.json"
 REPO_SHADERS = Path(__file__).resolve().parents[4] / "shaders"
@@ -81,10 +84,24 @@ def glslc_version() -> str:
     return out.splitlines()[0].strip() if out else "unknown"
 
 
+def included_headers(source: Path, found: set | None = None) -> set[Path]:
+    """The headers ``source`` includes, transitively (every ``#include "..."`` counts, inside ``#if`` or not)."""
+    found = set() if found is None else found
+    for name in INCLUDE.findall(source.read_text()):
+        header = source.parent / name
+        if header not in found:
+            if not header.is_file():
+                raise LlmoptError(f"{source}: includes \"{name}\", which is not in {source.parent}")
+            found.add(header)
+            included_headers(header, found)
+    return found
+
+
 def source_hash(comp: Path, defines: dict) -> str:
-    """Hash of what a SPIR-V file is built from: the .comp, every header beside it, and the defines."""
+    """Hash of what a SPIR-V file is built from: the .comp, the headers it includes, and the defines (so editing a
+    header rebuilds only the shaders that include it)."""
     digest = hashlib.sha256(comp.read_bytes())
-    for header in sorted(comp.parent.glob("*.glsl")):
+    for header in sorted(included_headers(comp)):
         digest.update(header.name.encode() + header.read_bytes())
     digest.update(repr(sorted(defines.items())).encode())
     return digest.hexdigest()
