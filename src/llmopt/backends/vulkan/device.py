@@ -526,14 +526,17 @@ class Device(Recordings):
     def _add_timestamps(self, pool, labels: list, times: dict, counts: dict) -> None:
         """Add the ms between consecutive timestamps of ``pool`` (``labels[i]`` names timestamp i's command) to
         ``times`` and ``counts`` by label."""
-        n = len(labels)
+        period = float(self.info["timestamp_period_ns"]) * 1e-6  # ms per tick
+        for label, ticks in zip(labels[1:], np.diff(self.timestamp_ticks(pool, len(labels)).astype(np.int64))):
+            times[label] = times.get(label, 0.0) + int(ticks) * period
+            counts[label] = counts.get(label, 0) + 1
+
+    def timestamp_ticks(self, pool, n: int) -> np.ndarray:
+        """The first ``n`` timestamps of query ``pool`` in device ticks (uint64), waiting for them."""
         data = self.ffi.new(f"uint64_t[{n}]")
         self.lib.vkGetQueryPoolResults(self.device, pool, 0, n, 8 * n, data, 8,
                                        self.vk.VK_QUERY_RESULT_64_BIT | self.vk.VK_QUERY_RESULT_WAIT_BIT)
-        period = float(self.info["timestamp_period_ns"]) * 1e-6  # ms per tick
-        for i in range(1, n):
-            times[labels[i]] = times.get(labels[i], 0.0) + (data[i] - data[i - 1]) * period
-            counts[labels[i]] = counts.get(labels[i], 0) + 1
+        return np.frombuffer(self.ffi.buffer(data), np.uint64).copy()
 
     def close(self) -> None:
         """Release every Vulkan object, every buffer included (handles still held must not be used afterwards)."""

@@ -38,11 +38,8 @@ def recording_stamps_ns(dev, rec) -> np.ndarray:
     """The raw timestamps (ns) of profiled recording ``rec``'s last submission, in command order (0: its start)."""
     if rec.labels is None:
         raise LlmoptError("recording_stamps_ns: the recording was not made with profile=True")
-    n = len(rec.labels)
-    data = dev.ffi.new(f"uint64_t[{n}]")
-    dev.lib.vkGetQueryPoolResults(dev.device, rec.query_pool, 0, n, 8 * n, data, 8,
-                                  dev.vk.VK_QUERY_RESULT_64_BIT | dev.vk.VK_QUERY_RESULT_WAIT_BIT)
-    return np.frombuffer(dev.ffi.buffer(data), np.uint64).astype(np.float64) * float(dev.info["timestamp_period_ns"])
+    ticks = dev.timestamp_ticks(rec.query_pool, len(rec.labels))
+    return ticks.astype(np.float64) * float(dev.info["timestamp_period_ns"])
 
 
 def dispatch_bounds(stamps_ns: np.ndarray, labels: list, kernel: str = "rope_attention_clock") -> list[tuple]:
