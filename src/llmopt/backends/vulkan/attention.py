@@ -240,11 +240,10 @@ class AttentionOps:
         """Whether ``rope_attention.comp`` serves this step: one token a sequence, a group and head that fit its
         shared arrays, and a context it can split into chunks of at most FUSED_MAX_CHUNK slots."""
         group = spec.n_heads // spec.n_kv_heads
-        shared = self._fused_shared_bytes(1)
         return (self.fuse_rope_attention and q.shape[1] == 1 and spec.n_heads % spec.n_kv_heads == 0
                 and group <= FUSED_MAX_G and group * spec.head_dim <= FUSED_MAX_GD and spec.head_dim % 2 == 0
                 and spec.head_dim <= MAX_HEAD_DIM and self._splits(spec, cache, q.shape[0]) <= FUSED_MAX_CHUNK
-                and shared <= int(self.probe["device"].get("max_shared_memory_bytes") or shared))
+                and self._fused_shared_bytes(1) <= self._shared_limit())
 
     def _fused_shared_bytes(self, x8_len: int) -> int:
         """rope_attention.comp's shared memory with an x8 staging array (``x8_vals``) of ``x8_len`` floats."""
@@ -256,8 +255,7 @@ class AttentionOps:
         the head dimension is a multiple of 32, so the G * D outputs of a workgroup are whole chunks; and where its
         staging array still fits the device's shared memory."""
         per = spec.n_heads // spec.n_kv_heads * spec.head_dim
-        limit = int(self.probe["device"].get("max_shared_memory_bytes") or 16384)
-        fits = self._fused_shared_bytes(per + per // 32) <= limit
+        fits = self._fused_shared_bytes(per + per // 32) <= self._shared_limit()
         return self._normed(q.shape, per if self.attn_x8 and spec.head_dim % 32 == 0 and fits else None)
 
     def _splits(self, spec: AttnSpec, cache: VkKVCache, batch: int) -> int:

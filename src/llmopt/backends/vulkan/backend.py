@@ -434,10 +434,9 @@ class VulkanBackend(AttentionOps, Backend):
         if split and (split & (split - 1) or wg % split):
             raise LlmoptError(f"matvec_split {split}: expected 0 or a power of two dividing the workgroup size {wg}")
         shared = 4 * rows * wg  # matvec_quant.comp's `part` array
-        limit = int(self.probe["device"].get("max_shared_memory_bytes") or shared)
-        if shared > limit:
+        if shared > self._shared_limit():
             raise LlmoptError(f"mat-vec rows {rows} x workgroup {wg} need {shared} bytes of shared memory; "
-                              f"the device allows {limit}")
+                              f"the device allows {self._shared_limit()}")
         return wg // split if split else 1
 
     def rmsnorm(self, x, weight, eps, unit_offset, group=None):
@@ -486,6 +485,10 @@ class VulkanBackend(AttentionOps, Backend):
         if weight.nbytes < 4 * n:  # the shader would read past it
             raise LlmoptError(f"{op}: the norm weight holds {weight.nbytes // 4} values, {n} features need one each")
 
+    def _shared_limit(self) -> int:
+        """Bytes of shared memory a workgroup may use on this device (the probe always records it)."""
+        return int(self.probe["device"]["max_shared_memory_bytes"])
+
     def _normed(self, shape: tuple, per_group: int | None) -> tuple[VkAct, tuple]:
         """The output of an op that can also write it as int8 (x8 rows, ``q8``: norms, gated_act, rope_attention),
         and the op's specialization (Q8, X8_LEN) for it. x8 rows are written where an int-dot mat-vec may read them:
@@ -493,9 +496,8 @@ class VulkanBackend(AttentionOps, Backend):
         quantizes: a row, or the workgroup's own; None: the op cannot) fitting the device's shared memory."""
         out = self._new(shape)
         f, rows = shape[-1], math.prod(shape[:-1])
-        limit = int(self.probe["device"].get("max_shared_memory_bytes") or 16384)
         if (self.matvec_x_q8 and self.matvec_int_dot and per_group and rows <= MATVEC_MAX_M and f % 32 == 0
-                and 4 * (per_group + per_group // 32 + self.wg_reduce) <= limit):
+                and 4 * (per_group + per_group // 32 + self.wg_reduce) <= self._shared_limit()):
             out.q8 = self._alloc(rows * 160 * -(-f // 128), "x8")  # x8.glsl: 10 uvec4 per 4 chunks of 32
             return out, (1, per_group + per_group // 32)
         return out, (0, 1)
