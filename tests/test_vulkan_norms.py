@@ -23,13 +23,10 @@ if not vulkan.probe()["present"]:
     pytest.skip(f"no Vulkan device: {vulkan.probe()['reason']}", allow_module_level=True)
 
 from test_vulkan_models import ATOL, FAMILIES, save_random  # noqa: E402
+from test_vulkan_ops import rel_err  # noqa: E402
 from test_vulkan_x8_gated import read_x8, x8_reference  # noqa: E402
 
 RTOL = 2e-5
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
 def rms(x: torch.Tensor, w: torch.Tensor, unit_offset: bool) -> torch.Tensor:

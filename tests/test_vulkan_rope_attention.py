@@ -24,12 +24,9 @@ if not vulkan.probe()["present"]:
     pytest.skip(f"no Vulkan device: {vulkan.probe()['reason']}", allow_module_level=True)
 
 from llmopt.errors import LlmoptError  # noqa: E402
+from test_vulkan_ops import rel_err  # noqa: E402
 
 RTOL = 1e-5
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
 def tables(batch: int, T: int, head_dim: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
