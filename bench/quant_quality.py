@@ -128,37 +128,32 @@ def main(argv: list[str] | None = None) -> int:
 
 def _gptq_options(pairs: list[str]) -> dict:
     """``["damp=0.03"]`` -> ``{"damp": 0.03}`` (values checked by the scheme)."""
-    opts = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in ("damp", "table_damp"):
-            raise LlmoptError(f"--gptq {pair}: expected damp=<fraction> or table_damp=<fraction>")
-        try:
-            opts[key] = float(value)
-        except ValueError:
-            raise LlmoptError(f"--gptq {pair}: {value!r} is not a number") from None
-    return opts
+    return _key_values("--gptq", pairs, {"damp": float, "table_damp": float},
+                       "damp=<fraction> or table_damp=<fraction>")
 
 
 def _tune_options(pairs: list[str]) -> dict:
     """``["steps=100", "params=table", "on"]`` -> ``{"steps": 100, "params": "table", "on": True}`` (values checked
     by the scheme)."""
+    count = lambda value: int(value) if value.isdigit() else value  # noqa: E731  (the scheme rejects the rest)
+    return _key_values("--tune", pairs, {"steps": count, "tokens": count, "topk": count, "lr": float, "params": str},
+                       "on, steps=, tokens=, topk=, lr= or params=", switches=("on",))
+
+
+def _key_values(flag: str, pairs: list[str], types: dict, expected: str, switches: tuple = ()) -> dict:
+    """``KEY=VALUE`` pairs of option ``flag`` converted by ``types[KEY]``; a bare name in ``switches`` is True."""
     opts: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if key == "on" and not sep:
-            opts["on"] = True
-        elif sep and key in ("steps", "tokens", "topk"):
-            opts[key] = int(value) if value.isdigit() else value
-        elif sep and key == "lr":
+        if not sep and key in switches:
+            opts[key] = True
+        elif sep and key in types:
             try:
-                opts[key] = float(value)
+                opts[key] = types[key](value)
             except ValueError:
-                raise LlmoptError(f"--tune {pair}: {value!r} is not a number") from None
-        elif sep and key == "params":
-            opts[key] = value
+                raise LlmoptError(f"{flag} {pair}: {value!r} is not a number") from None
         else:
-            raise LlmoptError(f"--tune {pair}: expected on, steps=, tokens=, topk=, lr= or params=")
+            raise LlmoptError(f"{flag} {pair}: expected {expected}")
     return opts
 
 
