@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -94,19 +95,11 @@ class TunedTensor(torch.nn.Module):
 def check_fits(n_params: int, name: str = "model") -> None:
     """Raise when end-to-end tuning of ``n_params`` parameters would not fit in this machine's available memory."""
     need = BYTES_PER_PARAM * n_params
-    avail = _available_bytes()
+    avail = psutil.virtual_memory().available
     if need > avail:
         raise LlmoptError(f"{name}: end-to-end tuning of {n_params / 1e9:.2f} B parameters needs about "
                           f"{need / 2**30:.1f} GiB ({BYTES_PER_PARAM} bytes each), this machine has "
                           f"{avail / 2**30:.1f} GiB available; drop `tune` from the scheme or use a larger machine")
-
-
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise LlmoptError("/proc/meminfo: no MemAvailable line; cannot check memory for end-to-end tuning")
 
 
 class _Student:
@@ -240,7 +233,8 @@ def tune(model, tensors: dict[str, QuantizedTensor], windows: list[torch.Tensor]
     tuned = {n: t.stored() for n, t in student.tuned.items()}
     kl_after = _mean_kl(_Student(model, tuned, params), windows[:KL_WINDOWS], teacher, grad_dtype)
     report = {"steps": steps, "lr": lr, "params": params, "topk": topk, "windows": len(windows),
-              "kl_windows": min(KL_WINDOWS, len(windows)), "tokens_per_step": int(windows[0].numel()), "kl_before": kl_before, "kl_after": kl_after,
+              "kl_windows": min(KL_WINDOWS, len(windows)), "tokens_per_step": int(windows[0].numel()),
+              "kl_before": kl_before, "kl_after": kl_after,
               "kl_curve": [round(x, 5) for x in curve], "time_s": round(time.time() - start, 1)}
     return {**tensors, **tuned}, report
 
