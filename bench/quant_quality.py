@@ -31,7 +31,8 @@ DEFAULT_SCHEMES = ["w8", "w8g32", "mixed-gptq-7.36", "mixed-7.36", "w4g128-gptq-
                    "w4g128", "w4g128-gptq", "w4g128-mse", "mixed-4.5", "w3g64", "mixed-3.5", "w3g64-gptq", "w2g32",
                    "seed-size"]
 MIXED_OPTIONS = [{"bits": 2, "group": 64, "sym": False}, {"bits": 3, "group": 64, "sym": False},
-                 {"bits": 4, "group": 64, "sym": False}, {"bits": 8, "group": 0, "sym": True}]
+                 {"bits": 4, "group": 64, "sym": False}, {"bits": 5, "group": 32, "sym": True},
+                 {"bits": 6, "group": 64, "sym": True}, {"bits": 8, "group": 0, "sym": True}]
 
 
 def scheme_of(name: str, texts: list[str], tokens: int, calibration_tokens: int, gptq: dict | None = None,
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="GPTQ option for every gptq scheme (damp=<fraction>, table_damp=<fraction>: the schemes' `gptq` "
                         "key, replacing a preset's); rows are then named SCHEME[KEY=VALUE,...]")
     p.add_argument("--tune", action="append", default=[], metavar="KEY=VALUE",
-                   help="end-to-end tuning option (steps=, lr=, tokens=, topk=, params=all|layers|table; `on` adds "
+                   help="end-to-end tuning option (steps=, lr=, tokens=, topk=, params=all|layers|table, windows=calibration|fresh; `on` adds "
                         "tuning with defaults to every rtn/mse/gptq scheme) for schemes with `tune`; rows are then "
                         "named SCHEME[KEY=VALUE,...]")
     p.add_argument("--redo", action="store_true", help="recompute schemes already in OUT/results.json")
@@ -136,8 +137,9 @@ def _tune_options(pairs: list[str]) -> dict:
     """``["steps=100", "params=table", "on"]`` -> ``{"steps": 100, "params": "table", "on": True}`` (values checked
     by the scheme)."""
     count = lambda value: int(value) if value.isdigit() else value  # noqa: E731  (the scheme rejects the rest)
-    return _key_values("--tune", pairs, {"steps": count, "tokens": count, "topk": count, "lr": float, "params": str},
-                       "on, steps=, tokens=, topk=, lr= or params=", switches=("on",))
+    return _key_values("--tune", pairs, {"steps": count, "tokens": count, "topk": count, "lr": float, "params": str,
+                                          "windows": str},
+                       "on, steps=, tokens=, topk=, lr=, params= or windows=", switches=("on",))
 
 
 def _key_values(flag: str, pairs: list[str], types: dict, expected: str, switches: tuple = ()) -> dict:

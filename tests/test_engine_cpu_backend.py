@@ -61,12 +61,13 @@ def test_int8_per_channel_uses_int8pack():
     check_linear(get_backend("cpu"), qt, torch.randn(64), 1e-2, "int8pack")
 
 
-@pytest.mark.parametrize("bits,group,sym", [(8, 64, False), (3, 32, True), (2, 64, False), (3, 128, False)])
+@pytest.mark.parametrize("bits,group,sym", [(8, 64, False), (3, 32, True), (2, 64, False), (3, 128, False),
+                                            (5, 32, True), (6, 64, False)])
 def test_lowbit_dense_fallback(bits, group, sym):
     check_linear(get_backend("cpu"), random_qt(32, 256, bits, group, sym), None, 1e-2, "dense-bfloat16")
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_reference_mode_is_float32_dequantize(bits):
     check_linear(get_backend("cpu", quant="reference"), random_qt(32, 128, bits, 32, False), torch.randn(32), 1e-6, "dense")
 

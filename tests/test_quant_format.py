@@ -14,7 +14,7 @@ from llmopt.quant.quantizers import Spec, quantize
 SHAPES = [(24, 384), (7, 256)]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_pack_unpack_roundtrip(bits):
     gen = torch.Generator().manual_seed(bits)
     for out, n_in in [(5, 32), (33, 96), (64, 640)]:
@@ -34,7 +34,7 @@ def test_pack_bit_order_is_lsb_first():
 
 
 @pytest.mark.parametrize("bits,group,sym,scale_dtype", [
-    (b, g, s, d) for b, g, s, d in itertools.product([2, 3, 4, 8], [32, 64, 128, 0], [True, False], ["float16", "bfloat16"])
+    (b, g, s, d) for b, g, s, d in itertools.product([2, 3, 4, 5, 6, 8], [32, 64, 128, 0], [True, False], ["float16", "bfloat16"])
 ])
 def test_quantize_save_load_dequantize(tmp_path, bits, group, sym, scale_dtype):
     gen = torch.Generator().manual_seed(bits * 1000 + group)
@@ -67,8 +67,8 @@ def test_quantize_save_load_dequantize(tmp_path, bits, group, sym, scale_dtype):
 def test_layout_errors():
     with pytest.raises(LlmoptError, match="not divisible by group size 128"):
         quantize(torch.randn(4, 192), Spec(4, 128), "rtn", name="x.weight")
-    with pytest.raises(LlmoptError, match="bits=5"):
-        quantize(torch.randn(4, 128), Spec(5, 32), "rtn")
+    with pytest.raises(LlmoptError, match="bits=7"):
+        quantize(torch.randn(4, 128), Spec(7, 32), "rtn")
     with pytest.raises(LlmoptError, match="unknown quantization method"):
         quantize(torch.randn(4, 128), Spec(4, 32), "awq")
 

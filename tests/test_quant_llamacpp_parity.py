@@ -1,4 +1,4 @@
-"""Our rtn int4 g32 sym is llama.cpp's Q4_0, code for code, ties included.
+"""Our rtn int4 / int5 g32 sym is llama.cpp's Q4_0 / Q5_0, code for code, ties included.
 
 Reference: the numpy Q4_0 quantizer of the `gguf` package (ggml's reference rules). The inputs lie on a
 coarser quantization grid, as the pip Gemma 3 270M's float weights do (decoded from Q5_0): half of the values are
@@ -36,6 +36,24 @@ def test_rtn_int4_g32_sym_is_llamacpp_q4_0(seed):
     # torch.round (half to even) would differ on about half of the ties
     half_even = ((w / 2**-7).round() * 2**-7)
     assert not torch.equal(half_even[ties], ref[ties])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rtn_int5_g32_sym_is_llamacpp_q5_0(seed):
+    # a 64-level grid: the int5 scale is twice its step, so every odd level is an exact tie
+    w = grid_weights(64, 256, 32, seed)
+    ref = torch.from_numpy(quants.dequantize(quants.quantize(w.numpy(), GGMLQuantizationType.Q5_0),
+                                             GGMLQuantizationType.Q5_0).copy())
+    ours = quantize(w, Spec(5, 32, True), "rtn").dequantize()
+    ties = (w * 2**8).remainder(2) != 0
+    assert 0.4 < ties.float().mean() < 0.6
+    assert torch.equal(ours, ref)
+
+
+def test_rtn_int5_reproduces_weights_on_the_q5_0_grid():
+    """Weights that are Q5_0 values (as the pip Gemma 3 270M's are) come back exactly from int5 g32 sym."""
+    w = grid_weights(32, 256, 16, 4)  # 32 levels with the block's extreme at -16 steps: a Q5_0 block exactly
+    assert torch.equal(quantize(w, Spec(5, 32, True), "rtn").dequantize(), w)
 
 
 def test_rtn_on_generic_weights_matches_llamacpp_up_to_scale_rounding():

@@ -46,7 +46,7 @@ def test_vocabulary_tables_are_named_not_sized():
 
 
 @pytest.mark.parametrize("embedding, message", [
-    ({"bits": 5}, r"embedding: bits 5 is not one of"),
+    ({"bits": 7}, r"embedding: bits 7 is not one of"),
     ({"bits": 8, "group": 12}, r"embedding: group 12 must be 0"),
     ({"bits": 8, "group": -8}, r"embedding: group -8 must be 0"),
     ({"bits": 4, "sym": "yes"}, r"embedding: sym must be true or false"),
@@ -133,7 +133,7 @@ def test_config_schema_checks_embedding():
     cfg = copy.deepcopy(load_yaml(DEFAULT_CONFIG))
     assert load(cfg).config["schemes"]["w4g128-gptq-emb8"]["embedding"] == {"bits": 8, "group": 0}
     schemes.resolve({"name": "w4g128-gptq-emb8", **cfg["schemes"]["w4g128-gptq-emb8"]})
-    for bad, message in (({"bits": 6}, r"embedding\.bits: 6 is not one of"),
+    for bad, message in (({"bits": 7}, r"embedding\.bits: 7 is not one of"),
                          ({"group": 0}, r"'bits' is a required property"),
                          ({"bits": 8, "colour": 1}, r"Additional properties are not allowed \('colour'")):
         cfg["schemes"]["w4g128-gptq-emb8"]["embedding"] = bad

@@ -10,7 +10,7 @@ from tiny_models import gemma2, gemma3, randomize, save_random
 
 from llmopt.errors import LlmoptError
 from llmopt.quant import schemes
-from llmopt.quant.pipeline import quantize_model
+from llmopt.quant.pipeline import quantize_model, tune_windows
 from llmopt.quant.quantizers import Spec, quantize
 from llmopt.quant.tune import TunedTensor, _Student, check_fits, head_kl, teacher_targets, tune
 
@@ -155,16 +155,32 @@ def test_scheme_tune_key():
     """The preset resolves with every default; bad options, and tune on a scheme that is not rtn/mse/gptq, are
     one-line errors."""
     s = schemes.resolve("w4g128-gptq-tuned")
-    assert s["tune"] == {"steps": 200, "lr": 1e-3, "tokens": 128, "params": "all", "topk": 1024}
+    assert s["tune"] == {"steps": 200, "lr": 1e-3, "tokens": 128, "params": "all", "topk": 1024,
+                         "windows": "calibration"}
     assert s["gptq"]["table_damp"] == 0.1
     assert schemes.PRESETS["w4g128-gptq-tuned"]["tune"] == {}  # presets are not mutated
     assert schemes.resolve({"name": "x", "method": "rtn", "bits": 4, "tune": {"steps": 7}})["tune"]["steps"] == 7
     for bad, message in (({"steps": 0}, "tune.steps"), ({"lr": 2}, "tune.lr"), ({"params": "heads"}, "tune.params"),
-                         ({"epochs": 3}, "keys among"), ({"topk": 1.5}, "tune.topk")):
+                         ({"epochs": 3}, "keys among"), ({"topk": 1.5}, "tune.topk"),
+                         ({"windows": "new"}, "tune.windows")):
         with pytest.raises(LlmoptError, match=message):
             schemes.resolve({"name": "x", "method": "gptq", "bits": 4, "tune": bad})
     with pytest.raises(LlmoptError, match="tune applies to rtn, mse or gptq"):
         schemes.resolve({"name": "x", "method": "mixed", "budget": {"bpw": 4}, "tune": {}})
+
+
+def test_tune_windows_cycle_or_stay_fresh(reference_model_dir):
+    """By default tuning cycles GPTQ's calibration windows; `windows: fresh` reads a new window every step."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(reference_model_dir)
+    base = {"name": "x", "method": "gptq", "bits": 4, "calibration": {"tokens": 64}}
+    cycled = tune_windows(tok, schemes.resolve({**base, "tune": {"steps": 10, "tokens": 16}}))
+    fresh = tune_windows(tok, schemes.resolve({**base, "tune": {"steps": 10, "tokens": 16, "windows": "fresh"}}))
+    assert len(cycled) == 4 and len(fresh) == 10  # 64 calibration tokens make 4 windows, which the steps cycle
+    assert all(torch.equal(a, b) for a, b in zip(cycled, fresh))  # the same text, from its start
+    body = [w[1:].tolist() for w in fresh]  # without the BOS each window starts with
+    assert all(len(b) == 16 for b in body) and len({tuple(b) for b in body}) == 10
 
 
 def test_config_schema_accepts_the_tuned_scheme():

@@ -1,6 +1,6 @@
 """The llmopt packed weight format: one layout read by every backend (CPU, Vulkan, NPU, CUDA).
 
-A quantized 2-D weight ``W[out, in]`` with ``bits`` in {2, 3, 4, 8} and group size ``group`` (``group == in``
+A quantized 2-D weight ``W[out, in]`` with ``bits`` in {2, 3, 4, 5, 6, 8} and group size ``group`` (``group == in``
 means one group per row, i.e. per output channel) is stored as three safetensors entries:
 
 - ``<name>.qweight``  uint8 ``[out, in * bits / 8]``: each row is a little-endian bit stream; element ``j`` of a
@@ -33,7 +33,7 @@ import torch
 from llmopt.errors import LlmoptError
 
 FORMAT_VERSION = "1"
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

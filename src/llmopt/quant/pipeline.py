@@ -214,16 +214,26 @@ def _check_tunable(source_dir: Path, index: dict, scheme: dict, real: bool) -> N
     check_fits(sum(_numel(shape) for _, _, shape in index.values()), f"{source_dir} (scheme '{scheme['name']}')")
 
 
+def tune_windows(tokenizer, scheme: dict) -> list:
+    """The calibration windows tuning steps through: GPTQ's calibration tokens cut into ``tune.tokens``-token
+    windows (cycled when there are fewer than ``tune.steps``), or with ``windows: fresh`` the first
+    ``steps x tokens`` tokens of the calibration text, one unseen window per step."""
+    from llmopt.quant.calibration import calibration_windows
+
+    opts, cal = scheme["tune"], scheme["calibration"]
+    text_tokens = opts["steps"] * opts["tokens"] if opts["windows"] == "fresh" else cal["tokens"]
+    return calibration_windows(tokenizer, cal["texts"], text_tokens, window=opts["tokens"])[:opts["steps"]]
+
+
 def _tune(source_dir: Path, scheme: dict, held: dict, index: dict, tensors: dict) -> tuple[dict, dict]:
     """End-to-end tuning of the held packed tensors on calibration text; their ``rel_error`` is measured again."""
-    from llmopt.quant.calibration import calibration_windows
     from llmopt.quant.perplexity import load_model
     from llmopt.quant.quantizers import relative_error
     from llmopt.quant.tune import tune
 
-    opts, cal = scheme["tune"], scheme["calibration"]
+    opts = scheme["tune"]
     model, tok = load_model(source_dir)
-    windows = calibration_windows(tok, cal["texts"], cal["tokens"], window=opts["tokens"])[:opts["steps"]]
+    windows = tune_windows(tok, scheme)
     packed = {n: t for n, t in held.items() if n in tensors and "bits" in tensors[n]}
     tuned, report = tune(model, packed, windows, opts["steps"], opts["lr"], opts["params"], opts["topk"],
                          desc=f"tune {scheme['name']}")

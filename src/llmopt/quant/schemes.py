@@ -6,7 +6,7 @@ Keys (docs/FORMAT.md "Schemes" has the same table):
 |---|---|---|
 | ``name`` | scheme name; without ``method`` it names a preset (other keys given override the preset's) | required |
 | ``method`` | ``none`` (float copy), ``rtn``, ``mse`` (clip/scale search), ``gptq`` (calibrated), ``mixed`` | required |
-| ``bits`` | 2, 3, 4 or 8 (rtn / mse / gptq) | required |
+| ``bits`` | 2, 3, 4, 5, 6 or 8 (rtn / mse / gptq) | required |
 | ``group`` | group size along the input dim; 0 = one group per row (per output channel) | 0 for 8 bits, else 128 |
 | ``sym`` | symmetric (no zero point) or asymmetric (float zero point per group) | true |
 | ``embedding`` | format of the vocabulary tables (token embedding, output head; a tied head is the embedding), ``{"bits", "group", "sym"}``, overriding ``bits``/``group``/``sym`` (and fixing them in ``mixed``) | as the other tensors |
@@ -16,7 +16,7 @@ Keys (docs/FORMAT.md "Schemes" has the same table):
 | ``options`` | ``mixed`` only: formats the knapsack chooses from, ``[{"bits", "group", "sym"}, ...]`` | ``MIXED_OPTIONS`` |
 | ``base`` | ``mixed`` only: method that quantizes each tensor (rtn / mse / gptq) | mse |
 | ``gptq`` | gptq (or ``mixed`` with base gptq) only: ``{"damp": x, "table_damp": y}``, the dampening added to the Hessian's diagonal (fraction of its mean) of every tensor / of a vocabulary table quantized as the head | ``GPTQ_DAMP``, ``damp`` |
-| ``tune`` | rtn / mse / gptq only: end-to-end tuning of every group's scale and zero after the codes are fixed (``llmopt.quant.tune``), ``{"steps", "lr", "tokens" (per step), "params" (all / layers / table), "topk"}``; needs real weights | off; keys default to ``tune.DEFAULTS`` |
+| ``tune`` | rtn / mse / gptq only: end-to-end tuning of every group's scale and zero after the codes are fixed (``llmopt.quant.tune``), ``{"steps", "lr", "tokens" (per step), "params" (all / layers / table), "topk", "windows" (calibration / fresh)}``; needs real weights | off; keys default to ``tune.DEFAULTS`` |
 | ``sensitivity`` | ``mixed`` only: ``fisher`` (real models), ``output`` (imatrix-weighted error), ``mse`` (plain), ``auto`` | auto |
 | ``on_indivisible`` | a 2-D weight whose width the group does not divide: ``error`` or ``keep`` (stored in float) | error |
 | ``calibration`` | ``{"texts": [...], "tokens": n}``: text for gptq / imatrix / fisher, disjoint from evaluation | 8 plays, 4096 |
@@ -60,6 +60,7 @@ PRESETS: dict[str, dict] = {
 MIXED_OPTIONS = ({"bits": 2, "group": 128, "sym": False}, {"bits": 2, "group": 64, "sym": False},
                  {"bits": 3, "group": 128, "sym": False}, {"bits": 3, "group": 64, "sym": False},
                  {"bits": 4, "group": 128, "sym": False}, {"bits": 4, "group": 32, "sym": False},
+                 {"bits": 5, "group": 32, "sym": True}, {"bits": 6, "group": 64, "sym": True},
                  {"bits": 8, "group": 0, "sym": True})
 _KEYS = {"name", "method", "bits", "group", "sym", "embedding", "scale_dtype", "dtype", "budget", "options", "base",
          "sensitivity", "on_indivisible", "calibration", "perplexity", "shard_bytes", "gptq", "tune"}
@@ -157,7 +158,7 @@ def _check_gptq(s: dict, where: str) -> None:
 
 
 def _check_tune(s: dict, where: str) -> None:
-    from llmopt.quant.tune import DEFAULTS, PARAMS
+    from llmopt.quant.tune import DEFAULTS, PARAMS, WINDOWS
 
     opts = s["tune"] if s["tune"] is not None else {}
     if s["method"] not in ("rtn", "mse", "gptq"):
@@ -174,6 +175,8 @@ def _check_tune(s: dict, where: str) -> None:
         raise LlmoptError(f"{where}: tune.lr {lr!r} must be a number in (0, 1) (a fraction of each scale per step)")
     if s["tune"]["params"] not in PARAMS:
         raise LlmoptError(f"{where}: tune.params {s['tune']['params']!r} is not one of {PARAMS}")
+    if s["tune"]["windows"] not in WINDOWS:
+        raise LlmoptError(f"{where}: tune.windows {s['tune']['windows']!r} is not one of {WINDOWS}")
 
 
 def _spec_of(d: dict, scale_dtype: str, where: str) -> Spec:

@@ -34,8 +34,9 @@ from tqdm import tqdm
 from llmopt.errors import LlmoptError
 from llmopt.quant.format import QuantizedTensor, pack_bits
 
-DEFAULTS = {"steps": 200, "lr": 1e-3, "tokens": 128, "params": "all", "topk": 1024}
+DEFAULTS = {"steps": 200, "lr": 1e-3, "tokens": 128, "params": "all", "topk": 1024, "windows": "calibration"}
 PARAMS = ("all", "layers", "table")  # which tensors' scales and zeros are trained
+WINDOWS = ("calibration", "fresh")  # cycle the calibration windows, or read steps x tokens of calibration text once
 BYTES_PER_PARAM = 20  # float model 4, codes 4, dequantized weight 4, its gradient 4, temporaries ~4
 KL_WINDOWS = 8  # calibration windows whose mean KL is reported before and after tuning
 _KL_CHUNK = 128  # tokens per head chunk: 128 x 262144 float32 logits = 128 MB, a few of them alive at once
