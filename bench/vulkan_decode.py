@@ -80,8 +80,12 @@ VARIANTS = [
      "norm_regs_max": 0},
     {"name": "unfused attention", "fuse_rope_attention": False},  # rope(q), rope(k), kv_store, attention
     {"name": "no x8 rows", "matvec_x_q8": False},  # every int-dot mat-vec workgroup quantizes float x itself
-    {"name": "previous mat-vec", "matvec_x_q8": False, "wg": 128, "rows_per_wg": 16},
-    {"name": "gated", "fuse_gated_act": True},  # the activation in the gate/up epilogue (off: slower with x8 rows)
+    {"name": "previous mat-vec", "matvec_x_q8": False, "wg": 128, "rows_per_wg": 16, "fuse_gated_act": False},
+    # the activation and down's x8 rows in the gate/up mat-vec (default on a GPU): gated_act instead, or the gated
+    # mat-vec in its layout before v14 (2 outputs a workgroup: float output, so down quantizes it); the layouts
+    # tried beside the default are in docs/benchmarks.md (v14)
+    {"name": "separate gated_act", "fuse_gated_act": False},
+    {"name": "gated no x8", "fuse_gated_act": True, "gated_layout": (64, 0, 4)},
     {"name": "separate post norm", "fuse_post_norm": False},  # Gemma: rmsnorm, then add_rmsnorm
     {"name": "norms over memory", "norm_regs_max": 0},  # add_rmsnorm's passes over memory instead of registers
     {"name": "attn no prefetch", "attn_prefetch": False},  # rope_attention without its first loads issued ahead
@@ -92,7 +96,7 @@ VARIANTS = [
 VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
                 "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch",
-                "attn_x8", "attn_clock")
+                "attn_x8", "attn_clock", "gated_layout")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:

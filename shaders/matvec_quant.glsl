@@ -22,7 +22,10 @@
 // Gated (GATED = 1 + activation kind of act.glsl): the weight is [gate; up] (N rows each, up from row N on) and
 // y[m, o] = act(gate_o . x + b_o) * (up_o . x + b_{N+o}): a set's ROWS rows are ROWS / 2 gate rows and the
 // matching up rows, so the activation runs in the epilogue (one dispatch, no [2N] round trip). Dispatch:
-// ceil(2N / (ROWS * WG / SPLIT)) workgroups; ROWS even.
+// ceil(2N / (ROWS * WG / SPLIT)) workgroups; ROWS even. With Q8 = 1 (4-bit codes; N and a workgroup's
+// SETS * ROWS / 2 outputs multiples of 32) a workgroup's outputs are whole 32-value chunks of y's row, which it
+// also writes as x8 rows (x8.glsl) for the down projection's int-dot mat-vec: no gated_act dispatch, and no
+// dependency between workgroups.
 #ifndef USE_INT_DOT
 #define USE_INT_DOT 0
 #endif
@@ -46,6 +49,9 @@ layout(constant_id = 7) const uint X_Q8 = 0;   // binding 0 holds x8 rows (int-d
 layout(constant_id = 8) const uint GATED = 0;  // 1 + activation kind: gated epilogue over a [gate; up] weight
 
 #define X8_BITS BITS
+#define X8_BINDING 8  // gated, Q8 = 1: act(gate) * up also as x8 rows (4-bit codes, so in 4-bit order)
+#define X8_Q8_ID 9
+#define X8_LEN_ID 10
 #include "x8.glsl"
 
 layout(std430, binding = 0) readonly buffer XBuf { float x[]; };
@@ -217,7 +223,8 @@ void main() {
 #endif
     if (tid % stride == 0u) [[unroll]] for (uint r = 0; r < ROWS; ++r) part[r * WG + tid] = acc[r];
     barrier();
-    if (GATED != 0u) {  // invocation r + HALF * set: output of gate row r and up row r + HALF of its set
+    if (GATED != 0u) {  // invocation o = r + HALF * set: output of gate row r and up row r + HALF of its set
+        const uint out0 = group_index() * SETS * HALF;  // the workgroup's first output; o counts from it
         for (uint o = tid; o < HALF * SETS; o += WG) {
             const uint r = o % HALF, set = o / HALF;
             float sg = 0.0, su = 0.0;
@@ -225,12 +232,15 @@ void main() {
                 sg += part[r * WG + j];
                 su += part[(r + HALF) * WG + j];
             }
-            const uint out_row = (group_index() * SETS + set) * HALF + r;
+            const uint out_row = out0 + o;
             if (out_row >= p.N) continue;
             sg += HAS_BIAS != 0 ? bias[out_row] : 0.0;
             su += HAS_BIAS != 0 ? bias[p.N + out_row] : 0.0;
-            y[m * p.N + out_row] = activation(sg, GATED - 1u) * su;
+            const float v = activation(sg, GATED - 1u) * su;
+            y[m * p.N + out_row] = v;
+            if (Q8 != 0u) x8_vals[o + o / 32u] = v;
         }
+        if (Q8 != 0u) x8_store(m, p.N, out0 / 32u, out0 < p.N ? min(HALF * SETS, p.N - out0) / 32u : 0u);
         return;
     }
     for (uint o = tid; o < ROWS * SETS; o += WG) {

@@ -33,13 +33,17 @@ void x8_quantize(const vec4 xv[8], out int xq[8], out float xd, out int qsum) {
 }
 
 #ifdef X8_BINDING
-// Writing x8 rows (rmsnorm, add_rmsnorm, gated_act, rope_attention): spec constant Q8 = 1 turns it on; the op
-// leaves value i of the chunks it quantizes in x8_vals[i + i / 32] (i counted from its first chunk; a float of
-// padding every 32: the chunk-per-invocation reads below hit distinct banks), then x8_store quantizes them from
-// there. X8_LEN (>= the
-// values + a 32nd where used, else 1) sizes x8_vals.
-layout(constant_id = 1) const uint Q8 = 0;
-layout(constant_id = 2) const uint X8_LEN = 1;
+// Writing x8 rows (rmsnorm, add_rmsnorm, gated_act, rope_attention, the gated mat-vec): spec constant Q8 = 1 turns
+// it on; the op leaves value i of the chunks it quantizes in x8_vals[i + i / 32] (i counted from its first chunk; a
+// float of padding every 32: the chunk-per-invocation reads below hit distinct banks), then x8_store quantizes them
+// from there. X8_LEN (>= the values + a 32nd where used, else 1) sizes x8_vals. Their constant ids are 1 and 2
+// unless the includer, whose own constants hold those, defines X8_Q8_ID and X8_LEN_ID.
+#ifndef X8_Q8_ID
+#define X8_Q8_ID 1
+#define X8_LEN_ID 2
+#endif
+layout(constant_id = X8_Q8_ID) const uint Q8 = 0;
+layout(constant_id = X8_LEN_ID) const uint X8_LEN = 1;
 layout(std430, binding = X8_BINDING) writeonly buffer X8Out { uvec4 x8_out[]; };
 layout(std430, binding = X8_BINDING) writeonly buffer X8OutWords { uint x8_out_words[]; };
 shared float x8_vals[X8_LEN];

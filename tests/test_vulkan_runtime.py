@@ -131,6 +131,20 @@ def test_kv_cache_beyond_storage_range_is_refused():
         be.close()
 
 
+def test_widths_without_shaders_are_refused():
+    """int5 / int6 (in the format for the CPU, CUDA and mixed precision) are refused by name, not misdecoded."""
+    from llmopt.quant.quantizers import Spec, quantize
+
+    be = vulkan.VulkanBackend()
+    try:
+        for bits in (5, 6):
+            qt = quantize(torch.randn(8, 64), Spec(bits, 32, True), "rtn")
+            with pytest.raises(LlmoptError, match=rf"layers\.0\.w: int{bits} weights have no Vulkan kernels yet"):
+                be.linear_weight("layers.0.w", qt)
+    finally:
+        be.close()
+
+
 def test_variant_without_subgroups(tmp_path):
     """Devices lacking subgroup arithmetic get shared-memory reductions; same results."""
     from llmopt.backends.base import AttnSpec
@@ -207,6 +221,15 @@ for bits in (2, 3, 4, 8):  # every packed width, decode and prefill kernels
     be.matvec_int_dot = True  # the packed-dot variant (shaderIntegerDotProduct enabled at device creation)
     be.to_host(be.linear(be.from_host(torch.randn(1, 1, 64)), w))
     be.matvec_int_dot = False
+def int4(n, k):
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32).to(torch.uint8)
+    return QuantizedTensor(pack_bits(codes, 4), torch.rand(n, k // 32).half(), torch.rand(n, k // 32).half(), 4, 32, (n, k))
+be.matvec_int_dot = be.matvec_x_q8 = be.fuse_gated_act = True  # a GPU's FFN: the gated mat-vec writes down's x8 rows
+gate, up = (be.linear_weight(f"mlp.{n}_proj", int4(96, 64)) for n in ("gate", "up"))
+h = be.gated_linears(be.from_host(torch.randn(1, 2, 64)), gate, up, "gelu_tanh")
+assert h.q8 is not None
+be.to_host(be.linear(h, be.linear_weight("mlp.down_proj", int4(64, 96))))
+be.matvec_int_dot = be.matvec_x_q8 = be.fuse_gated_act = False
 x = be.from_host(torch.randn(1, 10, 32))
 y = be.layernorm(x, be.param("w", torch.randn(32)), be.param("b", torch.randn(32)), 1e-5)
 y = be.attention_full(y, y, y, [(0, 4), (4, 10)], AttnSpec(2, 2, 16, 0.25))

@@ -203,14 +203,14 @@ def test_gated_linears(fast, gen, monkeypatch, kind, bits, int_dot):
         assert torch.equal(be.to_host(out), separate), case
 
 
-@pytest.mark.parametrize("wg,rows,split,min_groups", [(64, 16, 0, 1), (32, 4, 16, 1), (16, 8, 0, 64), (16, 1, 0, 1),
-                                                   (16, 5, 0, 1), (16, 10, 0, 64)])
-def test_gated_specializations(fast, gen, monkeypatch, wg, rows, split, min_groups):
-    """Even rows per set whatever is asked (1 becomes 2, 5 becomes 6; halving for more workgroups keeps them even and
-    stops at 2), row sets."""
+@pytest.mark.parametrize("layout", [(64, 0, 16), (32, 16, 4), (16, 0, 8), (16, 0, 2), (16, 4, 2), (64, 16, 6)])
+def test_gated_specializations(fast, gen, monkeypatch, layout):
+    """The gated mat-vec's own layout (``gated_layout``: wg, invocations a set, rows a set), whatever the other
+    mat-vecs use; here none with whole 32-value chunks a workgroup (those: test_vulkan_gated_x8.py)."""
     be = fast
-    for key, value in (("wg", wg), ("rows_per_wg", rows), ("matvec_split", split), ("matvec_min_groups", min_groups)):
-        monkeypatch.setattr(be, key, value)
+    monkeypatch.setattr(be, "gated_layout", layout)
+    for key, value in (("wg", 16), ("rows_per_wg", 1), ("matvec_split", 0), ("matvec_min_groups", 64)):
+        monkeypatch.setattr(be, key, value)  # the ungated mat-vecs' knobs: no effect on the gated one
     # 40 outputs: no whole row sets, and [gate; up] fuses (its scale rows end on the 16-byte alignment)
     qts = [random_qt(40, 192, 4, 64, False, torch.bfloat16, gen) for _ in range(2)]
     gate, up = (be.linear_weight(n, q) for n, q in zip(("g", "u"), qts))
@@ -218,7 +218,7 @@ def test_gated_specializations(fast, gen, monkeypatch, wg, rows, split, min_grou
     out = be.to_host(be.gated_linears(be.from_host(x), gate, up, "gelu_tanh"))
     assert be._fused[(id(gate), id(up))][1] is not None  # the gated mat-vec ran, not linears + gated_act
     ref = gated_reference(x, *(q.dequantize(torch.float64) for q in qts), None, None, "gelu_tanh", True)
-    assert rel_err(out, ref) < RTOL, (wg, rows, split, min_groups)
+    assert rel_err(out, ref) < RTOL, layout
 
 
 def test_gated_linears_falls_back(fast, gen):
@@ -272,7 +272,8 @@ def test_device_config_turns_x8_rows_on_with_the_int_dot_matvec():
            "features": {"subgroup_arithmetic": True, "integer_dot_4x8_signed_accelerated": True}}
     spec = vk_compile.device_config(gpu)["spec"]
     picked = (spec["matvec_int_dot"], spec["matvec_x_q8"], spec["matvec_gated"], spec["wg"], spec["rows"])
-    assert picked == (1, 1, 0, 64, 4)
+    assert picked == (1, 1, 1, 64, 4) and spec["matvec_gated_layout"] == [256, 16, 4]  # 32 gated outputs a workgroup
     gpu["features"]["integer_dot_4x8_signed_accelerated"] = False  # no fast dot: float mat-vec, nothing reads x8 rows
-    assert vk_compile.device_config(gpu)["spec"]["matvec_x_q8"] == 0
+    spec = vk_compile.device_config(gpu)["spec"]
+    assert (spec["matvec_x_q8"], spec["matvec_gated"]) == (0, 0)
     assert vk_compile.device_config(PROBE)["spec"]["matvec_x_q8"] == 0  # lavapipe emulates the dot

@@ -15,7 +15,8 @@ products are accelerated, int2/4/8 mat-vecs run ``matvec_quant_idot`` (x quantiz
 ``int8_chunks`` is its reference); with ``matvec_x_q8`` the ops that feed them at decode (rmsnorm, add_rmsnorm,
 gated_act, the fused decode attention) also write their output so quantized (``VkAct.q8``, ``shaders/x8.glsl``),
 which int4 mat-vecs read instead of quantizing x in every workgroup. ``gated_linears`` (``fuse_gated_act``) runs
-gate/up and the gated activation as one mat-vec. The KV cache (on the device), RoPE and attention come from
+gate/up and the gated activation as one mat-vec (``gated_layout``), which also writes the down projection's x8 rows
+(no gated_act dispatch). The KV cache (on the device), RoPE and attention come from
 ``llmopt.backends.vulkan.attention`` (``AttentionOps``; a decode step's RoPE, K/V store and attention are one
 dispatch, ``rope_attention``). Host tables (RoPE cos/sin, masks, token ids) are uploaded once per submission and
 reused by every layer that passes the same tensor. ``replay_decoder`` records a model's whole decode step once and replays it per
@@ -44,6 +45,7 @@ from llmopt.quant.format import QuantizedTensor
 
 MAX_GROUPS = 65535  # workgroups per grid dimension every device supports; wider grids fold into y
 MATVEC_MAX_M = 8  # up to this many input rows the weights are streamed once per row (decode); beyond, tiled matmul
+VULKAN_BITS = (2, 3, 4, 8)  # packed widths the shaders decode (format.SUPPORTED_BITS adds 5 and 6)
 ACT_KINDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "quick_gelu": 3}
 ROW_SHADERS = {"rmsnorm", "add_rmsnorm", "layernorm", "attention", "argmax"}  # one workgroup a row/head: sized by wg_reduce
 
@@ -162,6 +164,8 @@ class VulkanBackend(AttentionOps, Backend):
         self.matvec_x_q8 = bool(spec.get("matvec_x_q8", 0))  # norms feeding int-dot mat-vecs also write x as int8
         self.fuse_linears = True
         self.fuse_gated_act = bool(spec.get("matvec_gated", 0))  # gated_linears: the activation in the mat-vec
+        # the gated mat-vec's (wg, invocations a set, rows a set): sets * rows / 2 outputs a workgroup (gated_linears)
+        self.gated_layout = tuple(int(v) for v in spec.get("matvec_gated_layout", (64, 8, 8)))
         self.fuse_post_norm = True  # norm_add_rmsnorm: Gemma's post norm, the residual add and the next norm at once
         self.norm_regs_max = 16  # add_rmsnorm holds rows of up to this many values an invocation in registers
         self._init_attention(info)
@@ -264,6 +268,10 @@ class VulkanBackend(AttentionOps, Backend):
     def _matrix(self, name: str, weight) -> VkWeight:
         if isinstance(weight, QuantizedTensor):
             n_out, k = weight.shape
+            if weight.bits not in VULKAN_BITS:
+                raise LlmoptError(f"{name}: int{weight.bits} weights have no Vulkan kernels yet (the shaders decode "
+                                  f"int{'/'.join(map(str, VULKAN_BITS))}); quantize with a scheme of those widths, "
+                                  "or run this model on the cpu or cuda backend")
             per_word = 32 // math.gcd(32, weight.bits)  # codes per word boundary period
             if weight.group % per_word and weight.group != k:
                 raise LlmoptError(f"{name}: group {weight.group} is not a multiple of {per_word} codes "
@@ -362,7 +370,9 @@ class VulkanBackend(AttentionOps, Backend):
     def gated_linears(self, x: VkAct, gate: VkWeight, up: VkWeight, kind: str) -> VkAct:
         """``gated_act(x gate^T, x up^T, kind)``. At decode sizes, where ``fuse_gated_act`` is on and the two weights
         fuse (``linears``), one mat-vec over [gate; up] whose workgroups own matching gate and up rows and write
-        act(gate) * up (no [2F] round trip, one dispatch fewer); otherwise ``linears`` then ``gated_act``."""
+        act(gate) * up (no [2F] round trip, one dispatch fewer), laid out by ``gated_layout``: int4 weights, with whole
+        32-value chunks a workgroup, also as x8 rows for the down projection (``_normed``'s conditions); otherwise
+        ``linears`` then ``gated_act``."""
         from llmopt.backends.vulkan.fusion import fused_weight  # imports this module
 
         fused = None
@@ -372,13 +382,25 @@ class VulkanBackend(AttentionOps, Backend):
             return self.gated_act(*self.linears(x, (gate, up)), kind)
         if x.features != fused.k:
             raise LlmoptError(f"gated_linears {fused.name}: input has {x.features} features, weights expect {fused.k}")
-        out = self._new((*x.shape[:-1], gate.n_out))
+        per = self._gated_sets()[1]  # outputs a workgroup
+        out, _ = self._normed((*x.shape[:-1], gate.n_out), per if fused.bits == 4 and per % 32 == 0 else None)
         self._matmul(x, fused, [out], x.rows, 1, 0, gated=self._kind(kind) + 1)
         return out
 
+    def _gated_sets(self) -> tuple[int, int]:
+        """The gated mat-vec's row sets a workgroup and outputs a workgroup (``gated_layout``, checked)."""
+        wg, split, rows = self.gated_layout
+        most = int(self.probe["device"]["max_workgroup_invocations"])
+        if rows < 2 or rows % 2 or wg & (wg - 1) or wg > most:
+            raise LlmoptError(f"gated_layout {self.gated_layout}: expected (workgroup size, a power of two up to the "
+                              f"device's {most}; invocations a set; an even number of rows a set)")
+        per = (wg // split if split else 1) * rows // 2
+        return self._matvec_sets(wg, rows, split, per + per // 32), per
+
     def _matmul(self, x: VkAct, w: VkWeight, outs: list, m: int, x_step: int, x_off: int, gated: int = 0) -> None:
         """Record ``outs = x W^T (+ bias)`` for ``m`` input rows; several ``outs`` split W's rows in order.
-        ``gated`` (mat-vec only; 1 + activation kind): W is [gate; up] and the one output act(gate) * up."""
+        ``gated`` (mat-vec only; 1 + activation kind): W is [gate; up] and the one output act(gate) * up
+        (``gated_layout``; also as x8 rows where ``gated_linears`` gave it a ``q8`` buffer)."""
         bias = self._whole(w.bias) if w.bias is not None else self._whole(self.dummy)
         spec_tail = (w.bits, int(w.scale_bf16), int(w.has_zeros), int(w.bias is not None))
         bounds = np.cumsum([o.features for o in outs])[:-1].tolist()
@@ -397,22 +419,24 @@ class VulkanBackend(AttentionOps, Backend):
             bindings = [self._whole(x.q8 if x8 else x.buf), pc.w, pc.s or self._whole(self.dummy),
                         pc.z or self._whole(self.dummy), bias, *ys]
             if m <= MATVEC_MAX_M:
-                wg = self._matvec_wg(w.k)
-                least = 2 if gated else 1  # a gated set holds matching gate and up rows: an even count
-                rows = max(self.rows_per_wg, least)
-                rows += rows % least  # gated: even
-                sets = self._matvec_sets(wg, rows)
-                while rows > least and -(-pc.rows // (rows * sets)) < self.matvec_min_groups:
-                    rows = max(least, rows // 2 // least * least)  # gated: stays even
-                gx, gy, _ = self._grid(-(-pc.rows // (rows * sets)))
+                q8, x8_out = (outs[0].q8 if gated else None), (0, 1)  # Q8, X8_LEN: the gated mat-vec's x8 rows
                 if gated:
+                    wg, split, rows = self.gated_layout
+                    sets, per = self._gated_sets()
+                    x8_out = (1, per + per // 32) if q8 is not None else x8_out
                     n = pc.rows // 2
                     push = pack_push("IIIIIIIII", w.k, n, n, 0, w.group, x_step, x_off, n, n)
                 else:
+                    wg, split, rows = self._matvec_wg(w.k), self.matvec_split, self.rows_per_wg
+                    sets = self._matvec_sets(wg, rows, split)
+                    while rows > 1 and -(-pc.rows // (rows * sets)) < self.matvec_min_groups:
+                        rows //= 2
                     push = pack_push("IIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, seg1, seg2)
+                gx, gy, _ = self._grid(-(-pc.rows // (rows * sets)))
                 shader = "matvec_quant_idot" if int_dot else "matvec_quant"
-                self._run(shader, 8, (rows, *spec_tail, self.matvec_split, int(x8), gated), bindings, push,
-                          (gx, gy, m), wg, f"{shader} {role}" if role else None)
+                self._run(shader, 9, (rows, *spec_tail, split, int(x8), gated, *x8_out),
+                          bindings + [self._whole(q8 or self.dummy)], push, (gx, gy, m), wg,
+                          f"{shader} {role}" if role else None)
             else:
                 push = pack_push("IIIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m, seg1, seg2)
                 grid = (-(-pc.rows // self.tile), -(-m // self.tile), 1)
@@ -427,13 +451,12 @@ class VulkanBackend(AttentionOps, Backend):
             wg *= 2
         return wg
 
-    def _matvec_sets(self, wg: int, rows: int) -> int:
-        """Row sets a mat-vec workgroup of ``wg`` holds, after checking the specialization sizes against the shader
-        and device."""
-        split = self.matvec_split
+    def _matvec_sets(self, wg: int, rows: int, split: int, staged: int = 0) -> int:
+        """Row sets a mat-vec workgroup of ``wg`` holds, ``split`` invocations each (0: one set), after checking
+        the specialization sizes (and ``staged`` floats of x8 staging) against the shader and device."""
         if split and (split & (split - 1) or wg % split):
-            raise LlmoptError(f"matvec_split {split}: expected 0 or a power of two dividing the workgroup size {wg}")
-        shared = 4 * rows * wg  # matvec_quant.comp's `part` array
+            raise LlmoptError(f"matvec split {split}: expected 0 or a power of two dividing the workgroup size {wg}")
+        shared = 4 * (rows * wg + staged)  # matvec_quant.glsl's `part` array, and the gated x8 rows' `x8_vals`
         if shared > self._shared_limit():
             raise LlmoptError(f"mat-vec rows {rows} x workgroup {wg} need {shared} bytes of shared memory; "
                               f"the device allows {self._shared_limit()}")

@@ -49,7 +49,9 @@ def device_config(probe: dict) -> dict:
     at 256, while rows of 3584 were fastest at 64-128); ``matvec_x_q8``: 1 to have the ops that feed int-dot
     mat-vecs (norms, gated_act, the fused decode attention) also write their output as int8 per 32 values (x8.glsl),
     read by 4-bit mat-vecs instead of quantizing x in every workgroup; ``matvec_gated``: 1 to run gate/up and the
-    gated activation as one mat-vec (``VulkanBackend.gated_linears``).
+    gated activation as one mat-vec (``VulkanBackend.gated_linears``); ``matvec_gated_layout``: that mat-vec's
+    (workgroup size, invocations a row set, rows a set), whose sets * rows / 2 outputs a workgroup are whole
+    32-value chunks, so that it writes them as x8 rows for the down projection itself.
 
     CPU devices (lavapipe) run one invocation per SIMD lane group and pay for every barrier, so small workgroups
     (16 invocations, 8 rows each) win there by about 5x (FACTS §6); GPUs want 64-256 invocations a workgroup.
@@ -61,18 +63,22 @@ def device_config(probe: dict) -> dict:
     int_dot = int(bool(features.get("integer_dot_4x8_signed_accelerated")))
     if device.get("type") == "cpu":
         wg, rows, tile, wg_reduce, min_groups, split, wg_max = 16, 8, 16, 16, 1, 0, 16
+        gated_layout = (64, 8, 8)  # 8 sets of 4 outputs
     else:  # the fastest decode step measured on an H200 (bench/vulkan_decode.py, docs/benchmarks.md)
         wg, rows, tile, wg_reduce, min_groups, split, wg_max = 64, 4, 32, 1024, 256, 0, 256
+        gated_layout = (256, 16, 4)  # 16 sets of 16 invocations, 2 outputs each
     # x8 rows with wg 64, rows 4: 1.38x / 1.27x decode on an H200 against wg 128, rows 16 without them; the gated
-    # epilogue measured slower there with x8 rows (the down projection then reads float x), so it stays off
-    x_q8, gated = int_dot, 0
+    # mat-vec writing x8 rows itself (no gated_act dispatch; 32 outputs a workgroup: gated_layout) 1.05x / 1.06x
+    # more there; without its x8 rows (the down projection reading float x) it was slower than gated_act
+    x_q8, gated = int_dot, int_dot
     return {
         "defines": {"USE_SUBGROUP": int(bool(features.get("subgroup_arithmetic")) and subgroup > 0),
                     "SMALL_CODE": int(device.get("type") == "cpu")},
         "spec": {"wg": min(wg, max_wg), "rows": rows, "tile": tile, "wg_reduce": min(wg_reduce, max_wg),
                  "matvec_min_groups": min_groups, "matvec_split": split, "matvec_wg_max": min(wg_max, max_wg),
                  "matvec_int_dot": int_dot,
-                 "matvec_x_q8": x_q8, "matvec_gated": gated},
+                 "matvec_x_q8": x_q8, "matvec_gated": gated,
+                 "matvec_gated_layout": [min(gated_layout[0], max_wg), *gated_layout[1:]]},
     }
 
 
