@@ -23,31 +23,21 @@ def grid_weights(rows: int, cols: int, levels: int, seed: int) -> torch.Tensor:
     return k.float() * 2.0**-8
 
 
+@pytest.mark.parametrize("bits, kind", [(4, GGMLQuantizationType.Q4_0), (5, GGMLQuantizationType.Q5_0)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rtn_int4_g32_sym_is_llamacpp_q4_0(seed):
-    # a Q5_0-like grid (32 levels): the int4 scale is twice its step, so every odd level is an exact tie
-    w = grid_weights(64, 256, 16, seed)
-    ref = torch.from_numpy(quants.dequantize(quants.quantize(w.numpy(), GGMLQuantizationType.Q4_0),
-                                             GGMLQuantizationType.Q4_0).copy())
-    ours = quantize(w, Spec(4, 32, True), "rtn").dequantize()
+def test_rtn_g32_sym_is_llamacpp_q4_0_and_q5_0(seed, bits, kind):
+    # a grid of twice the format's levels (for int4 a Q5_0-like grid): the scale is twice its step, so every odd
+    # level is an exact tie
+    w = grid_weights(64, 256, 2**bits, seed)
+    ref = torch.from_numpy(quants.dequantize(quants.quantize(w.numpy(), kind), kind).copy())
+    ours = quantize(w, Spec(bits, 32, True), "rtn").dequantize()
     ties = (w * 2**8).remainder(2) != 0
     assert 0.4 < ties.float().mean() < 0.6  # the case under test
     assert torch.equal(ours, ref)
     # torch.round (half to even) would differ on about half of the ties
-    half_even = ((w / 2**-7).round() * 2**-7)
+    step = 2.0**-7
+    half_even = (w / step).round() * step
     assert not torch.equal(half_even[ties], ref[ties])
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_rtn_int5_g32_sym_is_llamacpp_q5_0(seed):
-    # a 64-level grid: the int5 scale is twice its step, so every odd level is an exact tie
-    w = grid_weights(64, 256, 32, seed)
-    ref = torch.from_numpy(quants.dequantize(quants.quantize(w.numpy(), GGMLQuantizationType.Q5_0),
-                                             GGMLQuantizationType.Q5_0).copy())
-    ours = quantize(w, Spec(5, 32, True), "rtn").dequantize()
-    ties = (w * 2**8).remainder(2) != 0
-    assert 0.4 < ties.float().mean() < 0.6
-    assert torch.equal(ours, ref)
 
 
 def test_rtn_int5_reproduces_weights_on_the_q5_0_grid():

@@ -22,18 +22,14 @@ from llmopt.backends.base import AttnSpec
 from llmopt.engine import load_model
 from llmopt.quant.quantizers import Spec
 
-vulkan = pytest.importorskip("llmopt.backends.vulkan")
+from vulkan_device import require_vulkan
+vulkan = require_vulkan("integer_dot_product")
 from test_vulkan_ops import random_qt  # noqa: E402
 from test_vulkan_rope_attention import RTOL, rel_err, tables  # noqa: E402
 from test_vulkan_x8_gated import read_x8, x8_reference  # noqa: E402
 from tiny_models import COMMON, FAMILIES, pack_folder, save_random  # noqa: E402
 
 pytestmark = pytest.mark.vulkan
-PROBE = vulkan.probe()
-if not PROBE["present"]:
-    pytest.skip(f"no Vulkan device: {PROBE['reason']}", allow_module_level=True)
-if not PROBE["features"].get("integer_dot_product"):
-    pytest.skip("the Vulkan device lacks shaderIntegerDotProduct", allow_module_level=True)
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.quantizers import Spec
 
-vulkan = pytest.importorskip("llmopt.backends.vulkan")
+from vulkan_device import require_vulkan
+vulkan = require_vulkan("integer_dot_product")
 from llmopt.backends.vulkan import compile as vk_compile  # noqa: E402
 from llmopt.backends.vulkan.backend import int8_chunks  # noqa: E402
 from test_vulkan_ops import random_qt, rel_err  # noqa: E402
@@ -34,10 +35,6 @@ from tiny_models import COMMON, FAMILIES, pack_folder, save_random  # noqa: E402
 
 pytestmark = pytest.mark.vulkan
 PROBE = vulkan.probe()
-if not PROBE["present"]:
-    pytest.skip(f"no Vulkan device: {PROBE['reason']}", allow_module_level=True)
-if not PROBE["features"].get("integer_dot_product"):
-    pytest.skip("the Vulkan device lacks shaderIntegerDotProduct", allow_module_level=True)
 
 RTOL, RTOL_X8, MODEL_RTOL = 2e-5, 2e-2, 6e-2
 

@@ -15,10 +15,9 @@ import tiny_models
 from llmopt.engine import load_model
 from tiny_models import COMMON, pack_folder, save_random
 
-vulkan = pytest.importorskip("llmopt.backends.vulkan")
+from vulkan_device import require_vulkan
+vulkan = require_vulkan()
 pytestmark = pytest.mark.vulkan
-if not vulkan.probe()["present"]:
-    pytest.skip(f"no Vulkan device: {vulkan.probe()['reason']}", allow_module_level=True)
 
 ATOL = 1e-4
 FAMILIES = {name: tiny_models.FAMILIES[name] for name in ("gemma2", "gemma3", "qwen2")}

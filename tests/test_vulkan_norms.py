@@ -17,10 +17,9 @@ import torch
 from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 
-vulkan = pytest.importorskip("llmopt.backends.vulkan")
+from vulkan_device import require_vulkan
+vulkan = require_vulkan()
 pytestmark = pytest.mark.vulkan
-if not vulkan.probe()["present"]:
-    pytest.skip(f"no Vulkan device: {vulkan.probe()['reason']}", allow_module_level=True)
 
 from test_vulkan_models import ATOL, FAMILIES, save_random  # noqa: E402
 from test_vulkan_ops import rel_err  # noqa: E402

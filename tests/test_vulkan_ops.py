@@ -13,10 +13,9 @@ from llmopt.backends.base import AttnSpec
 from llmopt.errors import LlmoptError
 from llmopt.quant.format import QuantizedTensor, pack_bits
 
-vulkan = pytest.importorskip("llmopt.backends.vulkan")
+from vulkan_device import require_vulkan
+vulkan = require_vulkan()
 pytestmark = pytest.mark.vulkan
-if not vulkan.probe()["present"]:
-    pytest.skip(f"no Vulkan device: {vulkan.probe()['reason']}", allow_module_level=True)
 
 RTOL = 2e-5
 

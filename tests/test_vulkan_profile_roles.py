@@ -22,10 +22,9 @@ import torch
 from llmopt.engine import load_model
 from tiny_models import COMMON, FAMILIES, pack_folder, save_random
 
-vulkan = pytest.importorskip("llmopt.backends.vulkan")
+from vulkan_device import require_vulkan
+vulkan = require_vulkan()
 pytestmark = pytest.mark.vulkan
-if not vulkan.probe()["present"]:
-    pytest.skip(f"no Vulkan device: {vulkan.probe()['reason']}", allow_module_level=True)
 
 from llmopt.backends.vulkan.backend import weight_role  # noqa: E402
 from llmopt.backends.vulkan.replay import VulkanDecoder  # noqa: E402

@@ -20,10 +20,9 @@ import torch
 from llmopt.engine import load_model
 from llmopt.engine.rope import rope_tables
 
-vulkan = pytest.importorskip("llmopt.backends.vulkan")
+from vulkan_device import require_vulkan
+vulkan = require_vulkan()
 pytestmark = pytest.mark.vulkan
-if not vulkan.probe()["present"]:
-    pytest.skip(f"no Vulkan device: {vulkan.probe()['reason']}", allow_module_level=True)
 
 from llmopt.backends.vulkan.replay import VulkanDecoder  # noqa: E402
 from tiny_models import COMMON, FAMILIES, save_random  # noqa: E402

@@ -22,13 +22,12 @@ import torch
 
 from llmopt.errors import LlmoptError
 
-vulkan = pytest.importorskip("llmopt.backends.vulkan")
+from vulkan_device import require_vulkan
+vulkan = require_vulkan()
 from llmopt.backends.vulkan import compile as vk_compile  # noqa: E402
 
 pytestmark = pytest.mark.vulkan
 PROBE = vulkan.probe()
-if not PROBE["present"]:
-    pytest.skip(f"no Vulkan device: {PROBE['reason']}", allow_module_level=True)
 
 SHADERS = vk_compile.REPO_SHADERS
 VALIDATION_DIR = Path(os.environ.get("LLMOPT_VK_VALIDATION_DIR",
