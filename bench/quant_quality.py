@@ -38,7 +38,7 @@ MIXED_OPTIONS = [{"bits": 2, "group": 64, "sym": False}, {"bits": 3, "group": 64
 def scheme_of(name: str, texts: list[str], tokens: int, calibration_tokens: int, gptq: dict | None = None,
               tune: dict | None = None) -> dict:
     """A preset, ``mixed-<bpw>`` (options ``MIXED_OPTIONS``, mse) or ``mixed-gptq-<bpw>`` (the same options by GPTQ,
-    vocabulary tables fixed at int8 per channel), evaluated on ``texts``; ``gptq`` options go to GPTQ schemes,
+    vocabulary tables fixed at int8 g32, llama.cpp Q8_0's layout, as its 4-bit types keep them), evaluated on ``texts``; ``gptq`` options go to GPTQ schemes,
     ``tune`` options to schemes with ``tune`` (``{"on": ...}`` adds tuning to any rtn / mse / gptq scheme)."""
     common = {"perplexity": {"texts": texts, "tokens": tokens}, "calibration": {"tokens": calibration_tokens}}
     scheme = _scheme_of(name, common)
@@ -52,7 +52,7 @@ def scheme_of(name: str, texts: list[str], tokens: int, calibration_tokens: int,
 def _scheme_of(name: str, common: dict) -> dict:
     if name.startswith("mixed-gptq-"):
         return {"name": name, "method": "mixed", "budget": {"bpw": float(name.split("-")[2])}, "base": "gptq",
-                "embedding": {"bits": 8, "group": 0}, "options": MIXED_OPTIONS, **common}
+                "embedding": {"bits": 8, "group": 32}, "options": MIXED_OPTIONS, **common}
     if name.startswith("mixed-"):
         return {"name": name, "method": "mixed", "budget": {"bpw": float(name.split("-")[1])},
                 "options": MIXED_OPTIONS, **common}
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="GPTQ option for every gptq scheme (damp=<fraction>, table_damp=<fraction>: the schemes' `gptq` "
                         "key, replacing a preset's); rows are then named SCHEME[KEY=VALUE,...]")
     p.add_argument("--tune", action="append", default=[], metavar="KEY=VALUE",
-                   help="end-to-end tuning option (steps=, lr=, tokens=, topk=, params=all|layers|table, windows=calibration|fresh; `on` adds "
-                        "tuning with defaults to every rtn/mse/gptq scheme) for schemes with `tune`; rows are then "
+                   help="end-to-end tuning option (steps=, lr=, tokens=, topk=, params=all|layers|table, windows=calibration|fresh; `norms` trains the 1-D float weights too; `on` adds "
+                        "tuning with defaults to every quantized scheme) for schemes with `tune`; rows are then "
                         "named SCHEME[KEY=VALUE,...]")
     p.add_argument("--redo", action="store_true", help="recompute schemes already in OUT/results.json")
     p.add_argument("--keep", action="store_true", help="keep the quantized model folders under OUT/models")
@@ -139,7 +139,7 @@ def _tune_options(pairs: list[str]) -> dict:
     count = lambda value: int(value) if value.isdigit() else value  # noqa: E731  (the scheme rejects the rest)
     return _key_values("--tune", pairs, {"steps": count, "tokens": count, "topk": count, "lr": float, "params": str,
                                           "windows": str},
-                       "on, steps=, tokens=, topk=, lr=, params= or windows=", switches=("on",))
+                       "on, norms, steps=, tokens=, topk=, lr=, params= or windows=", switches=("on", "norms"))
 
 
 def _key_values(flag: str, pairs: list[str], types: dict, expected: str, switches: tuple = ()) -> dict:

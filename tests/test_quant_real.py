@@ -8,6 +8,7 @@ bench/quant_quality.py. Tolerances: int8 per channel within +1% of float; calibr
 from __future__ import annotations
 
 import pytest
+import torch
 
 from llmopt.quant.format import QuantizedTensor
 from llmopt.quant.io import load_folder
@@ -41,11 +42,12 @@ def test_gptq_int4_real_model(reference_model_dir, tmp_path):
 
 def test_tuned_real_model(reference_model_dir, tmp_path):
     """End-to-end tuning on the real model (the preset's window and learning rate, 10 steps to stay affordable):
-    the calibration KL and the Hamlet perplexity both drop against the same scheme untuned; every code unchanged."""
+    the calibration KL and the Hamlet perplexity both drop against the same scheme untuned; every code unchanged;
+    the tuned norm gains are written in the source's dtype."""
     base = {"name": "m", "method": "mse", "bits": 4, "group": 128, "sym": False, "perplexity": PPL,
             "calibration": {"tokens": 1280}}
     plain = quantize_model(reference_model_dir, base, tmp_path / "plain", {})
-    tuned = quantize_model(reference_model_dir, {**base, "tune": {"steps": 10}}, tmp_path / "tuned", {})
+    tuned = quantize_model(reference_model_dir, {**base, "tune": {"steps": 10, "norms": True}}, tmp_path / "tuned", {})
     assert tuned["tune"]["kl_after"] < tuned["tune"]["kl_before"]
     assert tuned["perplexity"]["quant"]["hamlet"] < plain["perplexity"]["quant"]["hamlet"]
     a, b = load_folder(tmp_path / "plain"), load_folder(tmp_path / "tuned")
@@ -53,3 +55,5 @@ def test_tuned_real_model(reference_model_dir, tmp_path):
         if isinstance(t, QuantizedTensor):
             assert (b[name].qweight == t.qweight).all(), name
             assert "rel_error_before_tune" in tuned["tensors"][name]
+    norm = "model.layers.0.input_layernorm.weight"
+    assert b[norm].dtype == a[norm].dtype and not torch.equal(b[norm], a[norm])

@@ -78,28 +78,31 @@ def test_head_kl_matches_autograd_of_direct_kl(family):
 @pytest.mark.parametrize("table", [False, True])
 def test_scale_and_zero_gradients_match_finite_differences(table):
     """The gradient of the calibration KL with respect to one group's scale offset ``a`` and zero offset ``b``
-    (a layer's, and the tied table's, which is both the input embedding and the head), through the whole model,
-    against central finite differences in float64: relative difference below 1e-5."""
+    (a layer's, and the tied table's, which is both the input embedding and the head), and to one norm gain
+    (``norms``), through the whole model, against central finite differences in float64: relative difference
+    below 1e-5."""
     model, tensors, windows = _setup()
     ids = windows[0]
-    student = _Student(model, tensors, "all")
+    norm = "model.layers.1.post_attention_layernorm.weight"
+    student = _Student(model, tensors, "all", {norm: dict(model.named_parameters())[norm]})
     for t in student.tuned.values():
         t.double()
+    student.norms[norm].data = student.norms[norm].data.double()
     targets = teacher_targets(model.base_model(ids.unsqueeze(0)).last_hidden_state[0], student.head.weight, 320,
                               student.softcap)
     name = "model.embed_tokens.weight" if table else "model.layers.1.mlp.down_proj.weight"
     t = student.tuned[name]
     _kl_and_grads(student, ids, targets, torch.float64)
     row = int(ids[3]) if table else 5  # a table row that is both looked up and scored
-    for param in (t.a, t.b):
-        analytic = float(param.grad[row, 1])
+    for param, at in ((t.a, (row, 1)), (t.b, (row, 1)), (student.norms[norm], (7,))):
+        analytic = float(param.grad[at])
         eps = 1e-6
         with torch.no_grad():
-            param[row, 1] += eps
+            param[at] += eps
             up = _kl_only(student, ids, targets)
-            param[row, 1] -= 2 * eps
+            param[at] -= 2 * eps
             down = _kl_only(student, ids, targets)
-            param[row, 1] += eps
+            param[at] += eps
         numeric = (up - down) / (2 * eps)
         assert abs(analytic) > 1e-8
         assert analytic == pytest.approx(numeric, rel=1e-5)
@@ -129,6 +132,35 @@ def test_tuning_lowers_kl_and_keeps_codes():
     assert moved == len(tensors)
 
 
+def test_norms_train_beside_scales_and_come_back_by_name():
+    """``norms``: every 1-D float weight of the body (norm gains) is tuned and returned by name in its dtype, the
+    quantized tensors as before; the stored result lowers the KL."""
+    model, tensors, windows = _setup(dtype=torch.float32)
+    floats = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 1}
+    tuned, report = tune(model, tensors, windows, steps=20, lr=1e-2, norms=True)
+    assert report["kl_after"] < report["kl_before"] and report["norms"] == len(floats) > 0
+    assert set(tuned) == set(tensors) | set(floats)
+    for name, before in floats.items():
+        assert tuned[name].dtype == before.dtype and not torch.equal(tuned[name], before), name
+        assert torch.equal(dict(model.named_parameters())[name], before), name  # the float model is untouched
+    for name, qt in tensors.items():
+        assert torch.equal(tuned[name].qweight, qt.qweight), name
+
+
+def test_mixed_formats_tune_together():
+    """A mixed-precision model (int8 per channel, int5 / int6 symmetric, int3 asymmetric side by side) tunes as one:
+    lower KL, every code and format kept."""
+    model, _, windows = _setup(dtype=torch.float32)
+    specs = [Spec(8, 0, True), Spec(5, 32, True), Spec(6, 32, True), Spec(3, 32, False)]
+    weights = [(n, p) for n, p in model.named_parameters() if n.endswith(".weight") and p.dim() == 2]
+    tensors = {n: quantize(p.detach().float(), specs[i % len(specs)], "rtn", name=n) for i, (n, p) in enumerate(weights)}
+    tuned, report = tune(model, tensors, windows, steps=20, lr=1e-2)
+    assert report["kl_after"] < report["kl_before"]
+    for name, qt in tensors.items():
+        assert torch.equal(tuned[name].qweight, qt.qweight) and (tuned[name].bits, tuned[name].group) == (qt.bits, qt.group)
+        assert (tuned[name].zeros is None) == (qt.zeros is None), name
+
+
 @pytest.mark.parametrize("params", ["layers", "table"])
 def test_params_selects_what_is_trained(params):
     """``params=layers`` leaves the vocabulary table's scales and zeros as they were, ``table`` the layers'."""
@@ -152,21 +184,22 @@ def test_symmetric_tensors_train_scales_only():
 
 
 def test_scheme_tune_key():
-    """The preset resolves with every default; bad options, and tune on a scheme that is not rtn/mse/gptq, are
+    """The preset resolves with every default; bad options, and tune on a float copy (method none), are
     one-line errors."""
     s = schemes.resolve("w4g128-gptq-tuned")
     assert s["tune"] == {"steps": 200, "lr": 1e-3, "tokens": 128, "params": "all", "topk": 1024,
-                         "windows": "calibration"}
+                         "windows": "calibration", "norms": False}
     assert s["gptq"]["table_damp"] == 0.1
     assert schemes.PRESETS["w4g128-gptq-tuned"]["tune"] == {}  # presets are not mutated
     assert schemes.resolve({"name": "x", "method": "rtn", "bits": 4, "tune": {"steps": 7}})["tune"]["steps"] == 7
     for bad, message in (({"steps": 0}, "tune.steps"), ({"lr": 2}, "tune.lr"), ({"params": "heads"}, "tune.params"),
                          ({"epochs": 3}, "keys among"), ({"topk": 1.5}, "tune.topk"),
-                         ({"windows": "new"}, "tune.windows")):
+                         ({"windows": "new"}, "tune.windows"), ({"norms": 1}, "tune.norms")):
         with pytest.raises(LlmoptError, match=message):
             schemes.resolve({"name": "x", "method": "gptq", "bits": 4, "tune": bad})
-    with pytest.raises(LlmoptError, match="tune applies to rtn, mse or gptq"):
-        schemes.resolve({"name": "x", "method": "mixed", "budget": {"bpw": 4}, "tune": {}})
+    assert schemes.resolve({"name": "x", "method": "mixed", "budget": {"bpw": 4}, "tune": {}})["tune"]["steps"] == 200
+    with pytest.raises(LlmoptError, match="tune applies to quantized schemes"):
+        schemes.resolve({"name": "x", "method": "none", "tune": {}})
 
 
 def test_tune_windows_cycle_or_stay_fresh(reference_model_dir):

@@ -236,7 +236,8 @@ def _tune(source_dir: Path, scheme: dict, held: dict, index: dict, tensors: dict
     windows = tune_windows(tok, scheme)
     packed = {n: t for n, t in held.items() if n in tensors and "bits" in tensors[n]}
     tuned, report = tune(model, packed, windows, opts["steps"], opts["lr"], opts["params"], opts["topk"],
-                         desc=f"tune {scheme['name']}")
+                         opts["norms"], desc=f"tune {scheme['name']}")
+    tuned = {n: t if n in packed else t.to(held[n].dtype) for n, t in tuned.items()}  # float ones: as stored
     del model
     for name in tqdm(packed, desc="error after tuning", unit="tensor", leave=False):
         path = index[name][0]

@@ -7,7 +7,9 @@ storage dtype and written beside the same codes. Because the loss is the model's
 table's scales see both of its roles (input lookup and output head), which GPTQ's head-only objective cannot.
 
 Parametrization: ``s = s0 * (1 + a)`` and ``z = z0 + b`` with ``a, b`` starting at 0, so Adam's step size is
-unit-free (a fraction of each scale; code units for zero points). Cosine learning-rate decay to 0.
+unit-free (a fraction of each scale; code units for zero points). Cosine learning-rate decay to 0. With ``norms``
+the body's 1-D float weights (RMSNorm gains: stored unquantized in every scheme) train beside them, a per-channel
+scale of the next weights' input that group-wise scales cannot express.
 
 The float model's distributions are computed once per calibration window and kept as its top ``topk`` tokens'
 log-probabilities plus the mass of the rest (one bucket; exact when ``topk`` covers the vocabulary), so the
@@ -34,7 +36,8 @@ from tqdm import tqdm
 from llmopt.errors import LlmoptError
 from llmopt.quant.format import QuantizedTensor, pack_bits
 
-DEFAULTS = {"steps": 200, "lr": 1e-3, "tokens": 128, "params": "all", "topk": 1024, "windows": "calibration"}
+DEFAULTS = {"steps": 200, "lr": 1e-3, "tokens": 128, "params": "all", "topk": 1024, "windows": "calibration",
+            "norms": False}
 PARAMS = ("all", "layers", "table")  # which tensors' scales and zeros are trained
 WINDOWS = ("calibration", "fresh")  # cycle the calibration windows, or read steps x tokens of calibration text once
 BYTES_PER_PARAM = 20  # float model 4, codes 4, dequantized weight 4, its gradient 4, temporaries ~4
@@ -106,7 +109,8 @@ def check_fits(n_params: int, name: str = "model") -> None:
 class _Student:
     """The model with its quantized weights replaced by tunable tensors: body hidden states and the head weight."""
 
-    def __init__(self, model, tensors: dict[str, QuantizedTensor], params: str):
+    def __init__(self, model, tensors: dict[str, QuantizedTensor], params: str,
+                 norms: dict[str, torch.Tensor] | None = None):
         self.model = model
         self.base = model.base_model
         prefix = model.base_model_prefix + "."
@@ -122,16 +126,18 @@ class _Student:
             for p in t.parameters():
                 p.requires_grad_(train)
         self.body_names = {n: n.removeprefix(prefix) for n in self.tuned if n.startswith(prefix)}
+        self.norms = {n: torch.nn.Parameter(v.detach().float().clone()) for n, v in (norms or {}).items()}
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for t in self.tuned.values() for p in t.parameters() if p.requires_grad]
+        return [p for t in self.tuned.values() for p in t.parameters() if p.requires_grad] + list(self.norms.values())
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {n: t() for n, t in self.tuned.items()}
 
     def hidden(self, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
         body = {short: weights[n] for n, short in self.body_names.items()}
+        body.update({n.removeprefix(self.model.base_model_prefix + "."): p for n, p in self.norms.items()})
         out = torch.func.functional_call(self.base, body, (ids.unsqueeze(0),), tie_weights=True)
         return out.last_hidden_state[0]
 
@@ -190,10 +196,12 @@ def head_kl(h_q: torch.Tensor, w_q: torch.Tensor, targets: tuple[torch.Tensor, t
 
 def tune(model, tensors: dict[str, QuantizedTensor], windows: list[torch.Tensor], steps: int = DEFAULTS["steps"],
          lr: float = DEFAULTS["lr"], params: str = DEFAULTS["params"], topk: int = DEFAULTS["topk"],
-         grad_dtype: torch.dtype = torch.bfloat16, desc: str = "tune") -> tuple[dict[str, QuantizedTensor], dict]:
-    """Tune the scales and zeros of ``tensors`` (name -> packed weight of ``model``, the float model) for ``steps``
-    Adam steps, one calibration window per step, cycling; returns the tuned tensors and a report
-    (KL on the first ``KL_WINDOWS`` windows before and after, per-step KL curve)."""
+         norms: bool = DEFAULTS["norms"], grad_dtype: torch.dtype = torch.bfloat16,
+         desc: str = "tune") -> tuple[dict[str, torch.Tensor | QuantizedTensor], dict]:
+    """Tune the scales and zeros of ``tensors`` (name -> packed weight of ``model``, the float model), and with
+    ``norms`` the body's 1-D float weights, for ``steps`` Adam steps, one calibration window per step, cycling;
+    returns the tuned tensors (packed, and the float 1-D ones by name) and a report (KL on the first
+    ``KL_WINDOWS`` windows before and after, per-step KL curve)."""
     if params not in PARAMS:
         raise LlmoptError(f"tune: params {params!r} is not one of {PARAMS}")
     if not windows:
@@ -201,7 +209,9 @@ def tune(model, tensors: dict[str, QuantizedTensor], windows: list[torch.Tensor]
     start = time.time()
     for p in model.parameters():
         p.requires_grad_(False)
-    student = _Student(model, tensors, params)
+    prefix = model.base_model_prefix + "."
+    floats = {n: p for n, p in model.named_parameters() if p.dim() == 1 and n.startswith(prefix)} if norms else {}
+    student = _Student(model, tensors, params, floats)
     trainable = student.trainable()
     if not trainable:
         raise LlmoptError(f"tune: params={params!r} selects no quantized tensor of this model")
@@ -232,12 +242,14 @@ def tune(model, tensors: dict[str, QuantizedTensor], windows: list[torch.Tensor]
         bar.set_postfix(kl=f"{sum(curve[-20:]) / len(curve[-20:]):.4f}")
         del weights, h_q, w_q, grad_h, grad_w
     tuned = {n: t.stored() for n, t in student.tuned.items()}
-    kl_after = _mean_kl(_Student(model, tuned, params), windows[:KL_WINDOWS], teacher, grad_dtype)
-    report = {"steps": steps, "lr": lr, "params": params, "topk": topk, "windows": len(windows),
+    tuned_floats = {n: p.detach().to(floats[n].dtype) for n, p in student.norms.items()}
+    kl_after = _mean_kl(_Student(model, tuned, params, tuned_floats), windows[:KL_WINDOWS], teacher, grad_dtype)
+    report = {"steps": steps, "lr": lr, "params": params, "topk": topk, "norms": len(tuned_floats),
+              "windows": len(windows),
               "kl_windows": min(KL_WINDOWS, len(windows)), "tokens_per_step": int(windows[0].numel()),
               "kl_before": kl_before, "kl_after": kl_after,
               "kl_curve": [round(x, 5) for x in curve], "time_s": round(time.time() - start, 1)}
-    return {**tensors, **tuned}, report
+    return {**tensors, **tuned, **tuned_floats}, report
 
 
 @torch.no_grad()
