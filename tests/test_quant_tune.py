@@ -187,8 +187,8 @@ def test_scheme_tune_key():
     """The preset resolves with every default; bad options, and tune on a float copy (method none), are
     one-line errors."""
     s = schemes.resolve("w4g128-gptq-tuned")
-    assert s["tune"] == {"steps": 200, "lr": 1e-3, "tokens": 128, "params": "all", "topk": 1024,
-                         "windows": "calibration", "norms": False}
+    assert s["tune"] == {"steps": 100, "lr": 1e-3, "tokens": 512, "params": "all", "topk": 1024,
+                         "windows": "fresh", "norms": False}
     assert s["gptq"]["table_damp"] == 0.1
     assert schemes.PRESETS["w4g128-gptq-tuned"]["tune"] == {}  # presets are not mutated
     assert schemes.resolve({"name": "x", "method": "rtn", "bits": 4, "tune": {"steps": 7}})["tune"]["steps"] == 7
@@ -197,19 +197,19 @@ def test_scheme_tune_key():
                          ({"windows": "new"}, "tune.windows"), ({"norms": 1}, "tune.norms")):
         with pytest.raises(LlmoptError, match=message):
             schemes.resolve({"name": "x", "method": "gptq", "bits": 4, "tune": bad})
-    assert schemes.resolve({"name": "x", "method": "mixed", "budget": {"bpw": 4}, "tune": {}})["tune"]["steps"] == 200
+    assert schemes.resolve({"name": "x", "method": "mixed", "budget": {"bpw": 4}, "tune": {}})["tune"]["steps"] == 100
     with pytest.raises(LlmoptError, match="tune applies to quantized schemes"):
         schemes.resolve({"name": "x", "method": "none", "tune": {}})
 
 
 def test_tune_windows_cycle_or_stay_fresh(reference_model_dir):
-    """By default tuning cycles GPTQ's calibration windows; `windows: fresh` reads a new window every step."""
+    """`windows: calibration` cycles GPTQ's calibration windows; `fresh` (the default) reads a new one every step."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(reference_model_dir)
     base = {"name": "x", "method": "gptq", "bits": 4, "calibration": {"tokens": 64}}
-    cycled = tune_windows(tok, schemes.resolve({**base, "tune": {"steps": 10, "tokens": 16}}))
-    fresh = tune_windows(tok, schemes.resolve({**base, "tune": {"steps": 10, "tokens": 16, "windows": "fresh"}}))
+    cycled = tune_windows(tok, schemes.resolve({**base, "tune": {"steps": 10, "tokens": 16, "windows": "calibration"}}))
+    fresh = tune_windows(tok, schemes.resolve({**base, "tune": {"steps": 10, "tokens": 16}}))
     assert len(cycled) == 4 and len(fresh) == 10  # 64 calibration tokens make 4 windows, which the steps cycle
     assert all(torch.equal(a, b) for a, b in zip(cycled, fresh))  # the same text, from its start
     body = [w[1:].tolist() for w in fresh]  # without the BOS each window starts with

@@ -19,7 +19,8 @@ float32: a bfloat16 output would round a logit of 20 to 0.06, the size of what i
 products (bfloat16 inputs, AMX: only gradients are rounded). The KL runs over token chunks, so the ``T x V`` logits
 never exist at once. Memory: the float model, the codes (float32, so dequantizing is one ``addcmul``), one
 dequantized copy and its gradient (``~20 bytes`` per parameter); ``check_fits`` refuses models that would not fit
-the machine's available memory. Gemma 3 270M: ~4.4 s per 128-token step on one core (docs/benchmarks.md).
+the machine's available memory. Gemma 3 270M, one core: ~4.4 s per 128-token step, ~9 s per 512-token step
+(docs/benchmarks.md).
 
     python -m llmopt.quant.tune     # tunes a random tiny model's int4 weights, prints the KL before and after
 """
@@ -36,8 +37,8 @@ from tqdm import tqdm
 from llmopt.errors import LlmoptError
 from llmopt.quant.format import QuantizedTensor, pack_bits
 
-DEFAULTS = {"steps": 200, "lr": 1e-3, "tokens": 128, "params": "all", "topk": 1024, "windows": "calibration",
-            "norms": False}
+# measured best on the real Gemma 3 270M (docs/benchmarks.md, "Round 5"): windows as long as the evaluation's, each new
+DEFAULTS = {"steps": 100, "lr": 1e-3, "tokens": 512, "params": "all", "topk": 1024, "windows": "fresh", "norms": False}
 PARAMS = ("all", "layers", "table")  # which tensors' scales and zeros are trained
 WINDOWS = ("calibration", "fresh")  # cycle the calibration windows, or read steps x tokens of calibration text once
 BYTES_PER_PARAM = 20  # float model 4, codes 4, dequantized weight 4, its gradient 4, temporaries ~4
