@@ -183,6 +183,16 @@ def test_symmetric_tensors_train_scales_only():
     assert t.stored().zeros is None
 
 
+@pytest.mark.parametrize("bits, unit", [(2, 1.0), (4, 1.0), (5, 0.5), (8, 1 / 16)])
+def test_scale_offsets_shrink_with_the_format_step(bits, unit):
+    """A unit of ``a`` is a relative scale change of ``min(1, 2**(4 - bits))``: wider formats take finer steps."""
+    qt = quantize(torch.randn(8, 64) * 0.02, Spec(bits, 32), "rtn")
+    t = TunedTensor(qt)
+    with torch.no_grad():
+        t.a.fill_(0.5)
+    torch.testing.assert_close(t.scales_zeros()[0], qt.scales.float() * (1 + 0.5 * unit))
+
+
 def test_scheme_tune_key():
     """The preset resolves with every default; bad options, and tune on a float copy (method none), are
     one-line errors."""

@@ -95,7 +95,7 @@ def test_unknown_target_and_scheme():
 @pytest.mark.parametrize("mutate, field", [
     (lambda c: c.update(scale="huge"), r"scale: 'huge' is not one of"),
     (lambda c: c["bench"].update(prompt_len=0), r"bench\.prompt_len: 0 is less than the minimum of 1"),
-    (lambda c: c["schemes"]["w4g128"].update(bits="four"), r"schemes\.w4g128\.bits: 'four' is not one of \[2, 3, 4, 8\]"),
+    (lambda c: c["schemes"]["w4g128"].update(bits="four"), r"schemes\.w4g128\.bits: 'four' is not one of \[2, 3, 4, 5, 6, 8\]"),
     (lambda c: c.pop("models"), r"\(top level\): 'models' is a required property"),
     (lambda c: c.update(extra=1), r"Additional properties are not allowed \('extra'"),
 ])

@@ -6,8 +6,9 @@ codes frozen, to minimize ``KL(float model's next-token distribution || quantize
 storage dtype and written beside the same codes. Because the loss is the model's output, a tied embedding/head
 table's scales see both of its roles (input lookup and output head), which GPTQ's head-only objective cannot.
 
-Parametrization: ``s = s0 * (1 + a)`` and ``z = z0 + b`` with ``a, b`` starting at 0, so Adam's step size is
-unit-free (a fraction of each scale; code units for zero points). Cosine learning-rate decay to 0. With ``norms``
+Parametrization: ``s = s0 * (1 + u a)`` and ``z = z0 + b`` with ``a, b`` starting at 0, so Adam's step size is
+unit-free (a fraction of each scale, ``u = min(1, 2**(4 - bits))`` of it for formats wider than 4 bits; code units
+for zero points). Cosine learning-rate decay to 0. With ``norms``
 the body's 1-D float weights (RMSNorm gains: stored unquantized in every scheme) train beside them, a per-channel
 scale of the next weights' input that group-wise scales cannot express.
 
@@ -75,11 +76,15 @@ class TunedTensor(torch.nn.Module):
         self.register_buffer("s0", qt.scales.float(), persistent=False)
         self.register_buffer("z0", (torch.full_like(self.s0, 2.0 ** (qt.bits - 1)) if qt.sym else qt.zeros.float()),
                              persistent=False)
+        # Adam moves every offset by ~lr a step whatever its gradient; a wider format's scale tolerates a
+        # proportionally smaller relative change (its rounding error halves with every bit), so above 4 bits the
+        # offset is in units of 2**(4 - bits): lr 1e-3 moved int8 scales ~16x too far (docs/benchmarks.md, Round 5)
+        self.unit = min(1.0, 2.0 ** (4 - qt.bits))
         self.a = torch.nn.Parameter(torch.zeros_like(self.s0))
         self.b = None if qt.sym else torch.nn.Parameter(torch.zeros_like(self.s0))
 
     def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.s0 * (1 + self.a)
+        s = self.s0 * (1 + self.unit * self.a)
         return s, self.z0 if self.b is None else self.z0 + self.b
 
     def forward(self) -> torch.Tensor:
