@@ -197,7 +197,7 @@ def test_scheme_tune_key():
     """The preset resolves with every default; bad options, and tune on a float copy (method none), are
     one-line errors."""
     s = schemes.resolve("w4g128-gptq-tuned")
-    assert s["tune"] == {"steps": 100, "lr": 1e-3, "tokens": 512, "params": "all", "topk": 1024,
+    assert s["tune"] == {"steps": 200, "lr": 1e-3, "tokens": 512, "params": "all", "topk": 1024,
                          "windows": "fresh", "norms": False}
     assert s["gptq"]["table_damp"] == 0.1
     assert schemes.PRESETS["w4g128-gptq-tuned"]["tune"] == {}  # presets are not mutated
@@ -207,7 +207,7 @@ def test_scheme_tune_key():
                          ({"windows": "new"}, "tune.windows"), ({"norms": 1}, "tune.norms")):
         with pytest.raises(LlmoptError, match=message):
             schemes.resolve({"name": "x", "method": "gptq", "bits": 4, "tune": bad})
-    assert schemes.resolve({"name": "x", "method": "mixed", "budget": {"bpw": 4}, "tune": {}})["tune"]["steps"] == 100
+    assert schemes.resolve({"name": "x", "method": "mixed", "budget": {"bpw": 4}, "tune": {}})["tune"]["steps"] == 200
     with pytest.raises(LlmoptError, match="tune applies to quantized schemes"):
         schemes.resolve({"name": "x", "method": "none", "tune": {}})
 

@@ -39,7 +39,7 @@ from llmopt.errors import LlmoptError
 from llmopt.quant.format import QuantizedTensor, pack_bits
 
 # measured best on the real Gemma 3 270M (docs/benchmarks.md, "Round 5"): windows as long as the evaluation's, each new
-DEFAULTS = {"steps": 100, "lr": 1e-3, "tokens": 512, "params": "all", "topk": 1024, "windows": "fresh", "norms": False}
+DEFAULTS = {"steps": 200, "lr": 1e-3, "tokens": 512, "params": "all", "topk": 1024, "windows": "fresh", "norms": False}
 PARAMS = ("all", "layers", "table")  # which tensors' scales and zeros are trained
 WINDOWS = ("calibration", "fresh")  # cycle the calibration windows, or read steps x tokens of calibration text once
 BYTES_PER_PARAM = 20  # float model 4, codes 4, dequantized weight 4, its gradient 4, temporaries ~4
