@@ -38,8 +38,9 @@ MIXED_OPTIONS = [{"bits": 2, "group": 64, "sym": False}, {"bits": 3, "group": 64
 def scheme_of(name: str, texts: list[str], tokens: int, calibration_tokens: int, gptq: dict | None = None,
               tune: dict | None = None) -> dict:
     """A preset, ``mixed-<bpw>`` (options ``MIXED_OPTIONS``, mse) or ``mixed-gptq-<bpw>`` (the same options by GPTQ,
-    vocabulary tables fixed at int8 g32, llama.cpp Q8_0's layout, as its 4-bit types keep them), evaluated on ``texts``; ``gptq`` options go to GPTQ schemes,
-    ``tune`` options to schemes with ``tune`` (``{"on": ...}`` adds tuning to any rtn / mse / gptq scheme)."""
+    vocabulary tables fixed at int8 g32, llama.cpp Q8_0's layout, as its 4-bit types keep them), evaluated on
+    ``texts``; ``gptq`` options go to GPTQ schemes, ``tune`` options to schemes with ``tune`` (``{"on": ...}`` adds
+    tuning to any quantized scheme)."""
     common = {"perplexity": {"texts": texts, "tokens": tokens}, "calibration": {"tokens": calibration_tokens}}
     scheme = _scheme_of(name, common)
     if gptq and (scheme["method"] == "gptq" or scheme.get("base") == "gptq"):
@@ -87,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="GPTQ option for every gptq scheme (damp=<fraction>, table_damp=<fraction>: the schemes' `gptq` "
                         "key, replacing a preset's); rows are then named SCHEME[KEY=VALUE,...]")
     p.add_argument("--tune", action="append", default=[], metavar="KEY=VALUE",
-                   help="end-to-end tuning option (steps=, lr=, tokens=, topk=, params=all|layers|table, windows=calibration|fresh; `norms` trains the 1-D float weights too; `on` adds "
-                        "tuning with defaults to every quantized scheme) for schemes with `tune`; rows are then "
-                        "named SCHEME[KEY=VALUE,...]")
+                   help="end-to-end tuning option (steps=, lr=, tokens=, topk=, params=all|layers|table, "
+                        "windows=calibration|fresh; `norms` trains the 1-D float weights too; `on` adds tuning with "
+                        "defaults to every quantized scheme) for schemes with `tune`; rows are then named "
+                        "SCHEME[KEY=VALUE,...]")
     p.add_argument("--redo", action="store_true", help="recompute schemes already in OUT/results.json")
     p.add_argument("--keep", action="store_true", help="keep the quantized model folders under OUT/models")
     args = p.parse_args(argv)

@@ -8,9 +8,9 @@ table's scales see both of its roles (input lookup and output head), which GPTQ'
 
 Parametrization: ``s = s0 * (1 + u a)`` and ``z = z0 + b`` with ``a, b`` starting at 0, so Adam's step size is
 unit-free (a fraction of each scale, ``u = min(1, 2**(4 - bits))`` of it for formats wider than 4 bits; code units
-for zero points). Cosine learning-rate decay to 0. With ``norms``
-the body's 1-D float weights (RMSNorm gains: stored unquantized in every scheme) train beside them, a per-channel
-scale of the next weights' input that group-wise scales cannot express.
+for zero points). Cosine learning-rate decay to 0. With ``norms`` the body's 1-D float weights (RMSNorm gains,
+biases; stored unquantized in every scheme) train beside them: a norm gain is a per-channel scale of the next
+weights' input, which group-wise scales cannot express.
 
 The float model's distributions are computed once per calibration window and kept as its top ``topk`` tokens'
 log-probabilities plus the mass of the rest (one bucket; exact when ``topk`` covers the vocabulary), so the
@@ -133,6 +133,7 @@ class _Student:
                 p.requires_grad_(train)
         self.body_names = {n: n.removeprefix(prefix) for n in self.tuned if n.startswith(prefix)}
         self.norms = {n: torch.nn.Parameter(v.detach().float().clone()) for n, v in (norms or {}).items()}
+        self.body_norms = {n.removeprefix(prefix): p for n, p in self.norms.items()}  # the same parameters
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def trainable(self) -> list[torch.nn.Parameter]:
@@ -143,7 +144,7 @@ class _Student:
 
     def hidden(self, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
         body = {short: weights[n] for n, short in self.body_names.items()}
-        body.update({n.removeprefix(self.model.base_model_prefix + "."): p for n, p in self.norms.items()})
+        body.update(self.body_norms)
         out = torch.func.functional_call(self.base, body, (ids.unsqueeze(0),), tie_weights=True)
         return out.last_hidden_state[0]
 
