@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                         "key, replacing a preset's); rows are then named SCHEME[KEY=VALUE,...]")
     p.add_argument("--tune", action="append", default=[], metavar="KEY=VALUE",
                    help="end-to-end tuning option (steps=, lr=, tokens=, topk=, params=all|layers|table, "
-                        "windows=calibration|fresh; `norms` trains the 1-D float weights too; `on` adds tuning with "
+                        "windows=calibration|fresh, round_lr= (learned rounding); `norms` trains the 1-D float weights too; `on` adds tuning with "
                         "defaults to every quantized scheme) for schemes with `tune`; rows are then named "
                         "SCHEME[KEY=VALUE,...]")
     p.add_argument("--redo", action="store_true", help="recompute schemes already in OUT/results.json")
@@ -140,8 +140,8 @@ def _tune_options(pairs: list[str]) -> dict:
     by the scheme)."""
     count = lambda value: int(value) if value.isdigit() else value  # noqa: E731  (the scheme rejects the rest)
     return _key_values("--tune", pairs, {"steps": count, "tokens": count, "topk": count, "lr": float, "params": str,
-                                          "windows": str},
-                       "on, norms, steps=, tokens=, topk=, lr=, params= or windows=", switches=("on", "norms"))
+                                          "windows": str, "round_lr": float},
+                       "on, norms, steps=, tokens=, topk=, lr=, params=, windows= or round_lr=", switches=("on", "norms"))
 
 
 def _key_values(flag: str, pairs: list[str], types: dict, expected: str, switches: tuple = ()) -> dict:

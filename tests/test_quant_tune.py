@@ -198,13 +198,14 @@ def test_scheme_tune_key():
     one-line errors."""
     s = schemes.resolve("w4g128-gptq-tuned")
     assert s["tune"] == {"steps": 200, "lr": 1e-3, "tokens": 512, "params": "all", "topk": 1024,
-                         "windows": "fresh", "norms": False}
+                         "windows": "fresh", "norms": False, "round_lr": 0.0}
     assert s["gptq"]["table_damp"] == 0.1
     assert schemes.PRESETS["w4g128-gptq-tuned"]["tune"] == {}  # presets are not mutated
     assert schemes.resolve({"name": "x", "method": "rtn", "bits": 4, "tune": {"steps": 7}})["tune"]["steps"] == 7
     for bad, message in (({"steps": 0}, "tune.steps"), ({"lr": 2}, "tune.lr"), ({"params": "heads"}, "tune.params"),
                          ({"epochs": 3}, "keys among"), ({"topk": 1.5}, "tune.topk"),
-                         ({"windows": "new"}, "tune.windows"), ({"norms": 1}, "tune.norms")):
+                         ({"windows": "new"}, "tune.windows"), ({"norms": 1}, "tune.norms"),
+                         ({"round_lr": -0.1}, "tune.round_lr"), ({"round_lr": True}, "tune.round_lr")):
         with pytest.raises(LlmoptError, match=message):
             schemes.resolve({"name": "x", "method": "gptq", "bits": 4, "tune": bad})
     assert schemes.resolve({"name": "x", "method": "mixed", "budget": {"bpw": 4}, "tune": {}})["tune"]["steps"] == 200
@@ -250,3 +251,48 @@ def test_tune_needs_real_weights_and_memory(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(LlmoptError, match=r"needs about .* GiB"):
         check_fits(10**13)
+
+
+def test_rounding_offsets_get_the_weight_gradient_times_the_scale():
+    """Learned rounding's straight-through gradient: ``dKL/dv`` of every weight is ``dKL/dW * s`` of its group
+    (float64, every tensor, a layer's and the tied table's), and at ``v = 0`` the codes are GPTQ's (here rtn's)."""
+    model, tensors, windows = _setup()
+    student = _Student(model, tensors, "all", rounding=True)
+    for t in student.tuned.values():
+        t.double()
+    ids = windows[0]
+    targets = teacher_targets(model.base_model(ids.unsqueeze(0)).last_hidden_state[0], student.head.weight, 320,
+                              student.softcap)
+    weights = student.weights()
+    for w in weights.values():
+        w.retain_grad()
+    h_q = student.hidden(weights, ids)
+    w_q = student.head_weight(weights)
+    _, gh, gw = head_kl(h_q.detach(), w_q.detach(), targets, student.softcap, grad_dtype=torch.float64)
+    torch.autograd.backward([h_q, w_q], [gh, gw])
+    for name, t in student.tuned.items():
+        torch.testing.assert_close(t().detach(), tensors[name].dequantize(torch.float64), rtol=1e-6, atol=1e-9)
+        expected = weights[name].grad.view(t.codes.shape) * t.scales_zeros()[0].unsqueeze(-1)
+        assert expected.abs().max() > 0, name
+        torch.testing.assert_close(t.v.grad, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_learned_rounding_moves_codes_one_step_and_lowers_kl():
+    """``round_lr``: codes move, each by at most one step and within the format's range; the stored tensor packs
+    the moved codes (its dequantized weight is what was trained); the KL falls further than with the codes frozen;
+    ``params=layers`` leaves the table's codes alone."""
+    model, tensors, windows = _setup(dtype=torch.float32)
+    _, frozen = tune(model, tensors, windows, steps=40, lr=1e-2)
+    tuned, report = tune(model, tensors, windows, steps=40, lr=1e-2, round_lr=0.05)
+    assert 0 < report["codes_moved"] < 0.5 and report["round_lr"] == 0.05
+    assert report["kl_after"] < frozen["kl_after"]
+    for name, qt in tensors.items():
+        new = tuned[name]
+        step = new.unpacked().int() - qt.unpacked().int()
+        assert step.abs().max() <= 1, name
+        assert (new.bits, new.group, new.shape, new.qweight.shape) == (qt.bits, qt.group, qt.shape, qt.qweight.shape)
+    tuned, report = tune(model, tensors, windows, steps=5, lr=1e-2, params="layers", round_lr=0.2)
+    table = "model.embed_tokens.weight"
+    assert torch.equal(tuned[table].qweight, tensors[table].qweight) and report["codes_moved"] > 0
+    with pytest.raises(LlmoptError, match="round_lr"):
+        tune(model, tensors, windows, steps=1, round_lr=1.5)

@@ -211,7 +211,8 @@ def _check_tunable(source_dir: Path, index: dict, scheme: dict, real: bool) -> N
     if not real:
         raise LlmoptError(f"{source_dir}: scheme '{scheme['name']}' has tune, which needs real weights and a "
                           "tokenizer (it matches the float model's next-token distributions); this folder is synthetic")
-    check_fits(sum(_numel(shape) for _, _, shape in index.values()), f"{source_dir} (scheme '{scheme['name']}')")
+    check_fits(sum(_numel(shape) for _, _, shape in index.values()), f"{source_dir} (scheme '{scheme['name']}')",
+               rounding=scheme["tune"]["round_lr"] > 0)
 
 
 def tune_windows(tokenizer, scheme: dict) -> list:
@@ -236,7 +237,7 @@ def _tune(source_dir: Path, scheme: dict, held: dict, index: dict, tensors: dict
     windows = tune_windows(tok, scheme)
     packed = {n: t for n, t in held.items() if n in tensors and "bits" in tensors[n]}
     tuned, report = tune(model, packed, windows, opts["steps"], opts["lr"], opts["params"], opts["topk"],
-                         opts["norms"], desc=f"tune {scheme['name']}")
+                         opts["norms"], opts["round_lr"], desc=f"tune {scheme['name']}")
     tuned = {n: t if n in packed else t.to(held[n].dtype) for n, t in tuned.items()}  # float ones: as stored
     del model
     for name in tqdm(packed, desc="error after tuning", unit="tensor", leave=False):

@@ -16,7 +16,7 @@ Keys (docs/FORMAT.md "Schemes" has the same table):
 | ``options`` | ``mixed`` only: formats the knapsack chooses from, ``[{"bits", "group", "sym"}, ...]`` | ``MIXED_OPTIONS`` |
 | ``base`` | ``mixed`` only: method that quantizes each tensor (rtn / mse / gptq) | mse |
 | ``gptq`` | gptq (or ``mixed`` with base gptq) only: ``{"damp": x, "table_damp": y}``, the dampening added to the Hessian's diagonal (fraction of its mean) of every tensor / of a vocabulary table quantized as the head | ``GPTQ_DAMP``, ``damp`` |
-| ``tune`` | quantized schemes (not ``none``): end-to-end tuning of every group's scale and zero after the codes are fixed (``llmopt.quant.tune``), ``{"steps", "lr", "tokens" (per step), "params" (all / layers / table), "topk", "windows" (calibration / fresh), "norms" (train the 1-D float weights too)}``; needs real weights | off; keys default to ``tune.DEFAULTS`` |
+| ``tune`` | quantized schemes (not ``none``): end-to-end tuning of every group's scale and zero after the codes are fixed (``llmopt.quant.tune``), ``{"steps", "lr", "tokens" (per step), "params" (all / layers / table), "topk", "windows" (calibration / fresh), "norms" (train the 1-D float weights too), "round_lr" (learned rounding: the codes move too)}``; needs real weights | off; keys default to ``tune.DEFAULTS`` |
 | ``sensitivity`` | ``mixed`` only: ``fisher`` (real models), ``output`` (imatrix-weighted error), ``mse`` (plain), ``auto`` | auto |
 | ``on_indivisible`` | a 2-D weight whose width the group does not divide: ``error`` or ``keep`` (stored in float) | error |
 | ``calibration`` | ``{"texts": [...], "tokens": n}``: text for gptq / imatrix / fisher, disjoint from evaluation | 8 plays, 4096 |
@@ -175,6 +175,10 @@ def _check_tune(s: dict, where: str) -> None:
         raise LlmoptError(f"{where}: tune.lr {lr!r} must be a number in (0, 1) (a fraction of each scale per step)")
     if s["tune"]["params"] not in PARAMS:
         raise LlmoptError(f"{where}: tune.params {s['tune']['params']!r} is not one of {PARAMS}")
+    round_lr = s["tune"]["round_lr"]
+    if isinstance(round_lr, bool) or not isinstance(round_lr, (int, float)) or not 0 <= round_lr < 1:
+        raise LlmoptError(f"{where}: tune.round_lr {round_lr!r} must be a number in [0, 1) (code steps a step; 0 keeps "
+                          "the codes)")
     if not isinstance(s["tune"]["norms"], bool):
         raise LlmoptError(f"{where}: tune.norms {s['tune']['norms']!r} must be true or false")
     if s["tune"]["windows"] not in WINDOWS:

@@ -12,6 +12,12 @@ for zero points). Cosine learning-rate decay to 0. With ``norms`` the body's 1-D
 biases; stored unquantized in every scheme) train beside them: a norm gain is a per-channel scale of the next
 weights' input, which group-wise scales cannot express.
 
+Learned rounding (``round_lr`` > 0, AutoRound's signed gradient descent on GPTQ's codes): every weight gets an offset
+``v`` in [-1, 1], starting at 0, and the code used is ``clamp(c0 + round(v))`` (gradient straight through the
+rounding), so a code moves by at most one step, and only where the gradient keeps pushing it the same way: each
+step moves ``v`` by ``round_lr`` (cosine-decayed) in the sign of its gradient, so ``round_lr * steps / 2`` is the
+furthest it can go and 0.5 is where a code flips. The tuned codes are packed back into the same format.
+
 The float model's distributions are computed once per calibration window and kept as its top ``topk`` tokens'
 log-probabilities plus the mass of the rest (one bucket; exact when ``topk`` covers the vocabulary), so the
 teacher's head is not recomputed at every step. Cost per step of ``T`` tokens, ``P`` body parameters and a
@@ -19,8 +25,8 @@ teacher's head is not recomputed at every step. Cost per step of ``T`` tokens, `
 float32: a bfloat16 output would round a logit of 20 to 0.06, the size of what is learnt) and the two gradient
 products (bfloat16 inputs, AMX: only gradients are rounded). The KL runs over token chunks, so the ``T x V`` logits
 never exist at once. Memory: the float model, the codes (float32, so dequantizing is one ``addcmul``), one
-dequantized copy and its gradient (``~20 bytes`` per parameter); ``check_fits`` refuses models that would not fit
-the machine's available memory. Gemma 3 270M, one core: ~4.4 s per 128-token step, ~9 s per 512-token step
+dequantized copy and its gradient (``~20 bytes`` per parameter, 12 more with learned rounding); ``check_fits``
+refuses models that would not fit the machine's available memory. Gemma 3 270M, one core: ~4.4 s per 128-token step, ~9 s per 512-token step
 (docs/benchmarks.md).
 
     python -m llmopt.quant.tune     # tunes a random tiny model's int4 weights, prints the KL before and after
@@ -39,16 +45,18 @@ from llmopt.errors import LlmoptError
 from llmopt.quant.format import QuantizedTensor, pack_bits
 
 # measured best on the real Gemma 3 270M (docs/benchmarks.md, "Round 5"): windows as long as the evaluation's, each new
-DEFAULTS = {"steps": 200, "lr": 1e-3, "tokens": 512, "params": "all", "topk": 1024, "windows": "fresh", "norms": False}
+DEFAULTS = {"steps": 200, "lr": 1e-3, "tokens": 512, "params": "all", "topk": 1024, "windows": "fresh", "norms": False,
+            "round_lr": 0.0}
 PARAMS = ("all", "layers", "table")  # which tensors' scales and zeros are trained
 WINDOWS = ("calibration", "fresh")  # cycle the calibration windows, or read steps x tokens of calibration text once
 BYTES_PER_PARAM = 20  # float model 4, codes 4, dequantized weight 4, its gradient 4, temporaries ~4
+ROUNDING_BYTES = 12  # learned rounding: the offsets 4, their gradient 4, the moved codes 4
 KL_WINDOWS = 8  # calibration windows whose mean KL is reported before and after tuning
 _KL_CHUNK = 128  # tokens per head chunk: 128 x 262144 float32 logits = 128 MB, a few of them alive at once
 
 
 class _Dequantize(torch.autograd.Function):
-    """``W = (codes - z) * s`` per group, with the gradients of ``s`` and ``z`` only (codes are frozen).
+    """``W = (codes - z) * s`` per group, with the gradients of ``s``, ``z`` and (learned rounding) ``codes``.
     ``codes`` is float32 (exact for integers): converting from uint8 at every step cost more than the matmuls."""
 
     @staticmethod
@@ -62,13 +70,15 @@ class _Dequantize(torch.autograd.Function):
         g = grad_w.view(codes.shape)
         g_sum = g.sum(-1)
         grad_s = (g * codes).sum(-1) - z * g_sum
-        return None, grad_s, -s * g_sum
+        grad_codes = g * s.unsqueeze(-1) if ctx.needs_input_grad[0] else None
+        return grad_codes, grad_s, -s * g_sum
 
 
 class TunedTensor(torch.nn.Module):
-    """One quantized weight with trainable relative scale and zero offsets around its stored values."""
+    """One quantized weight with trainable relative scale and zero offsets around its stored values, and with
+    ``rounding`` a trainable rounding offset a weight (its code moves by at most one step)."""
 
-    def __init__(self, qt: QuantizedTensor):
+    def __init__(self, qt: QuantizedTensor, rounding: bool = False):
         super().__init__()
         out, n_in = qt.shape
         self.qt = qt
@@ -82,33 +92,54 @@ class TunedTensor(torch.nn.Module):
         self.unit = min(1.0, 2.0 ** (4 - qt.bits))
         self.a = torch.nn.Parameter(torch.zeros_like(self.s0))
         self.b = None if qt.sym else torch.nn.Parameter(torch.zeros_like(self.s0))
+        self.v = torch.nn.Parameter(torch.zeros_like(self.codes)) if rounding else None
 
     def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.s0 * (1 + self.unit * self.a)
         return s, self.z0 if self.b is None else self.z0 + self.b
 
+    def scale_zero_params(self) -> list[torch.nn.Parameter]:
+        return [self.a] + ([] if self.b is None else [self.b])
+
+    def current_codes(self) -> torch.Tensor:
+        if self.v is None:
+            return self.codes
+        moved = self.codes + self.v + (self.v.round() - self.v).detach()  # round(v), gradient straight through;
+        # c + v + (r - v) is within float rounding of c + r, so the stored codes are rounded once more
+        return moved.clamp(0, 2 ** self.qt.bits - 1)
+
     def forward(self) -> torch.Tensor:
-        return _Dequantize.apply(self.codes, *self.scales_zeros())
+        return _Dequantize.apply(self.current_codes(), *self.scales_zeros())
 
     @torch.no_grad()
     def stored(self) -> QuantizedTensor:
-        """The tuned tensor in its storage format: the same codes, scales (and zeros) rounded to their dtype."""
+        """The tuned tensor in its storage format: its codes (GPTQ's, or moved by learned rounding), scales (and
+        zeros) rounded to their dtype."""
         s, z = self.scales_zeros()
         dtype = self.qt.scales.dtype
         s = s.to(dtype)
         s = torch.where(s == 0, self.qt.scales, s)  # an underflowed scale would zero its whole group
         zeros = None if self.qt.sym else z.to(dtype)
-        return QuantizedTensor(self.qt.qweight, s, zeros, self.qt.bits, self.qt.group, self.qt.shape,
-                               self.qt.orig_dtype)
+        qweight = self.qt.qweight if self.v is None else pack_bits(self.current_codes().round().flatten(1), self.qt.bits)
+        return QuantizedTensor(qweight, s, zeros, self.qt.bits, self.qt.group, self.qt.shape, self.qt.orig_dtype)
+
+    @torch.no_grad()
+    def sign_step(self, step: float) -> None:
+        """Signed gradient descent on the rounding offsets, kept in [-1, 1] (one code step either way)."""
+        if self.v is not None and self.v.grad is not None:
+            self.v.sub_(self.v.grad.sign(), alpha=step).clamp_(-1, 1)
+            self.v.grad = None
 
 
-def check_fits(n_params: int, name: str = "model") -> None:
-    """Raise when end-to-end tuning of ``n_params`` parameters would not fit in this machine's available memory."""
-    need = BYTES_PER_PARAM * n_params
+def check_fits(n_params: int, name: str = "model", rounding: bool = False) -> None:
+    """Raise when end-to-end tuning of ``n_params`` parameters (with learned ``rounding``) would not fit in this
+    machine's available memory."""
+    per_param = BYTES_PER_PARAM + (ROUNDING_BYTES if rounding else 0)
+    need = per_param * n_params
     avail = psutil.virtual_memory().available
     if need > avail:
         raise LlmoptError(f"{name}: end-to-end tuning of {n_params / 1e9:.2f} B parameters needs about "
-                          f"{need / 2**30:.1f} GiB ({BYTES_PER_PARAM} bytes each), this machine has "
+                          f"{need / 2**30:.1f} GiB ({per_param} bytes each), this machine has "
                           f"{avail / 2**30:.1f} GiB available; drop `tune` from the scheme or use a larger machine")
 
 
@@ -116,7 +147,7 @@ class _Student:
     """The model with its quantized weights replaced by tunable tensors: body hidden states and the head weight."""
 
     def __init__(self, model, tensors: dict[str, QuantizedTensor], params: str,
-                 norms: dict[str, torch.Tensor] | None = None):
+                 norms: dict[str, torch.Tensor] | None = None, rounding: bool = False):
         self.model = model
         self.base = model.base_model
         prefix = model.base_model_prefix + "."
@@ -126,7 +157,7 @@ class _Student:
         self.head_name = names[self.head.weight]
         self.tied = self.head.weight is embed.weight
         self.table_names = {names[embed.weight], self.head_name}
-        self.tuned = {n: TunedTensor(qt) for n, qt in tensors.items() if n in names.values()}
+        self.tuned = {n: TunedTensor(qt, rounding) for n, qt in tensors.items() if n in names.values()}
         for n, t in self.tuned.items():
             train = params == "all" or (params == "table") == (n in self.table_names)
             for p in t.parameters():
@@ -137,7 +168,9 @@ class _Student:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for t in self.tuned.values() for p in t.parameters() if p.requires_grad] + list(self.norms.values())
+        """What Adam trains: the scale and zero offsets selected by ``params``, and the norm gains."""
+        return [p for t in self.tuned.values() for p in t.scale_zero_params() if p.requires_grad] + \
+            list(self.norms.values())
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {n: t() for n, t in self.tuned.items()}
@@ -203,14 +236,18 @@ def head_kl(h_q: torch.Tensor, w_q: torch.Tensor, targets: tuple[torch.Tensor, t
 
 def tune(model, tensors: dict[str, QuantizedTensor], windows: list[torch.Tensor], steps: int = DEFAULTS["steps"],
          lr: float = DEFAULTS["lr"], params: str = DEFAULTS["params"], topk: int = DEFAULTS["topk"],
-         norms: bool = DEFAULTS["norms"], grad_dtype: torch.dtype = torch.bfloat16,
+         norms: bool = DEFAULTS["norms"], round_lr: float = DEFAULTS["round_lr"],
+         grad_dtype: torch.dtype = torch.bfloat16,
          desc: str = "tune") -> tuple[dict[str, torch.Tensor | QuantizedTensor], dict]:
-    """Tune the scales and zeros of ``tensors`` (name -> packed weight of ``model``, the float model), and with
-    ``norms`` the body's 1-D float weights, for ``steps`` Adam steps, one calibration window per step, cycling;
-    returns the tuned tensors (packed, and the float 1-D ones by name) and a report (KL on the first
-    ``KL_WINDOWS`` windows before and after, per-step KL curve)."""
+    """Tune the scales and zeros of ``tensors`` (name -> packed weight of ``model``, the float model), with
+    ``norms`` the body's 1-D float weights, and with ``round_lr`` > 0 the codes themselves (learned rounding), for
+    ``steps`` steps, one calibration window per step, cycling; returns the tuned tensors (packed, and the float 1-D
+    ones by name) and a report (KL on the first ``KL_WINDOWS`` windows before and after, per-step KL curve, share
+    of codes moved)."""
     if params not in PARAMS:
         raise LlmoptError(f"tune: params {params!r} is not one of {PARAMS}")
+    if not 0 <= round_lr < 1:
+        raise LlmoptError(f"tune: round_lr {round_lr!r} must be in [0, 1) (code steps per step; 0 keeps the codes)")
     if not windows:
         raise LlmoptError("tune: no calibration windows")
     start = time.time()
@@ -218,7 +255,7 @@ def tune(model, tensors: dict[str, QuantizedTensor], windows: list[torch.Tensor]
         p.requires_grad_(False)
     prefix = model.base_model_prefix + "."
     floats = {n: p for n, p in model.named_parameters() if p.dim() == 1 and n.startswith(prefix)} if norms else {}
-    student = _Student(model, tensors, params, floats)
+    student = _Student(model, tensors, params, floats, rounding=round_lr > 0)
     trainable = student.trainable()
     if not trainable:
         raise LlmoptError(f"tune: params={params!r} selects no quantized tensor of this model")
@@ -244,15 +281,19 @@ def tune(model, tensors: dict[str, QuantizedTensor], windows: list[torch.Tensor]
             grads.append(grad_w)
         torch.autograd.backward(outs, grads)
         opt.step()
+        for t in student.tuned.values():
+            t.sign_step(round_lr * sched.get_last_lr()[0] / lr)
         sched.step()
         curve.append(kl)
         bar.set_postfix(kl=f"{sum(curve[-20:]) / len(curve[-20:]):.4f}")
         del weights, h_q, w_q, grad_h, grad_w
     tuned = {n: t.stored() for n, t in student.tuned.items()}
+    moved = sum(int((tuned[n].unpacked() != t.qt.unpacked()).sum()) for n, t in student.tuned.items())
+    total = sum(t.qt.shape[0] * t.qt.shape[1] for t in student.tuned.values())
     tuned_floats = {n: p.detach().to(floats[n].dtype) for n, p in student.norms.items()}
     kl_after = _mean_kl(_Student(model, tuned, params, tuned_floats), windows[:KL_WINDOWS], teacher, grad_dtype)
     report = {"steps": steps, "lr": lr, "params": params, "topk": topk, "norms": len(tuned_floats),
-              "windows": len(windows),
+              "round_lr": round_lr, "codes_moved": moved / total, "windows": len(windows),
               "kl_windows": min(KL_WINDOWS, len(windows)), "tokens_per_step": int(windows[0].numel()),
               "kl_before": kl_before, "kl_after": kl_after,
               "kl_curve": [round(x, 5) for x in curve], "time_s": round(time.time() - start, 1)}
