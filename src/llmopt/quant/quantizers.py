@@ -4,8 +4,10 @@ Each takes a float weight ``[out, in]`` and a ``Spec`` (bits, group, symmetric, 
 ``QuantizedTensor`` in the packed format of ``llmopt.quant.format``:
 
 - ``rtn``: scale from each group's range. Symmetric groups map the element of largest magnitude to code 0
-  (``q - z = -2**(bits-1)``, the llama.cpp Q4_0 rule, so the scale may be negative); asymmetric groups map
-  min..max onto 0..2**bits-1 with a float zero point. Codes round half up, as llama.cpp does (``round_half_up``).
+  (``q - z = -2**(bits-1)``, the llama.cpp Q4_0 / Q5_0 rule, so the scale may be negative), except at 8 bits,
+  which follow Q8_0 (``q - z = ±127``: a tensor decoded from Q8_0, as the pip Gemma 3 270M's table is, comes back
+  exactly); asymmetric groups map min..max onto 0..2**bits-1 with a float zero point. Codes round half up, as
+  llama.cpp's 4- and 5-bit types do (``round_half_up``).
 - ``mse``: per group, a grid search over clip ratios of the range followed by alternating least-squares refits of
   scale (and zero) to the codes, minimizing the (optionally importance-weighted) squared error. With importance
   weights ``E[x_j**2]`` of the layer's inputs (llama.cpp's "imatrix") it minimizes the expected output error.
@@ -166,8 +168,11 @@ def group_params(wg: torch.Tensor, spec: Spec, search: bool = False,
 def _range_params(wg: torch.Tensor, spec: Spec, ratio: float, sdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     if spec.sym:
         half = 2 ** (spec.bits - 1)
-        hi, lo = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
-        s = torch.where(-lo > hi, lo, hi) * (ratio / -half)
+        if spec.bits == 8:  # Q8_0's rule: max|w| at +-127, so a Q8_0 tensor (a 4-bit file's table) is reproduced
+            s = wg.abs().amax(-1, keepdim=True) * (ratio / (half - 1))
+        else:
+            hi, lo = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
+            s = torch.where(-lo > hi, lo, hi) * (ratio / -half)
         s = torch.where(s == 0, torch.full_like(s, 1.0), s).to(sdt).float()
         s = torch.where(s == 0, torch.full_like(s, 1.0), s)  # an underflowed scale would divide by zero
         return s, torch.full_like(s, float(half))
