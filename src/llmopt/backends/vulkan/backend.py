@@ -475,7 +475,8 @@ class VulkanBackend(AttentionOps, Backend):
         return out
 
     def add_rmsnorm(self, a, b, weight, eps, unit_offset):
-        """``(a + b, rmsnorm(a + b))`` in one dispatch: the residual add and the norm after it (whole rows)."""
+        """``(a + b, rmsnorm(a + b))`` in one dispatch: the residual add and the norm after it (whole rows). Folded
+        into the mat-vecs that read it instead, it measured slower (docs/benchmarks.md, v15)."""
         return self._add_rmsnorm(a, b, None, weight, eps, unit_offset)
 
     def norm_add_rmsnorm(self, a, b, post_weight, weight, eps, unit_offset):
