@@ -1,5 +1,5 @@
-"""Our rtn int4 / int5 g32 sym is llama.cpp's Q4_0 / Q5_0, code for code, ties included; int8 g32 sym is Q8_0
-(exactly on Q8_0 values, up to the scale's fp16 rounding elsewhere).
+"""Our rtn int4 / int5 g32 sym is llama.cpp's Q4_0 / Q5_0, code for code, ties included; int8 g32 sym is Q8_0, code
+for code (its own float32 arithmetic: codes from the unrounded scale; the stored fp16 one moved 0.5-3% of them).
 
 Reference: the numpy Q4_0 quantizer of the `gguf` package (ggml's reference rules). The inputs lie on a
 coarser quantization grid, as the pip Gemma 3 270M's float weights do (decoded from Q5_0): half of the values are
@@ -57,14 +57,11 @@ def test_rtn_on_generic_weights_matches_llamacpp_up_to_scale_rounding():
 
 
 def test_rtn_int8_reproduces_q8_0_tensors():
-    """Weights decoded from Q8_0 (the pip Gemma 3 270M's embedding table is) come back exactly from int8 g32 sym,
-    and so does gguf's own Q8_0 quantization of them; on random weights, gguf's Q8_0 values up to the scale's
-    fp16 rounding."""
+    """Weights decoded from Q8_0 (the pip Gemma 3 270M's embedding table is) come back exactly from int8 g32 sym;
+    on random weights the codes are gguf's Q8_0 codes (dividing by the stored fp16 scale moved 0.5-3% of them)."""
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     w = torch.randn(64, 256, generator=gen) * 0.03
     q8 = torch.from_numpy(quants.dequantize(quants.quantize(w.numpy(), GGMLQuantizationType.Q8_0),
                                             GGMLQuantizationType.Q8_0).copy())
     assert torch.equal(quantize(q8, Spec(8, 32, True), "rtn").dequantize(), q8)
-    ours = quantize(w, Spec(8, 32, True), "rtn").dequantize()
-    assert (ours != q8).float().mean() < 0.01
-    assert (ours - w).norm() <= (q8 - w).norm() * 1.001
+    assert torch.equal(quantize(w, Spec(8, 32, True), "rtn").dequantize(), q8)

@@ -6,8 +6,8 @@ Each takes a float weight ``[out, in]`` and a ``Spec`` (bits, group, symmetric, 
 - ``rtn``: scale from each group's range. Symmetric groups map the element of largest magnitude to code 0
   (``q - z = -2**(bits-1)``, the llama.cpp Q4_0 / Q5_0 rule, so the scale may be negative), except at 8 bits,
   which follow Q8_0 (``q - z = ±127``: a tensor decoded from Q8_0, as the pip Gemma 3 270M's table is, comes back
-  exactly); asymmetric groups map min..max onto 0..2**bits-1 with a float zero point. Codes round half up, as
-  llama.cpp's 4- and 5-bit types do (``round_half_up``).
+  exactly; its codes are Q8_0's, ties included); asymmetric groups map min..max onto 0..2**bits-1 with a float
+  zero point. Codes round half up, as llama.cpp's 4- and 5-bit types do (``round_half_up``).
 - ``mse``: per group, a grid search over clip ratios of the range followed by alternating least-squares refits of
   scale (and zero) to the codes, minimizing the (optionally importance-weighted) squared error. With importance
   weights ``E[x_j**2]`` of the layer's inputs (llama.cpp's "imatrix") it minimizes the expected output error.
@@ -96,11 +96,12 @@ def quantize_measured(w: torch.Tensor, spec: Spec, method: str = "rtn", *, impor
     zeros = None if spec.sym else torch.empty_like(scales)
     weights = None if importance is None else importance.float().clamp_min(0).view(1, n_groups, group)
     rows = max(1, _ROW_CHUNK_ELEMS // n_in)
+    q8_0 = method == "rtn" and spec.bits == 8 and spec.sym
     err = ref = 0.0
     for r0 in range(0, out, rows):
         wg = w[r0:r0 + rows].float().view(-1, n_groups, group)
         s, z = group_params(wg, spec, search=method == "mse", weights=weights)
-        q = round_half_up(wg / s + z).clamp_(0, 2 ** spec.bits - 1)
+        q = _q8_0_codes(wg) if q8_0 else round_half_up(wg / s + z).clamp_(0, 2 ** spec.bits - 1)
         err += float((q - z).mul_(s).sub_(wg).square_().sum())
         ref += float(wg.square().sum())
         qweight[r0:r0 + rows] = _pack(q.to(torch.uint8).view(-1, n_in), spec.bits)
@@ -213,6 +214,16 @@ def round_half_up(x: torch.Tensor) -> torch.Tensor:
     Ties are common when the float weights were themselves decoded from a quantized file (the pip Gemma 3 270M is
     Q5_0/Q8_0): there torch.round's half-to-even gave the same error norm but +56% perplexity, against +38%."""
     return torch.floor(x + 0.5)
+
+
+def _q8_0_codes(wg: torch.Tensor) -> torch.Tensor:
+    """llama.cpp Q8_0's codes (+128), in its own float32 arithmetic: ``x * (1 / d)`` with the unrounded
+    ``d = max|x| / 127``, rounded half away from zero. Weights decoded from 4- and 5-bit files put many values on
+    exact ties, where half up (the other formats' rule) would differ from Q8_0 on every negative one."""
+    d = wg.abs().amax(-1, keepdim=True) / 127
+    y = wg * torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    a = y.abs()
+    return torch.sign(y) * (a.floor() + (2 * (a - a.floor())).floor()) + 128
 
 
 def _codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
