@@ -86,6 +86,9 @@ VARIANTS = [
     # tried beside the default are in docs/benchmarks.md (v14)
     {"name": "separate gated_act", "fuse_gated_act": False},
     {"name": "gated no x8", "fuse_gated_act": True, "gated_layout": (64, 0, 4)},
+    # the residual add and the next norm folded into the o and down mat-vecs (default on a GPU; Qwen's plain norms
+    # only): linear + add_rmsnorm instead; the layouts tried beside the default are in docs/benchmarks.md (v16)
+    {"name": "no producer norm", "fuse_producer_norm": False},
     {"name": "separate post norm", "fuse_post_norm": False},  # Gemma: rmsnorm, then add_rmsnorm
     {"name": "norms over memory", "norm_regs_max": 0},  # add_rmsnorm's passes over memory instead of registers
     {"name": "attn no prefetch", "attn_prefetch": False},  # rope_attention without its first loads issued ahead
@@ -96,7 +99,7 @@ VARIANTS = [
 VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
                 "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch",
-                "attn_x8", "attn_clock", "gated_layout")
+                "attn_x8", "attn_clock", "gated_layout", "fuse_producer_norm", "norm_layout")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:

@@ -26,6 +26,13 @@
 // SETS * ROWS / 2 outputs multiples of 32) a workgroup's outputs are whole 32-value chunks of y's row, which it
 // also writes as x8 rows (x8.glsl) for the down projection's int-dot mat-vec: no gated_act dispatch, and no
 // dependency between workgroups.
+// Producer norm (NORM_OUT = 1; int4 int-dot, one output, N % 32 == 0, a layout whose SETS * ROWS <= WG outputs a
+// workgroup are whole 32-value chunks): the o or down projection also does the residual add and the next RMSNorm's
+// per-chunk half: y = residual + W x (+ bias), the new residual; y * (norm_w + offset) as x8 rows (x8.glsl); and the
+// workgroup's sum of y^2 into rms_part[m * rms_parts + workgroup] (one slot a workgroup: no atomics, no counter).
+// The x8 codes of a chunk do not change when the whole row is scaled by a positive factor, so the norm's 1 / rms is
+// left to the readers: X_RMS = 1 (int-dot over x8 rows) adds the row's rms_parts partials (loaded before the main
+// loop, reduced with the row sums' barrier) and scales its sums by 1 / sqrt(sum / K + eps) before the bias.
 #ifndef USE_INT_DOT
 #define USE_INT_DOT 0
 #endif
@@ -47,9 +54,11 @@ layout(constant_id = 5) const uint HAS_BIAS = 0;
 layout(constant_id = 6) const uint SPLIT = 0;  // invocations a row set: a power of two dividing WG; 0 means WG
 layout(constant_id = 7) const uint X_Q8 = 0;   // binding 0 holds x8 rows (int-dot, 4-bit codes, K % 32 == 0)
 layout(constant_id = 8) const uint GATED = 0;  // 1 + activation kind: gated epilogue over a [gate; up] weight
+layout(constant_id = 11) const uint NORM_OUT = 0;  // producer norm: residual add, x8 rows of y * w, partial sums
+layout(constant_id = 12) const uint X_RMS = 0;  // x8 rows of an unscaled norm: sums times 1 / rms of the partials
 
 #define X8_BITS BITS
-#define X8_BINDING 8  // gated, Q8 = 1: act(gate) * up also as x8 rows (4-bit codes, so in 4-bit order)
+#define X8_BINDING 8  // gated or NORM_OUT, Q8 = 1: the output also as x8 rows (4-bit codes, so in 4-bit order)
 #define X8_Q8_ID 9
 #define X8_LEN_ID 10
 #include "x8.glsl"
@@ -65,6 +74,9 @@ layout(std430, binding = 4) readonly buffer BBuf { float bias[]; };
 layout(std430, binding = 5) writeonly buffer YBuf { float y[]; };
 layout(std430, binding = 6) writeonly buffer Y1Buf { float y1[]; };
 layout(std430, binding = 7) writeonly buffer Y2Buf { float y2[]; };
+layout(std430, binding = 9) buffer RmsBuf { float rms_part[]; };  // NORM_OUT writes it, X_RMS reads it
+layout(std430, binding = 10) readonly buffer ResBuf { float residual[]; };  // NORM_OUT: [M, N]
+layout(std430, binding = 11) readonly buffer NormBuf { float norm_w[]; };   // NORM_OUT: the next norm's gain [N]
 
 layout(push_constant) uniform Params {
     uint K;       // input features
@@ -76,6 +88,9 @@ layout(push_constant) uniform Params {
     uint x_off;
     uint seg1;    // first output feature written to y1 (n_out when there is one output)
     uint seg2;    // first output feature written to y2
+    uint rms_parts;     // NORM_OUT, X_RMS: partial sums of squares a row (the producer's workgroups a row)
+    float eps;          // X_RMS: the norm's epsilon
+    float norm_offset;  // NORM_OUT: 1 for Gemma-style (1 + w) gains, else 0
 } p;
 
 #include "packed.glsl"
@@ -107,6 +122,15 @@ void main() {
 
     float acc[ROWS];
     [[unroll]] for (uint r = 0; r < ROWS; ++r) acc[r] = 0.0;
+    // X_RMS: this invocation's first two partials of the row, loaded ahead of the main loop and added after it, so
+    // their latency hides behind the weight loads (more, where a row has over 2 * WG partials, after the loop)
+    const uint rms_base = xrow * p.rms_parts;
+    const float rms_a = X_RMS != 0u && tid < p.rms_parts ? rms_part[rms_base + tid] : 0.0;
+    const float rms_b = X_RMS != 0u && tid + WG < p.rms_parts ? rms_part[rms_base + tid + WG] : 0.0;
+    // NORM_OUT (SETS * ROWS <= WG): invocation o's residual and gain, loaded ahead of the main loop
+    const uint norm_row = min(group_index() * ROWS * SETS + tid, p.N - 1u);
+    const float res_ahead = NORM_OUT != 0u && tid < ROWS * SETS ? residual[m * p.N + norm_row] : 0.0;
+    const float gain_ahead = NORM_OUT != 0u && tid < ROWS * SETS ? norm_w[norm_row] + p.norm_offset : 0.0;
 
     for (uint c = lane; c < n_chunks; c += SET) {
         const uint xc = xbase + c * 32u;
@@ -222,7 +246,25 @@ void main() {
     }
 #endif
     if (tid % stride == 0u) [[unroll]] for (uint r = 0; r < ROWS; ++r) part[r * WG + tid] = acc[r];
+    uint rms_slots = WG;  // X_RMS: the partials' sums in red_buf, behind the same barrier
+    float rms_sum = rms_a + rms_b;
+    for (uint i = tid + 2u * WG; X_RMS != 0u && i < p.rms_parts; i += WG) rms_sum += rms_part[rms_base + i];
+#if USE_SUBGROUP
+    if (X_RMS != 0u) {
+        rms_sum = subgroupAdd(rms_sum);
+        if (gl_SubgroupInvocationID == 0u) red_buf[gl_SubgroupID] = rms_sum;
+        rms_slots = gl_NumSubgroups;
+    }
+#else
+    if (X_RMS != 0u) red_buf[tid] = rms_sum;
+#endif
     barrier();
+    float inv_rms = 1.0;
+    if (X_RMS != 0u) {
+        float total = 0.0;
+        for (uint i = 0; i < rms_slots; ++i) total += red_buf[i];
+        inv_rms = inversesqrt(total / float(p.K) + p.eps);
+    }
     if (GATED != 0u) {  // invocation o = r + HALF * set: output of gate row r and up row r + HALF of its set
         const uint out0 = group_index() * SETS * HALF;  // the workgroup's first output; o counts from it
         for (uint o = tid; o < HALF * SETS; o += WG) {
@@ -234,8 +276,8 @@ void main() {
             }
             const uint out_row = out0 + o;
             if (out_row >= p.N) continue;
-            sg += HAS_BIAS != 0 ? bias[out_row] : 0.0;
-            su += HAS_BIAS != 0 ? bias[p.N + out_row] : 0.0;
+            sg = sg * inv_rms + (HAS_BIAS != 0 ? bias[out_row] : 0.0);
+            su = su * inv_rms + (HAS_BIAS != 0 ? bias[p.N + out_row] : 0.0);
             const float v = activation(sg, GATED - 1u) * su;
             y[m * p.N + out_row] = v;
             if (Q8 != 0u) x8_vals[o + o / 32u] = v;
@@ -243,16 +285,29 @@ void main() {
         if (Q8 != 0u) x8_store(m, p.N, out0 / 32u, out0 < p.N ? min(HALF * SETS, p.N - out0) / 32u : 0u);
         return;
     }
-    for (uint o = tid; o < ROWS * SETS; o += WG) {
+    float sum_sq = 0.0;  // NORM_OUT: this invocation's outputs' squares
+    for (uint o = tid; o < ROWS * SETS; o += WG) {  // o: the workgroup's output o, row group * ROWS * SETS + o
         const uint r = o % ROWS, set = o / ROWS;
         float s = 0.0;
         for (uint j = set * SET; j < (set + 1u) * SET; j += stride) s += part[r * WG + j];
         const uint row = (group_index() * SETS + set) * ROWS + r;
         if (row >= p.N) continue;
         const uint R = p.row0 + row;
-        s += HAS_BIAS != 0 ? bias[R] : 0.0;
-        if (R < p.seg1) y[m * p.seg1 + R] = s;
+        s = s * inv_rms + (HAS_BIAS != 0 ? bias[R] : 0.0);
+        if (NORM_OUT != 0u) {  // one piece, one output: R == row, p.N == p.n_out; o == tid
+            const float h = res_ahead + s;
+            y[m * p.N + row] = h;
+            sum_sq += h * h;
+            if (Q8 != 0u) x8_vals[o + o / 32u] = h * gain_ahead;
+        } else if (R < p.seg1) y[m * p.seg1 + R] = s;
         else if (R < p.seg2) y1[m * (p.seg2 - p.seg1) + R - p.seg1] = s;
         else y2[m * (p.n_out - p.seg2) + R - p.seg2] = s;
+    }
+    if (NORM_OUT != 0u) {
+        if (X_RMS != 0u) barrier();  // red_buf's row sums above are read before wg_sum writes it
+        const float total = wg_sum(sum_sq);
+        if (tid == 0u) rms_part[m * p.rms_parts + group_index()] = total;
+        const uint out0 = group_index() * ROWS * SETS;
+        if (Q8 != 0u) x8_store(m, p.N, out0 / 32u, out0 < p.N ? min(ROWS * SETS, p.N - out0) / 32u : 0u);
     }
 }

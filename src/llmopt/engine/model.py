@@ -223,13 +223,13 @@ class Model:
             k = be.rmsnorm(k, w["k_norm"], a.norm_eps, a.norm_unit_offset, group=a.head_dim)
         cache = state.caches[self.layer_dev[i]]
         attn = _rope_attention(be, q, k, v, rope, a.head_dim, cache, self.local_index[i], state.start, valid, spec)
-        h = be.linear(attn, w["o"])
         post = w["post_attn_norm"] if a.sandwich_norm else None
-        x, h = _add_rmsnorm(be, x, h, w["ffn_norm"], a.norm_eps, a.norm_unit_offset, post)
-        h = be.linear(_gated_linears(be, h, w["gate"], w["up"], a.act), w["down"])
+        x, h = _linear_add_rmsnorm(be, attn, w["o"], x, w["ffn_norm"], a.norm_eps, a.norm_unit_offset, post)
+        h = _gated_linears(be, h, w["gate"], w["up"], a.act)
         post = w["post_ffn_norm"] if a.sandwich_norm else None
         if next_norm is not None:
-            return _add_rmsnorm(be, x, h, next_norm, a.norm_eps, a.norm_unit_offset, post)
+            return _linear_add_rmsnorm(be, h, w["down"], x, next_norm, a.norm_eps, a.norm_unit_offset, post)
+        h = be.linear(h, w["down"])
         return be.add(x, h if post is None else be.rmsnorm(h, post, a.norm_eps, a.norm_unit_offset))
 
     # --- public steps --------------------------------------------------------------------------------
@@ -386,6 +386,15 @@ def _gated_linears(be: Backend, x, gate, up, kind: str):
     """``act(x gate^T) * (x up^T)``; a backend offering ``gated_linears`` may apply the activation inside the matmul."""
     fused = getattr(be, "gated_linears", None)
     return fused(x, gate, up, kind) if fused is not None else be.gated_act(*_linears(be, x, (gate, up)), kind)
+
+
+def _linear_add_rmsnorm(be: Backend, x, weight, residual, norm, eps: float, unit_offset: bool, post=None) -> tuple:
+    """``_add_rmsnorm(be, residual, x weight^T, norm, ...)``; a backend offering ``linear_add_rmsnorm`` may do the
+    projection, the residual add and the norm in one op (plain pre-norms: no ``post``)."""
+    fused = getattr(be, "linear_add_rmsnorm", None) if post is None else None
+    if fused is not None:
+        return fused(x, weight, residual, norm, eps, unit_offset)
+    return _add_rmsnorm(be, residual, be.linear(x, weight), norm, eps, unit_offset, post)
 
 
 def _add_rmsnorm(be: Backend, x, h, weight, eps: float, unit_offset: bool, post=None) -> tuple:

@@ -22,7 +22,8 @@ dispatch, ``rope_attention``). Host tables (RoPE cos/sin, masks, token ids) are 
 reused by every layer that passes the same tensor. ``replay_decoder`` records a model's whole decode step once and replays it per
 token (``llmopt.backends.vulkan.replay``; ``Model.decode_step`` uses it by itself); ``add_rmsnorm`` fuses the
 residual add with the norm after it, ``norm_add_rmsnorm`` also Gemma's post norm before the add (one dispatch for
-rmsnorm, add, rmsnorm), each row held in registers where it fits (``norm_regs_max``).
+rmsnorm, add, rmsnorm), each row held in registers where it fits (``norm_regs_max``); ``linear_add_rmsnorm``
+(``llmopt.backends.vulkan.producer_norm``) folds the residual add and the next norm into the o and down mat-vecs.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from llmopt.backends.base import Backend
 from llmopt.backends.vulkan import compile as vk_compile
 from llmopt.backends.vulkan.attention import AttentionOps
 from llmopt.backends.vulkan.device import Buffer, Device, pack_push, probe
+from llmopt.backends.vulkan.producer_norm import ProducerNormOps
 from llmopt.errors import LlmoptError
 from llmopt.quant.format import QuantizedTensor
 
@@ -85,12 +87,21 @@ def int8_chunks(x: torch.Tensor) -> torch.Tensor:
 
 class VkAct:
     """A float32 activation ``shape`` on the device; its buffer goes back to the pool when dropped. ``q8``: the
-    same values as int8 per 32 (``shaders/x8.glsl``'s x8 rows), where the op that made it wrote them too."""
+    same values as int8 per 32 (``shaders/x8.glsl``'s x8 rows), where the op that made it wrote them too. ``rms``
+    (a norm folded into the mat-vec that made its input, ``producer_norm.FoldedNorm``): ``q8`` holds the norm's
+    rows before their 1 / rms, which the int-dot mat-vecs reading them apply; the floats are made on first use."""
 
-    __slots__ = ("backend", "buf", "shape", "q8")
+    __slots__ = ("backend", "_buf", "shape", "q8", "rms")
 
-    def __init__(self, backend: "VulkanBackend", buf: Buffer, shape: tuple[int, ...], q8: Buffer | None = None):
-        self.backend, self.buf, self.shape, self.q8 = backend, buf, tuple(int(s) for s in shape), q8
+    def __init__(self, backend: "VulkanBackend", buf: Buffer | None, shape: tuple[int, ...], q8: Buffer | None = None,
+                 rms=None):
+        self.backend, self._buf, self.shape, self.q8, self.rms = backend, buf, tuple(int(s) for s in shape), q8, rms
+
+    @property
+    def buf(self) -> Buffer:
+        if self._buf is None:  # a folded norm read as floats: the norm recorded now, before the op that reads it
+            self._buf = self.rms.materialize(self)
+        return self._buf
 
     @property
     def rows(self) -> int:
@@ -101,9 +112,9 @@ class VkAct:
         return self.shape[-1]
 
     def __del__(self):
-        self.backend._release(self.buf)
-        if self.q8 is not None:
-            self.backend._release(self.q8)
+        for buf in (self._buf, self.q8, self.rms and self.rms.parts):
+            if buf is not None:
+                self.backend._release(buf)
 
     def __repr__(self) -> str:
         return f"VkAct{list(self.shape)}"
@@ -140,7 +151,7 @@ class VkWeight:
         return sum(r[2] for p in self.pieces for r in (p.w, p.s, p.z) if r) + (self.bias.nbytes if self.bias else 0)
 
 
-class VulkanBackend(AttentionOps, Backend):
+class VulkanBackend(AttentionOps, ProducerNormOps, Backend):
     name = "vulkan"
 
     def __init__(self, kernel_dir: str | Path | None = None, profile: bool = False):
@@ -169,6 +180,7 @@ class VulkanBackend(AttentionOps, Backend):
         self.fuse_post_norm = True  # norm_add_rmsnorm: Gemma's post norm, the residual add and the next norm at once
         self.norm_regs_max = 16  # add_rmsnorm holds rows of up to this many values an invocation in registers
         self._init_attention(info)
+        self._init_producer_norm(spec)
         self._fused: dict = {}  # ids of weights given to linears() -> (those weights, fused VkWeight or None)
         self.dev = Device(Path(kernel_dir), spec, profile=profile)
         self.probe = info
@@ -397,10 +409,14 @@ class VulkanBackend(AttentionOps, Backend):
         per = (wg // split if split else 1) * rows // 2
         return self._matvec_sets(wg, rows, split, per + per // 32), per
 
-    def _matmul(self, x: VkAct, w: VkWeight, outs: list, m: int, x_step: int, x_off: int, gated: int = 0) -> None:
+    def _matmul(self, x: VkAct, w: VkWeight, outs: list, m: int, x_step: int, x_off: int, gated: int = 0,
+                norm=None) -> None:
         """Record ``outs = x W^T (+ bias)`` for ``m`` input rows; several ``outs`` split W's rows in order.
         ``gated`` (mat-vec only; 1 + activation kind): W is [gate; up] and the one output act(gate) * up
-        (``gated_layout``; also as x8 rows where ``gated_linears`` gave it a ``q8`` buffer)."""
+        (``gated_layout``; also as x8 rows where ``gated_linears`` gave it a ``q8`` buffer). ``norm`` (int4 int-dot
+        mat-vec, one output: ``producer_norm``): (residual, norm weight, offset, normed) makes the output residual +
+        x W^T and writes the normed input's x8 rows and partial sums in ``norm_layout``. An x whose ``q8`` rows
+        are a folded norm's (``rms``) has its sums scaled by 1 / rms."""
         bias = self._whole(w.bias) if w.bias is not None else self._whole(self.dummy)
         spec_tail = (w.bits, int(w.scale_bf16), int(w.has_zeros), int(w.bias is not None))
         bounds = np.cumsum([o.features for o in outs])[:-1].tolist()
@@ -411,6 +427,7 @@ class VulkanBackend(AttentionOps, Backend):
             raise LlmoptError(f"Vulkan device '{self.dev.info['name']}' lacks shaderIntegerDotProduct "
                               "(VK_KHR_shader_integer_dot_product): the int-dot mat-vec cannot run there")
         x8 = x.q8 is not None and int_dot and w.bits == 4  # x's int8 copy, in the order of 4-bit codes
+        x_rms = x.rms if x8 else None  # x8 rows of a folded norm, before its 1 / rms
         role = weight_role(w.name)
         if gated and (m > MATVEC_MAX_M or len(w.pieces) != 1 or w.n_out % 2):
             raise LlmoptError(f"gated mat-vec {w.name}: needs at most {MATVEC_MAX_M} input rows and one piece of "
@@ -418,9 +435,18 @@ class VulkanBackend(AttentionOps, Backend):
         for pc in w.pieces:
             bindings = [self._whole(x.q8 if x8 else x.buf), pc.w, pc.s or self._whole(self.dummy),
                         pc.z or self._whole(self.dummy), bias, *ys]
+            rms_parts, eps = (x_rms.n_parts, x_rms.eps) if x_rms else (0, 0.0)
+            norm_bindings = [self._whole(x_rms.parts if x_rms else self.dummy), self._whole(self.dummy),
+                             self._whole(self.dummy)]  # rms partials, residual, norm weight
             if m <= MATVEC_MAX_M:
                 q8, x8_out = (outs[0].q8 if gated else None), (0, 1)  # Q8, X8_LEN: the gated mat-vec's x8 rows
-                if gated:
+                if norm is not None:
+                    residual, norm_weight, offset, normed = norm
+                    wg, split, rows = self.norm_layout
+                    sets, per = self._norm_sets()
+                    q8, x8_out, rms_parts = normed.q8, (1, per + per // 32), normed.rms.n_parts
+                    norm_bindings = [self._whole(normed.rms.parts), self._whole(residual.buf), self._whole(norm_weight)]
+                elif gated:
                     wg, split, rows = self.gated_layout
                     sets, per = self._gated_sets()
                     x8_out = (1, per + per // 32) if q8 is not None else x8_out
@@ -431,11 +457,14 @@ class VulkanBackend(AttentionOps, Backend):
                     sets = self._matvec_sets(wg, rows, split)
                     while rows > 1 and -(-pc.rows // (rows * sets)) < self.matvec_min_groups:
                         rows //= 2
+                if not gated:
                     push = pack_push("IIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, seg1, seg2)
                 gx, gy, _ = self._grid(-(-pc.rows // (rows * sets)))
                 shader = "matvec_quant_idot" if int_dot else "matvec_quant"
-                self._run(shader, 9, (rows, *spec_tail, split, int(x8), gated, *x8_out),
-                          bindings + [self._whole(q8 or self.dummy)], push, (gx, gy, m), wg,
+                push += pack_push("Iff", rms_parts, eps, float(norm[2]) if norm is not None else 0.0)
+                self._run(shader, 12, (rows, *spec_tail, split, int(x8), gated, *x8_out, int(norm is not None),
+                                       int(x_rms is not None)),
+                          bindings + [self._whole(q8 or self.dummy), *norm_bindings], push, (gx, gy, m), wg,
                           f"{shader} {role}" if role else None)
             else:
                 push = pack_push("IIIIIIIIII", w.k, pc.rows, w.n_out, pc.row0, w.group, x_step, x_off, m, seg1, seg2)
@@ -476,7 +505,8 @@ class VulkanBackend(AttentionOps, Backend):
 
     def add_rmsnorm(self, a, b, weight, eps, unit_offset):
         """``(a + b, rmsnorm(a + b))`` in one dispatch: the residual add and the norm after it (whole rows). Folded
-        into the mat-vecs that read it instead, it measured slower (docs/benchmarks.md, v15)."""
+        into the mat-vecs that read it instead, it measured slower (docs/benchmarks.md, v15); folded into the mat-vec
+        before it (``linear_add_rmsnorm``), faster (v16)."""
         return self._add_rmsnorm(a, b, None, weight, eps, unit_offset)
 
     def norm_add_rmsnorm(self, a, b, post_weight, weight, eps, unit_offset):

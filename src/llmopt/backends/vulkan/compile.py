@@ -51,7 +51,10 @@ def device_config(probe: dict) -> dict:
     read by 4-bit mat-vecs instead of quantizing x in every workgroup; ``matvec_gated``: 1 to run gate/up and the
     gated activation as one mat-vec (``VulkanBackend.gated_linears``); ``matvec_gated_layout``: that mat-vec's
     (workgroup size, invocations a row set, rows a set), whose sets * rows / 2 outputs a workgroup are whole
-    32-value chunks, so that it writes them as x8 rows for the down projection itself.
+    32-value chunks, so that it writes them as x8 rows for the down projection itself; ``matvec_norm``: 1 to fold the
+    residual add and the next RMSNorm into the o and down mat-vecs (``VulkanBackend.linear_add_rmsnorm``);
+    ``matvec_norm_layout``: that mat-vec's (workgroup size, invocations a row set, rows a set), sets * rows outputs
+    a workgroup, whole 32-value chunks.
 
     CPU devices (lavapipe) run one invocation per SIMD lane group and pay for every barrier, so small workgroups
     (16 invocations, 8 rows each) win there by about 5x (FACTS §6); GPUs want 64-256 invocations a workgroup.
@@ -64,13 +67,18 @@ def device_config(probe: dict) -> dict:
     if device.get("type") == "cpu":
         wg, rows, tile, wg_reduce, min_groups, split, wg_max = 16, 8, 16, 16, 1, 0, 16
         gated_layout = (64, 8, 8)  # 8 sets of 4 outputs
+        norm_layout = (64, 8, 4)  # 8 sets of 4 outputs
     else:  # the fastest decode step measured on an H200 (bench/vulkan_decode.py, docs/benchmarks.md)
         wg, rows, tile, wg_reduce, min_groups, split, wg_max = 64, 4, 32, 1024, 256, 0, 256
         gated_layout = (256, 16, 4)  # 16 sets of 16 invocations, 2 outputs each
+        norm_layout = (1024, 128, 4)  # 8 sets of 128 invocations, 4 outputs each
     # x8 rows with wg 64, rows 4: 1.38x / 1.27x decode on an H200 against wg 128, rows 16 without them; the gated
     # mat-vec writing x8 rows itself (no gated_act dispatch; 32 outputs a workgroup: gated_layout) 1.05x / 1.06x
     # more there; without its x8 rows (the down projection reading float x) it was slower than gated_act
-    x_q8, gated = int_dot, int_dot
+    # the residual add and the next norm folded into the o and down mat-vecs (norm_layout, 8 sets of 128 invocations:
+    # 112 workgroups for Qwen2.5-7B's 3584 outputs) 1.10-1.14x more on Qwen2.5-7B there (v16); off where the
+    # device's workgroups cannot hold the layout
+    x_q8, gated, norm = int_dot, int_dot, int(bool(int_dot) and max_wg >= norm_layout[0])
     return {
         "defines": {"USE_SUBGROUP": int(bool(features.get("subgroup_arithmetic")) and subgroup > 0),
                     "SMALL_CODE": int(device.get("type") == "cpu")},
@@ -78,7 +86,8 @@ def device_config(probe: dict) -> dict:
                  "matvec_min_groups": min_groups, "matvec_split": split, "matvec_wg_max": min(wg_max, max_wg),
                  "matvec_int_dot": int_dot,
                  "matvec_x_q8": x_q8, "matvec_gated": gated,
-                 "matvec_gated_layout": [min(gated_layout[0], max_wg), *gated_layout[1:]]},
+                 "matvec_gated_layout": [min(gated_layout[0], max_wg), *gated_layout[1:]], "matvec_norm": norm,
+                 "matvec_norm_layout": list(norm_layout)},
     }
 
 

@@ -1,0 +1,321 @@
+"""The residual add and the next RMSNorm folded into the o / down mat-vec (``VulkanBackend.linear_add_rmsnorm``,
+``llmopt.backends.vulkan.producer_norm``), on lavapipe with the int-dot mat-vec, x8 rows and the fold forced on.
+
+Tolerances (fresh random inputs; widths that are not multiples of a workgroup's 32 or 64 outputs included):
+* the new residual against float64 ``residual + int8_chunks(x) W^T (+ b)``: relative error below ``RTOL`` = 2e-5;
+* the x8 rows against a torch quantization of ``r * (w + offset)`` (r: the device's new residual): codes within 1,
+  at most 1% off by one, scales within 1e-6 relative, each chunk's code sum equal to its codes' sum;
+* the partial sums of squares: their row sum within 1e-5 of ``sum(r^2)``;
+* readers (a plain int4 mat-vec, the gated gate+up mat-vec, and an int8 mat-vec that needs floats) against float64
+  references built from those x8 rows scaled by 1 / rms: relative error below ``RTOL``; the floats made on demand
+  equal the ``rmsnorm`` of the new residual bit for bit (also in the build without subgroup arithmetic);
+* whole tiny models: replayed logits equal eager ones bit for bit; within ``RTOL_X8`` = 2e-2 (relative, in norm)
+  of the unfolded path (the x8 codes of r * w and of r / rms * w may differ by 1 in rounding, and a flipped code
+  travels through the later layers: measured up to ~6e-3) and within ``MODEL_RTOL`` = 6e-2 of the CPU backend (x
+  as int8 per 32 values, as in test_vulkan_matvec); every o and down projection counted as folded (the last down
+  folds the final norm, which the head reads; a model that silently misses the fold fails); Gemma's sandwich
+  norms take no fold; a model of int4 and int8 weights (int8 readers: floats made on demand) the same.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from llmopt.backends.cpu import CpuBackend
+from llmopt.engine import load_model
+from llmopt.errors import LlmoptError
+from llmopt.quant.quantizers import Spec
+
+from vulkan_device import require_vulkan
+vulkan = require_vulkan("integer_dot_product")
+from llmopt.backends.vulkan.backend import MATVEC_MAX_M, int8_chunks  # noqa: E402
+from test_vulkan_ops import random_qt, rel_err  # noqa: E402
+from test_vulkan_x8_gated import ACTS, read_x8, x8_reference  # noqa: E402
+from tiny_models import COMMON, FAMILIES, pack_folder, save_random  # noqa: E402
+
+pytestmark = pytest.mark.vulkan
+
+RTOL = 2e-5
+RTOL_X8 = 2e-2  # the folded against the unfolded model: x8 codes of r * w, not of r / rms * w (a code may differ by 1)
+MODEL_RTOL = 6e-2  # a model's logits with x as int8 per 32 values against the CPU's float x (test_vulkan_matvec)
+EPS = 1e-6
+
+
+@pytest.fixture
+def fast(be, monkeypatch):
+    """The GPU configuration: int-dot mat-vecs, x8 rows, the gated epilogue and the producer norm."""
+    for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm"):
+        monkeypatch.setattr(be, key, True)
+    return be
+
+
+def weight(be, name, gen, n, k, bits=4, bias=False):
+    qt = random_qt(n, k, bits, 32, bits != 4, torch.float16, gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    return be.linear_weight(name, qt, b), qt.dequantize(torch.float64), b
+
+
+def parts_of(be, normed) -> torch.Tensor:
+    rms = normed.rms
+    return torch.from_numpy(be.dev.download(rms.parts, 4 * normed.rows * rms.n_parts)).view(normed.rows, -1)
+
+
+# layouts: 8 sets of 4 outputs (lavapipe's default), 8 sets of 8 (64 outputs: f = 96 and 160 leave the last workgroup
+# one or three chunks), one set of 32 rows (no subgroup sets), 16 sets of 2 in sets of 2 invocations (narrower than
+# lavapipe's subgroups: sums through shared memory), and the GPU default (8 sets of 128 invocations, 4 rows)
+def check_fold(be, gen, f, k, m, bias, unit_offset, case):
+    """One fold (o projection of f outputs over k inputs, m rows) and its three readers against float64."""
+    wo, wo64, bo = weight(be, "o_proj", gen, f, k, bias=bias)
+    x, res, g = torch.randn(1, m, k, generator=gen), torch.randn(1, m, f, generator=gen), torch.randn(f, generator=gen)
+    r, normed = be.linear_add_rmsnorm(be.from_host(x), wo, be.from_host(res), be.param("norm", g), EPS, unit_offset)
+    assert normed.rms is not None and normed._buf is None, case  # the fold ran: no floats made
+    rh = be.to_host(r)
+    want = res.double() + int8_chunks(x) @ wo64.T + (bo.double() if bias else 0.0)
+    assert rel_err(rh, want) < RTOL, case
+    # x8 rows of r * (w + offset) and the partials of sum(r^2)
+    gain = g + (1.0 if unit_offset else 0.0)
+    values, scales, sums = read_x8(be, normed)
+    want_codes, want_scales = x8_reference((rh * gain).reshape(m, f))
+    diff = (values - want_codes).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, case
+    assert rel_err(scales, want_scales) < 1e-6 and torch.equal(sums, values.sum(-1).to(torch.int32)), case
+    ss = rh.reshape(m, f).double().pow(2).sum(-1)
+    assert parts_of(be, normed).shape[1] == -(-f // be._norm_sets()[1])
+    assert rel_err(parts_of(be, normed).double().sum(-1), ss) < 1e-5, case
+    # readers: x as the reader sees it is x8 rows / rms
+    inv = (ss / f + EPS).rsqrt()
+    xq = (values.double() * scales.double()[..., None]).reshape(m, f) * inv[:, None]
+    wq, wq64, bq = weight(be, "q_proj", gen, 48, f, bias=True)
+    got = be.to_host(be.linear(normed, wq))
+    assert rel_err(got, xq @ wq64.T + bq.double()) < RTOL, case
+    gate, g64, _ = weight(be, "gate_proj", gen, 64, f)
+    up, u64, _ = weight(be, "up_proj", gen, 64, f)
+    y = be.to_host(be.gated_linears(normed, gate, up, "silu"))
+    assert be._fused[(id(gate), id(up))][1] is not None, case  # the gated mat-vec read the rows
+    assert rel_err(y, ACTS["silu"](xq @ g64.T) * (xq @ u64.T)) < RTOL, case
+    assert normed._buf is None, case
+    # a reader that needs floats (int8 codes: x8 rows are in 4-bit order): the norm recorded on demand
+    w8, w864, _ = weight(be, "k_proj", gen, 40, f, bits=8)
+    got8 = be.to_host(be.linear(normed, w8))
+    floats = be.to_host(normed)
+    assert torch.equal(floats, be.to_host(be.rmsnorm(r, be.param("norm", g), EPS, unit_offset))), case
+    assert rel_err(got8, int8_chunks(floats) @ w864.T) < RTOL, case
+
+
+# layouts: 8 sets of 4 outputs (lavapipe's default), 8 sets of 8 (64 outputs: f = 96 and 160 leave the last workgroup
+# one or three chunks), one set of 32 rows (no subgroup sets), 16 sets of 2 in sets of 2 invocations (narrower than
+# lavapipe's subgroups: sums through shared memory), and the GPU default (8 sets of 128 invocations, 4 rows)
+@pytest.mark.parametrize("layout", [(64, 8, 4), (64, 8, 8), (32, 0, 32), (32, 2, 2), (1024, 128, 4)])
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_fold_against_reference(fast, gen, monkeypatch, layout, unit_offset):
+    monkeypatch.setattr(fast, "norm_layout", layout)
+    for f, k, m, bias in [(96, 64, 1, True), (160, 288, 3, False), (64, 96, MATVEC_MAX_M, False)]:
+        check_fold(fast, gen, f, k, m, bias, unit_offset, (layout, unit_offset, f, k, m))
+
+
+def test_fold_without_subgroups(gen, tmp_path):
+    """The build for devices without subgroup arithmetic (every sum through shared memory): the same checks."""
+    from llmopt.backends.vulkan import compile as vk_compile
+
+    probe = copy.deepcopy(vulkan.probe())
+    probe["features"]["subgroup_arithmetic"] = False
+    assert vk_compile.compile_shaders(vk_compile.REPO_SHADERS, tmp_path, probe)["defines"]["USE_SUBGROUP"] == 0
+    be = vulkan.VulkanBackend(kernel_dir=tmp_path)
+    try:
+        for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm"):
+            setattr(be, key, True)
+        for layout in ((64, 8, 4), (32, 0, 32)):
+            be.norm_layout = layout
+            check_fold(be, gen, 160, 96, 3, True, False, layout)
+    finally:
+        be.close()
+
+
+def test_no_fold_where_it_cannot_apply(fast, gen, monkeypatch):
+    """linear then add_rmsnorm (bit for bit) where the fold does not apply; the folded path otherwise."""
+    be = fast
+    x, res, g = (torch.randn(1, 1, 64, generator=gen), torch.randn(1, 1, 96, generator=gen),
+                 be.param("norm", torch.randn(96, generator=gen)))
+    wo, _, _ = weight(be, "o_proj", gen, 96, 64)
+
+    def check(w, xs, rs, folded, why):
+        r, normed = be.linear_add_rmsnorm(be.from_host(xs), w, be.from_host(rs), g, EPS, False)
+        assert (normed.rms is not None) == folded, why
+        if not folded:
+            want_r, want_n = be.add_rmsnorm(be.from_host(rs), be.linear(be.from_host(xs), w), g, EPS, False)
+            assert torch.equal(be.to_host(r), be.to_host(want_r)) and torch.equal(be.to_host(normed),
+                                                                                  be.to_host(want_n)), why
+
+    check(wo, x, res, True, "int4, 96 outputs")
+    check(weight(be, "o_proj", gen, 96, 64, bits=8)[0], x, res, False, "int8 producer")
+    check(weight(be, "o_proj", gen, 40, 64)[0], x, res[..., :40], False, "40 outputs: not whole chunks")
+    prefill = torch.randn(1, MATVEC_MAX_M + 1, 64, generator=gen)
+    check(wo, prefill, torch.randn(1, MATVEC_MAX_M + 1, 96, generator=gen), False, "prefill rows")
+    for key in ("fuse_producer_norm", "matvec_x_q8", "matvec_int_dot"):
+        monkeypatch.setattr(be, key, False)
+        check(wo, x, res, False, f"{key} off")
+        monkeypatch.setattr(be, key, True)
+    with pytest.raises(LlmoptError, match="linear_add_rmsnorm o_proj: input has 96 features, weight expects 64"):
+        be.linear_add_rmsnorm(be.from_host(res), wo, be.from_host(res), g, EPS, False)
+    with pytest.raises(LlmoptError, match="linear_add_rmsnorm: the norm weight holds 8 values, 96 features"):
+        be.linear_add_rmsnorm(be.from_host(x), wo, be.from_host(res), be.param("short", torch.ones(8)), EPS, False)
+
+
+@pytest.mark.parametrize("layout,message", [
+    ((64, 8, 2), "multiple of 32"), ((48, 8, 4), "power of two"), ((4096, 128, 4), "power of two up to"),
+    ((64, 24, 16), "power of two dividing"), ((32, 0, 64), "at most the workgroup size"),
+    ((1024, 32, 32), "shared memory")])
+def test_bad_norm_layout_is_named(fast, gen, monkeypatch, layout, message):
+    be = fast
+    wo, _, _ = weight(be, "o_proj", gen, 64, 64)
+    monkeypatch.setattr(be, "norm_layout", layout)
+    with pytest.raises(LlmoptError, match=message):
+        be.linear_add_rmsnorm(be.from_host(torch.randn(1, 1, 64, generator=gen)), wo,
+                              be.from_host(torch.randn(1, 1, 64, generator=gen)),
+                              be.param("norm", torch.ones(64)), EPS, False)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_model_fold(be, tmp_path, monkeypatch, family):
+    """Whole int4 models: every o and down projection folds its norm (Qwen2, with and without sliding windows;
+    Gemma's sandwich norms: none), the replayed step equals the eager one bit for bit, both agree with the unfolded
+    path and with the CPU backend."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    folder = pack_folder(save_random(FAMILIES[family](), tmp_path / "f", seed), tmp_path / "q",
+                         [Spec(4, 32, sym=False)])
+    model = load_model(folder, backend=be)
+    ids = torch.randint(0, COMMON["vocab_size"], (1, 10))
+    for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act"):
+        monkeypatch.setattr(be, key, True)
+    folds = []  # per linear_add_rmsnorm call: folded or not
+    fold = be.linear_add_rmsnorm
+
+    def counted(*args):
+        out = fold(*args)
+        folds.append(out[1].rms is not None)
+        return out
+
+    monkeypatch.setattr(be, "linear_add_rmsnorm", counted)
+    runs = {}
+    layers = model.args.n_layers
+    for on in (False, True):
+        monkeypatch.setattr(be, "fuse_producer_norm", on)
+        for replay in (False, True):
+            folds.clear()
+            model.static_decode = replay
+            logits, state = model.prefill(ids[:, :4], max_len=ids.shape[1] + 1)
+            steps = [model.decode_step(state, ids[:, t]) for t in range(4, ids.shape[1])]
+            assert state.decode_path == ("replayed" if replay else "eager: Model.static_decode is off")
+            if family.startswith("gemma"):
+                assert not folds, folds  # sandwich norms: norm_add_rmsnorm, never the fold
+            else:  # every o and down projection of the prefill (4 rows: mat-vecs) and of each step, the last
+                # down's with the final norm (the head reads it)
+                assert len(folds) >= 2 * (2 * layers) and all(f == on for f in folds), (on, replay, folds)
+            runs[on, replay] = torch.stack([logits, *steps])
+    name = f"{family} seed={seed}"
+    for on in (False, True):
+        assert torch.equal(runs[on, True], runs[on, False]), f"{name}: replayed differs from eager, fold {on}"
+    assert rel_err(runs[True, False], runs[False, False]) < RTOL_X8, name
+    cpu = load_model(folder, backend=CpuBackend())
+    logits, state = cpu.prefill(ids[:, :4], max_len=ids.shape[1] + 1)
+    ref = torch.stack([logits, *[cpu.decode_step(state, ids[:, t]) for t in range(4, ids.shape[1])]])
+    assert rel_err(runs[True, True], ref) < MODEL_RTOL, name
+
+
+FOLD_RUN = r'''
+import sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[2])
+from tiny_models import FAMILIES, pack_folder, save_random
+from llmopt.backends.vulkan import VulkanBackend
+from llmopt.engine import load_model
+from llmopt.quant.quantizers import Spec
+
+folder = pack_folder(save_random(FAMILIES["qwen2"](), Path(sys.argv[1]) / "f", 0), Path(sys.argv[1]) / "q",
+                     [Spec(4, 32, sym=False)])
+be = VulkanBackend()
+for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm"):
+    setattr(be, key, True)
+model = load_model(folder, backend=be)
+folds = []
+fold = be.linear_add_rmsnorm
+be.linear_add_rmsnorm = lambda *a: (lambda out: folds.append(out[1].rms is not None) or out)(fold(*a))
+gen = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=6, stop_ids=[])  # left padding, two steps in flight
+assert gen.timings["decode_path"] == "replayed", gen.timings["decode_path"]
+assert folds and all(folds), folds
+be.close()
+print("done")
+'''
+
+
+def test_fold_runs_clean_under_validation_layer(tmp_path):
+    """Greedy decoding of a batch of two (left-padded) with the fold on, two replayed steps in flight, under the
+    Khronos validation layer with synchronization validation: no message."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_vulkan_runtime import VALIDATION_DIR
+
+    manifest = VALIDATION_DIR / "usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json"
+    if not manifest.exists():
+        pytest.skip(f"Khronos validation layer not extracted at {VALIDATION_DIR}")
+    env = dict(os.environ, VK_LAYER_PATH=str(manifest.parent), VK_INSTANCE_LAYERS="VK_LAYER_KHRONOS_validation",
+               VK_LOADER_DEBUG="layer",
+               VK_LAYER_ENABLES="VK_VALIDATION_FEATURE_ENABLE_SYNCHRONIZATION_VALIDATION_EXT",
+               LD_LIBRARY_PATH=f"{VALIDATION_DIR / 'usr/lib/x86_64-linux-gnu'}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+    res = subprocess.run([sys.executable, "-c", FOLD_RUN, str(tmp_path), str(Path(__file__).parent)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert 'Insert instance layer "VK_LAYER_KHRONOS_validation"' in log and "done" in res.stdout
+    messages = [ln for ln in log.splitlines()
+                if "Validation" in ln and ("Error" in ln or "Warning" in ln) or "VUID-" in ln or "SYNC-HAZARD" in ln]
+    assert not messages, "\n".join(messages[:20])
+
+
+def test_tiny_model_mixed_widths(be, tmp_path, monkeypatch):
+    """A Qwen2 model of int4 and int8 weights (alternating by name: o, down, q, v, up int4; k, gate, the head int8):
+    the int8 readers of a folded norm get its floats made on demand, inside the replayed step's recording too;
+    replayed = eager bit for bit, and within ``MODEL_RTOL`` of the CPU backend."""
+    from llmopt.backends.vulkan.producer_norm import FoldedNorm
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    folder = pack_folder(save_random(FAMILIES["qwen2"](), tmp_path / "f", seed), tmp_path / "q",
+                         [Spec(4, 32, sym=False), Spec(8, 32, sym=True)], offset=1)
+    model = load_model(folder, backend=be)
+    for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm"):
+        monkeypatch.setattr(be, key, True)
+    folds, made = [], []
+    fold, materialize = be.linear_add_rmsnorm, FoldedNorm.materialize
+
+    def counted(*args):
+        out = fold(*args)
+        folds.append(out[1].rms is not None)
+        return out
+
+    def counted_materialize(self, act):
+        made.append(act)
+        return materialize(self, act)
+
+    monkeypatch.setattr(be, "linear_add_rmsnorm", counted)
+    monkeypatch.setattr(FoldedNorm, "materialize", counted_materialize)
+    ids = torch.randint(0, COMMON["vocab_size"], (1, 10))
+    runs = {}
+    for replay in (False, True):
+        model.static_decode = replay
+        logits, state = model.prefill(ids[:, :4], max_len=ids.shape[1] + 1)
+        runs[replay] = torch.stack([logits, *[model.decode_step(state, ids[:, t]) for t in range(4, ids.shape[1])]])
+        assert state.decode_path == ("replayed" if replay else "eager: Model.static_decode is off")
+    name = f"seed={seed}"
+    assert folds and all(folds) and made, (name, folds, len(made))
+    assert torch.equal(runs[True], runs[False]), f"{name}: replayed differs from eager"
+    cpu = load_model(folder, backend=CpuBackend())
+    logits, state = cpu.prefill(ids[:, :4], max_len=ids.shape[1] + 1)
+    ref = torch.stack([logits, *[cpu.decode_step(state, ids[:, t]) for t in range(4, ids.shape[1])]])
+    assert rel_err(runs[True], ref) < MODEL_RTOL, name
