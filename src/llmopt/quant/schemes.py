@@ -50,6 +50,9 @@ PRESETS: dict[str, dict] = {
     "w4g128-gptq-tuned": {"method": "gptq", "bits": 4, "group": 128, "sym": False, "gptq": {"table_damp": 0.1},
                           "tune": {}},
     "w4g128-gptq-emb8": {"method": "gptq", "bits": 4, "group": 128, "sym": False, "embedding": {"bits": 8, "group": 0}},
+    # its int4 layers' scales and zeros then tuned end to end, the int8 table kept as GPTQ left it ("Round 6")
+    "w4g128-gptq-emb8-tuned": {"method": "gptq", "bits": 4, "group": 128, "sym": False,
+                               "embedding": {"bits": 8, "group": 0}, "tune": {"params": "layers"}},
     "w4g32": {"method": "rtn", "bits": 4, "group": 32},  # llama.cpp Q4_0's layout: 4.5 bits per weight
     "w4g32-gptq": {"method": "gptq", "bits": 4, "group": 32},
     "w3g64": {"method": "mse", "bits": 3, "group": 64, "sym": False},
