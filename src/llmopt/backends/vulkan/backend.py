@@ -16,10 +16,10 @@ products are accelerated, int2/4/8 mat-vecs run ``matvec_quant_idot`` (x quantiz
 gated_act, the fused decode attention) also write their output so quantized (``VkAct.q8``, ``shaders/x8.glsl``),
 which int4 mat-vecs read instead of quantizing x in every workgroup. ``gated_linears`` (``fuse_gated_act``) runs
 gate/up and the gated activation as one mat-vec (``gated_layout``), which also writes the down projection's x8 rows
-(no gated_act dispatch). The KV cache (on the device), RoPE and attention come from
-``llmopt.backends.vulkan.attention`` (``AttentionOps``; a decode step's RoPE, K/V store and attention are one
-dispatch, ``rope_attention``). Host tables (RoPE cos/sin, masks, token ids) are uploaded once per submission and
-reused by every layer that passes the same tensor. ``replay_decoder`` records a model's whole decode step once and replays it per
+(no gated_act dispatch). The norms come from ``llmopt.backends.vulkan.norms`` (``NormOps``); the KV cache (on the
+device), RoPE and attention from ``llmopt.backends.vulkan.attention`` (``AttentionOps``; a decode step's RoPE, K/V
+store and attention are one dispatch, ``rope_attention``). Host tables (RoPE cos/sin, masks, token ids) are
+uploaded once per submission and reused by every layer that passes the same tensor. ``replay_decoder`` records a model's whole decode step once and replays it per
 token (``llmopt.backends.vulkan.replay``; ``Model.decode_step`` uses it by itself); ``add_rmsnorm`` fuses the
 residual add with the norm after it, ``norm_add_rmsnorm`` also Gemma's post norm before the add (one dispatch for
 rmsnorm, add, rmsnorm), each row held in registers where it fits (``norm_regs_max``); ``linear_add_rmsnorm``
@@ -41,6 +41,7 @@ from llmopt.backends.base import Backend
 from llmopt.backends.vulkan import compile as vk_compile
 from llmopt.backends.vulkan.attention import AttentionOps
 from llmopt.backends.vulkan.device import Buffer, Device, pack_push, probe
+from llmopt.backends.vulkan.norms import NormOps
 from llmopt.backends.vulkan.producer_norm import ProducerNormOps
 from llmopt.errors import LlmoptError
 from llmopt.quant.format import QuantizedTensor
@@ -151,7 +152,7 @@ class VkWeight:
         return sum(r[2] for p in self.pieces for r in (p.w, p.s, p.z) if r) + (self.bias.nbytes if self.bias else 0)
 
 
-class VulkanBackend(AttentionOps, ProducerNormOps, Backend):
+class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
     name = "vulkan"
 
     def __init__(self, kernel_dir: str | Path | None = None, profile: bool = False):
@@ -491,54 +492,6 @@ class VulkanBackend(AttentionOps, ProducerNormOps, Backend):
                               f"the device allows {self._shared_limit()}")
         return wg // split if split else 1
 
-    def rmsnorm(self, x, weight, eps, unit_offset, group=None):
-        group = group or x.features
-        if x.features % group:
-            raise LlmoptError(f"rmsnorm: {x.features} features are not a multiple of the group {group}")
-        self._check_norm_weight("rmsnorm", weight, group)
-        out, x8 = self._normed(x.shape, group if group == x.features else None)
-        n_chunks = x.rows * (x.features // group)
-        push = pack_push("IffI", group, float(eps), 1.0 if unit_offset else 0.0, n_chunks)
-        self._run("rmsnorm", 4, x8, [self._whole(x.buf), self._whole(weight), self._whole(out.buf),
-                                                    self._whole(out.q8 or self.dummy)], push, self._grid(n_chunks))
-        return out
-
-    def add_rmsnorm(self, a, b, weight, eps, unit_offset):
-        """``(a + b, rmsnorm(a + b))`` in one dispatch: the residual add and the norm after it (whole rows). Folded
-        into the mat-vecs that read it instead, it measured slower (docs/benchmarks.md, v15); folded into the mat-vec
-        before it (``linear_add_rmsnorm``), faster (v16)."""
-        return self._add_rmsnorm(a, b, None, weight, eps, unit_offset)
-
-    def norm_add_rmsnorm(self, a, b, post_weight, weight, eps, unit_offset):
-        """``(s, rmsnorm(s))`` with ``s = a + rmsnorm(b, post_weight)`` (Gemma's sandwich norm after attention or the
-        FFN, the residual add, the next norm) in one dispatch; ``fuse_post_norm`` off: ``rmsnorm`` then
-        ``add_rmsnorm``."""
-        if not self.fuse_post_norm:
-            return self.add_rmsnorm(a, self.rmsnorm(b, post_weight, eps, unit_offset), weight, eps, unit_offset)
-        return self._add_rmsnorm(a, b, post_weight, weight, eps, unit_offset)
-
-    def _add_rmsnorm(self, a, b, post_weight, weight, eps, unit_offset):
-        op = "add_rmsnorm" if post_weight is None else "norm_add_rmsnorm"
-        if a.shape != b.shape:
-            raise LlmoptError(f"{op}: shapes {list(a.shape)} and {list(b.shape)} differ")
-        for w in (weight, post_weight):
-            if w is not None:
-                self._check_norm_weight(op, w, a.features)
-        total, (out, x8) = self._new(a.shape), self._normed(a.shape, a.features)
-        per = -(-a.features // self.wg_reduce)  # values an invocation holds in registers (0: passes over memory)
-        per = per if per <= self.norm_regs_max else 0
-        push = pack_push("IffI", a.features, float(eps), 1.0 if unit_offset else 0.0, a.rows)
-        self._run("add_rmsnorm", 7, (*x8, per, int(post_weight is not None)),
-                  [self._whole(a.buf), self._whole(b.buf), self._whole(weight), self._whole(total.buf),
-                   self._whole(out.buf), self._whole(out.q8 or self.dummy), self._whole(post_weight or self.dummy)],
-                  push, self._grid(a.rows))
-        return total, out
-
-    @staticmethod
-    def _check_norm_weight(op: str, weight: Buffer, n: int) -> None:
-        if weight.nbytes < 4 * n:  # the shader would read past it
-            raise LlmoptError(f"{op}: the norm weight holds {weight.nbytes // 4} values, {n} features need one each")
-
     def _shared_limit(self) -> int:
         """Bytes of shared memory a workgroup may use on this device (the probe always records it)."""
         return int(self.probe["device"]["max_shared_memory_bytes"])
@@ -555,13 +508,6 @@ class VulkanBackend(AttentionOps, ProducerNormOps, Backend):
             out.q8 = self._alloc(rows * 160 * -(-f // 128), "x8")  # x8.glsl: 10 uvec4 per 4 chunks of 32
             return out, (1, per_group + per_group // 32)
         return out, (0, 1)
-
-    def layernorm(self, x, weight, bias, eps):
-        out = self._new(x.shape)
-        push = pack_push("IfI", x.features, float(eps), x.rows)
-        self._run("layernorm", 4, (), [self._whole(x.buf), self._whole(weight), self._whole(bias), self._whole(out.buf)],
-                  push, self._grid(x.rows))
-        return out
 
     def add(self, a, b):
         if a.shape != b.shape:
