@@ -20,6 +20,7 @@ Tolerances (fresh random inputs; widths that are not multiples of a workgroup's 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.quantizers import Spec
 
-from vulkan_device import require_vulkan
+from vulkan_device import require_vulkan, run_under_validation_layer
 vulkan = require_vulkan("integer_dot_product")
 from llmopt.backends.vulkan.backend import MATVEC_MAX_M, int8_chunks  # noqa: E402
 from test_vulkan_ops import random_qt, rel_err  # noqa: E402
@@ -255,28 +256,8 @@ print("done")
 def test_fold_runs_clean_under_validation_layer(tmp_path):
     """Greedy decoding of a batch of two (left-padded) with the fold on, two replayed steps in flight, under the
     Khronos validation layer with synchronization validation: no message."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    run_under_validation_layer(FOLD_RUN, str(tmp_path), str(Path(__file__).parent))
 
-    from test_vulkan_runtime import VALIDATION_DIR
-
-    manifest = VALIDATION_DIR / "usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json"
-    if not manifest.exists():
-        pytest.skip(f"Khronos validation layer not extracted at {VALIDATION_DIR}")
-    env = dict(os.environ, VK_LAYER_PATH=str(manifest.parent), VK_INSTANCE_LAYERS="VK_LAYER_KHRONOS_validation",
-               VK_LOADER_DEBUG="layer",
-               VK_LAYER_ENABLES="VK_VALIDATION_FEATURE_ENABLE_SYNCHRONIZATION_VALIDATION_EXT",
-               LD_LIBRARY_PATH=f"{VALIDATION_DIR / 'usr/lib/x86_64-linux-gnu'}:{os.environ.get('LD_LIBRARY_PATH', '')}")
-    res = subprocess.run([sys.executable, "-c", FOLD_RUN, str(tmp_path), str(Path(__file__).parent)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-3000:]
-    assert 'Insert instance layer "VK_LAYER_KHRONOS_validation"' in log and "done" in res.stdout
-    messages = [ln for ln in log.splitlines()
-                if "Validation" in ln and ("Error" in ln or "Warning" in ln) or "VUID-" in ln or "SYNC-HAZARD" in ln]
-    assert not messages, "\n".join(messages[:20])
 
 
 def test_tiny_model_mixed_widths(be, tmp_path, monkeypatch):

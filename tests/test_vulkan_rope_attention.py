@@ -12,13 +12,15 @@ where the device lacks VK_KHR_shader_clock; lavapipe has it).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from llmopt.backends.base import AttnSpec
 
-from vulkan_device import require_vulkan
+from vulkan_device import require_vulkan, run_under_validation_layer
 vulkan = require_vulkan()
 pytestmark = pytest.mark.vulkan
 
@@ -371,28 +373,8 @@ def test_phase_clock_runs_clean_under_validation_layer(tmp_path):
     """The clock build (VK_KHR_shader_clock enabled with both clocks, the record buffer bound; and the x8 rows'
     buffer, where the device has the int-dot mat-vec) in replayed greedy decoding under the Khronos validation layer
     with synchronization validation: no message."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    run_under_validation_layer(CLOCK_RUN, str(tmp_path), str(Path(__file__).parent))
 
-    from test_vulkan_runtime import VALIDATION_DIR
-
-    manifest = VALIDATION_DIR / "usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json"
-    if not manifest.exists():
-        pytest.skip(f"Khronos validation layer not extracted at {VALIDATION_DIR}")
-    env = dict(os.environ, VK_LAYER_PATH=str(manifest.parent), VK_INSTANCE_LAYERS="VK_LAYER_KHRONOS_validation",
-               VK_LOADER_DEBUG="layer",
-               VK_LAYER_ENABLES="VK_VALIDATION_FEATURE_ENABLE_SYNCHRONIZATION_VALIDATION_EXT",
-               LD_LIBRARY_PATH=f"{VALIDATION_DIR / 'usr/lib/x86_64-linux-gnu'}:{os.environ.get('LD_LIBRARY_PATH', '')}")
-    res = subprocess.run([sys.executable, "-c", CLOCK_RUN, str(tmp_path), str(Path(__file__).parent)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-3000:]
-    assert 'Insert instance layer "VK_LAYER_KHRONOS_validation"' in log and "done" in res.stdout
-    messages = [ln for ln in log.splitlines()
-                if "Validation" in ln and ("Error" in ln or "Warning" in ln) or "VUID-" in ln or "SYNC-HAZARD" in ln]
-    assert not messages, "\n".join(messages[:20])
 
 
 def test_phase_summary_arithmetic():

@@ -1,11 +1,8 @@
 """The Vulkan compile stage and runtime: incremental rebuilds, stale/missing SPIR-V, absent device, out of memory,
 the no-subgroup variant, submissions in flight (waited for later), and a run under the Khronos validation layer
 (synchronization validation on; greedy decoding with two replayed steps in flight, the fused decode attention split
-over the context and a profiled replayed step included) that must print no message.
-
-The validation layer comes from Debian's ``vulkan-validationlayers`` extracted (not installed) to
-``~/.cache/llmopt/vulkan-validationlayers`` (or ``$LLMOPT_VK_VALIDATION_DIR``):
-``apt-get download vulkan-validationlayers && dpkg-deb -x vulkan-validationlayers_*.deb DIR``.
+over the context and a profiled replayed step included) that must print no message (``vulkan_device`` says where
+the layer comes from).
 """
 
 from __future__ import annotations
@@ -15,14 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from llmopt.errors import LlmoptError
 
-from vulkan_device import require_vulkan
+from vulkan_device import require_vulkan, run_under_validation_layer
 vulkan = require_vulkan()
 from llmopt.backends.vulkan import compile as vk_compile  # noqa: E402
 
@@ -30,8 +26,6 @@ pytestmark = pytest.mark.vulkan
 PROBE = vulkan.probe()
 
 SHADERS = vk_compile.REPO_SHADERS
-VALIDATION_DIR = Path(os.environ.get("LLMOPT_VK_VALIDATION_DIR",
-                                     Path.home() / ".cache" / "llmopt" / "vulkan-validationlayers"))
 
 
 @pytest.fixture(scope="module")
@@ -241,23 +235,8 @@ print("done")
 
 
 def test_runs_clean_under_validation_layer(tmp_path):
-    manifest = VALIDATION_DIR / "usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json"
-    if not manifest.exists():
-        pytest.skip(f"Khronos validation layer not extracted at {VALIDATION_DIR} "
-                    "(apt-get download vulkan-validationlayers && dpkg-deb -x vulkan-validationlayers_*.deb DIR)")
-    env = dict(os.environ, VK_LAYER_PATH=str(manifest.parent), VK_INSTANCE_LAYERS="VK_LAYER_KHRONOS_validation",
-               VK_LOADER_DEBUG="layer",  # synchronization validation checks the barriers between commands too
-               VK_LAYER_ENABLES="VK_VALIDATION_FEATURE_ENABLE_SYNCHRONIZATION_VALIDATION_EXT",
-               LD_LIBRARY_PATH=f"{VALIDATION_DIR / 'usr/lib/x86_64-linux-gnu'}:{os.environ.get('LD_LIBRARY_PATH', '')}")
-    res = subprocess.run([sys.executable, "-c", VALIDATED_RUN, str(tmp_path / "model")], env=env,
-                         capture_output=True, text=True, timeout=600)
-    log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-3000:]
-    assert 'Insert instance layer "VK_LAYER_KHRONOS_validation"' in log  # the layer really ran
-    assert "done" in res.stdout
-    messages = [ln for ln in log.splitlines()
-                if "Validation" in ln and ("Error" in ln or "Warning" in ln) or "VUID-" in ln or "SYNC-HAZARD" in ln]
-    assert not messages, "\n".join(messages[:20])
+    run_under_validation_layer(VALIDATED_RUN, str(tmp_path / "model"))
+
 
 
 def test_profile_times_each_kernel():

@@ -1,9 +1,23 @@
-"""The Vulkan test files' shared gate: the backend module, or a skip of the calling test module when this machine
-has no Vulkan device (or the device lacks a feature the module's tests need)."""
+"""The Vulkan test files' shared helpers: the gate (the backend module, or a skip of the calling test module when this
+machine has no Vulkan device or the device lacks a feature the module's tests need), and a script run under the
+Khronos validation layer that must print no message.
+
+The validation layer comes from Debian's ``vulkan-validationlayers`` extracted (not installed) to
+``~/.cache/llmopt/vulkan-validationlayers`` (or ``$LLMOPT_VK_VALIDATION_DIR``):
+``apt-get download vulkan-validationlayers && dpkg-deb -x vulkan-validationlayers_*.deb DIR``.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+VALIDATION_DIR = Path(os.environ.get("LLMOPT_VK_VALIDATION_DIR",
+                                     Path.home() / ".cache" / "llmopt" / "vulkan-validationlayers"))
 
 
 def require_vulkan(*features: str):
@@ -17,3 +31,24 @@ def require_vulkan(*features: str):
         if not probe["features"].get(feature):
             pytest.skip(f"the Vulkan device lacks {feature}", allow_module_level=True)
     return vulkan
+
+
+def run_under_validation_layer(script: str, *args: str) -> None:
+    """Run ``python -c script *args`` under the Khronos validation layer with synchronization validation (which checks
+    the barriers between commands too); assert it printed "done", that the layer really ran, and no validation
+    message. Skips the test when the layer is not extracted at ``VALIDATION_DIR``."""
+    manifest = VALIDATION_DIR / "usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json"
+    if not manifest.exists():
+        pytest.skip(f"Khronos validation layer not extracted at {VALIDATION_DIR} "
+                    "(apt-get download vulkan-validationlayers && dpkg-deb -x vulkan-validationlayers_*.deb DIR)")
+    env = dict(os.environ, VK_LAYER_PATH=str(manifest.parent), VK_INSTANCE_LAYERS="VK_LAYER_KHRONOS_validation",
+               VK_LOADER_DEBUG="layer",
+               VK_LAYER_ENABLES="VK_VALIDATION_FEATURE_ENABLE_SYNCHRONIZATION_VALIDATION_EXT",
+               LD_LIBRARY_PATH=f"{VALIDATION_DIR / 'usr/lib/x86_64-linux-gnu'}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+    res = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert 'Insert instance layer "VK_LAYER_KHRONOS_validation"' in log and "done" in res.stdout
+    messages = [ln for ln in log.splitlines()
+                if "Validation" in ln and ("Error" in ln or "Warning" in ln) or "VUID-" in ln or "SYNC-HAZARD" in ln]
+    assert not messages, "\n".join(messages[:20])
