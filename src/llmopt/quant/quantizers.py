@@ -218,8 +218,8 @@ def round_half_up(x: torch.Tensor) -> torch.Tensor:
 
 def _q8_0_codes(wg: torch.Tensor) -> torch.Tensor:
     """llama.cpp Q8_0's codes (+128), in its own float32 arithmetic: ``x * (1 / d)`` with the unrounded
-    ``d = max|x| / 127``, rounded half away from zero. Weights decoded from 4- and 5-bit files put many values on
-    exact ties, where half up (the other formats' rule) would differ from Q8_0 on every negative one."""
+    ``d = max|x| / 127``, rounded half away from zero. Dividing by the stored fp16 scale instead (the other
+    formats' way) moved 0.5-3% of them, on random weights and on the real Gemma 3 270M's."""
     d = wg.abs().amax(-1, keepdim=True) / 127
     y = wg * torch.where(d == 0, torch.zeros_like(d), 1 / d)
     a = y.abs()

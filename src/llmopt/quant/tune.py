@@ -26,8 +26,8 @@ float32: a bfloat16 output would round a logit of 20 to 0.06, the size of what i
 products (bfloat16 inputs, AMX: only gradients are rounded). The KL runs over token chunks, so the ``T x V`` logits
 never exist at once. Memory: the float model, the codes (float32, so dequantizing is one ``addcmul``), one
 dequantized copy and its gradient (``~20 bytes`` per parameter, 12 more with learned rounding); ``check_fits``
-refuses models that would not fit the machine's available memory. Gemma 3 270M, one core: ~4.4 s per 128-token step, ~9 s per 512-token step
-(docs/benchmarks.md).
+refuses models that would not fit the machine's available memory. Gemma 3 270M, one core: ~4.4 s per 128-token
+step, ~9 s per 512-token step, ~15 s with learned rounding (docs/benchmarks.md).
 
     python -m llmopt.quant.tune     # tunes a random tiny model's int4 weights, prints the KL before and after
 """
@@ -120,7 +120,8 @@ class TunedTensor(torch.nn.Module):
         s = s.to(dtype)
         s = torch.where(s == 0, self.qt.scales, s)  # an underflowed scale would zero its whole group
         zeros = None if self.qt.sym else z.to(dtype)
-        qweight = self.qt.qweight if self.v is None else pack_bits(self.current_codes().round().flatten(1), self.qt.bits)
+        qweight = (self.qt.qweight if self.v is None
+                   else pack_bits(self.current_codes().round().flatten(1), self.qt.bits))
         return QuantizedTensor(qweight, s, zeros, self.qt.bits, self.qt.group, self.qt.shape, self.qt.orig_dtype)
 
     @torch.no_grad()
