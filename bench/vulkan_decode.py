@@ -48,6 +48,7 @@ import torch
 
 from llmopt.backends.vulkan import VulkanBackend
 from llmopt.backends.vulkan.backend import int8_chunks
+from llmopt.errors import LlmoptError
 from llmopt.fsutil import write_text
 from llmopt.quant.format import QuantizedTensor
 
@@ -94,12 +95,18 @@ VARIANTS = [
     {"name": "attn no prefetch", "attn_prefetch": False},  # rope_attention without its first loads issued ahead
     {"name": "attn no x8", "attn_x8": False},  # rope_attention writes float only: o's workgroups each quantize x
     {"name": "attn clock", "attn_clock": True},  # rope_attention's phases stamped: the phase table (attention_phases)
+    # the replayed step's dispatches chained through a counter instead of barriers (chain.py, v18; "auto" on a GPU:
+    # every model but those with Gemma's sandwich norms): forced on, or off; "no barriers" is the bound of what
+    # chaining can win: the step recorded without barriers, wrong results (timing only, not checked)
+    {"name": "chain", "decode_chain": "chain"},
+    {"name": "no chain", "decode_chain": "off"},
+    {"name": "no barriers (timing only)", "decode_chain": "no barriers"},
     {"name": "default again"},  # the first variant repeated last: the run's drift (KV length, clocks)
 ]
 VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
                 "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch",
-                "attn_x8", "attn_clock", "gated_layout", "fuse_producer_norm", "norm_layout")
+                "attn_x8", "attn_clock", "gated_layout", "fuse_producer_norm", "norm_layout", "decode_chain")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:
@@ -263,6 +270,58 @@ def attention_phases(be: VulkanBackend, model, state, token, n: int) -> dict:
     return out
 
 
+def clone(state):
+    """A copy of a decode state that advances on its own (its KV cache shared)."""
+    return dataclasses.replace(state, valid=state.valid.clone(), next_pos=state.next_pos.clone())
+
+
+def time_variant(be: VulkanBackend, model, state, replay_state, token, steps: int) -> tuple[dict, torch.Tensor]:
+    """One variant (set on ``be``): eager and replayed steps alternating from ``token``, the replayed step back to
+    back, greedy with two steps in flight, each checked against the eager path, then the replay profile; the
+    numbers and the last token."""
+    decoder = be.replay_decoder(model, replay_state)  # recorded with this variant's pipelines
+    walls, gpus, replayed, same = [], [], [], []
+    for _ in range(steps + 2):
+        reset_times(be)
+        t = time.perf_counter()
+        eager_token = model.decode_step(state, token).argmax(-1)  # what decode_step does without a recording
+        walls.append(time.perf_counter() - t)
+        gpus.append(gpu_ms(be))
+        t = time.perf_counter()
+        replayed_token = decoder.step(replay_state, token, greedy=True)
+        replayed.append(time.perf_counter() - t)
+        same.append(bool(torch.equal(eager_token, replayed_token)))
+        token = eager_token
+    walls, gpus, replayed = walls[2:], gpus[2:], replayed[2:]  # the first steps create pipelines
+    fed = token  # check on this device: one more step along both paths, logits compared
+    diff = (model.decode_step(state, fed) - decoder.step(replay_state, fed)).abs().max()
+    check = {"max_abs_diff": float(diff), "same_token": all(same)}
+    decoder.replay(max(1, int(0.5 / min(replayed))))  # back to back, the same step: ~0.5 s raises the clocks
+    n = 4 * steps
+    t = time.perf_counter()
+    decoder.replay(n)
+    replay_ms = (time.perf_counter() - t) / n * 1e3
+    # generate's greedy path: two replayed steps in flight; the eager state follows the same ids
+    t = time.perf_counter()
+    flight = decoder.greedy_steps(replay_state, token, steps)[0]
+    flight_ms = (time.perf_counter() - t) / steps * 1e3
+    fed = torch.cat([token, flight[:-1]])
+    eager = torch.cat([model.decode_step(state, fed[i:i + 1]).argmax(-1) for i in range(steps)])
+    check["flight_same_tokens"] = bool(torch.equal(eager, flight))
+    decoder.close()
+    token = flight[-1:]
+    profile = replay_profile(be, model, replay_state, token, steps)
+    phases = attention_phases(be, model, replay_state, token, steps) if be.attn_clock else None
+    return {"wall_ms": statistics.median(walls) * 1e3, "wall_ms_spread": [min(walls) * 1e3, max(walls) * 1e3],
+            "replayed_wall_ms": statistics.median(replayed) * 1e3,
+            "replayed_wall_ms_spread": [min(replayed) * 1e3, max(replayed) * 1e3],
+            "flight_wall_ms": flight_ms,
+            "replay_ms": replay_ms, "replays_timed": n, "replay_vs_eager": check,
+            "gpu_ms": statistics.median(gpus), "gpu_ms_spread": [min(gpus), max(gpus)],
+            "last_step_kernels_ms": {k: round(v, 4) for k, (v, _) in be.kernel_times().items()},
+            "replay_kernels": profile, "attn_phases": phases}, token
+
+
 def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
                prompt: int, steps: int, variants: list, seed: int = 0) -> dict:
     from llmopt.engine.config import ModelArgs
@@ -299,60 +358,37 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
         for variant in variants:
             for key in VARIANT_KEYS:
                 setattr(be, key, variant.get(key, defaults[key]))
-            decoder = be.replay_decoder(model, replay_state)  # recorded with this variant's pipelines
-            walls, gpus, replayed, same = [], [], [], []
-            for _ in range(steps + 2):
-                reset_times(be)
-                t = time.perf_counter()
-                eager_token = model.decode_step(state, token).argmax(-1)  # what decode_step does without a recording
-                walls.append(time.perf_counter() - t)
-                gpus.append(gpu_ms(be))
-                t = time.perf_counter()
-                replayed_token = decoder.step(replay_state, token, greedy=True)
-                replayed.append(time.perf_counter() - t)
-                same.append(bool(torch.equal(eager_token, replayed_token)))
-                token = eager_token
-            walls, gpus, replayed = walls[2:], gpus[2:], replayed[2:]  # the first steps create pipelines
-            fed = token  # check on this device: one more step along both paths, logits compared
-            diff = (model.decode_step(state, fed) - decoder.step(replay_state, fed)).abs().max()
-            check = {"max_abs_diff": float(diff), "same_token": all(same)}
-            decoder.replay(max(1, int(0.5 / min(replayed))))  # back to back, the same step: ~0.5 s raises the clocks
-            n = 4 * steps
-            t = time.perf_counter()
-            decoder.replay(n)
-            replay_ms = (time.perf_counter() - t) / n * 1e3
-            # generate's greedy path: two replayed steps in flight; the eager state follows the same ids
-            t = time.perf_counter()
-            flight = decoder.greedy_steps(replay_state, token, steps)[0]
-            flight_ms = (time.perf_counter() - t) / steps * 1e3
-            fed = torch.cat([token, flight[:-1]])
-            eager = torch.cat([model.decode_step(state, fed[i:i + 1]).argmax(-1) for i in range(steps)])
-            check["flight_same_tokens"] = bool(torch.equal(eager, flight))
-            token = flight[-1:]
-            decoder.close()
-            profile = replay_profile(be, model, replay_state, token, steps)
-            phases = attention_phases(be, model, replay_state, token, steps) if be.attn_clock else None
-            runs.append({"name": variant["name"], **{key: getattr(be, key) for key in VARIANT_KEYS},
-                         "wall_ms": statistics.median(walls) * 1e3, "wall_ms_spread": [min(walls) * 1e3, max(walls) * 1e3],
-                         "replayed_wall_ms": statistics.median(replayed) * 1e3,
-                         "replayed_wall_ms_spread": [min(replayed) * 1e3, max(replayed) * 1e3],
-                         "flight_wall_ms": flight_ms,
-                         "replay_ms": replay_ms, "replays_timed": n, "replay_vs_eager": check,
-                         "gpu_ms": statistics.median(gpus), "gpu_ms_spread": [min(gpus), max(gpus)],
-                         "last_step_kernels_ms": {k: round(v, 4) for k, (v, _) in be.kernel_times().items()},
-                         "replay_kernels": profile, "attn_phases": phases})
+            timing_only = be.decode_chain == "no barriers"
+            try:
+                if timing_only:  # wrong results: on copies of the states (the cache slots they write lie past the
+                    # originals' next slot, rewritten before anything reads them), the attention counters zeroed after
+                    run, _ = time_variant(be, model, clone(state), clone(replay_state), token, steps)
+                    for cache in replay_state.caches:
+                        if getattr(cache, "counters", None) is not None:
+                            be.dev.upload(cache.counters, np.zeros(cache.counters.nbytes // 4, np.uint32))
+                    be.synchronize()
+                else:
+                    run, token = time_variant(be, model, state, replay_state, token, steps)
+            except LlmoptError as err:  # e.g. a chain timing out on this device: the other variants still run
+                print(f"    variant {variant['name']}: failed: {err}")
+                runs.append({"name": variant["name"], "error": str(err)})
+                continue
+            runs.append({"name": variant["name"], **{key: getattr(be, key) for key in VARIANT_KEYS}, **run,
+                         "timing_only": timing_only})
+            check = run["replay_vs_eager"]
             print(f"    variant {variant['name']} ({', '.join(f'{k}={getattr(be, k)}' for k in VARIANT_KEYS)}): "
-                  f"wall eager {runs[-1]['wall_ms']:.2f} ms, replayed {runs[-1]['replayed_wall_ms']:.2f} ms, "
-                  f"replayed 2 in flight {flight_ms:.2f} ms; "
-                  f"GPU: eager kernels {runs[-1]['gpu_ms']:.2f} ms, replayed back to back {replay_ms:.2f} ms; "
+                  f"wall eager {run['wall_ms']:.2f} ms, replayed {run['replayed_wall_ms']:.2f} ms, "
+                  f"replayed 2 in flight {run['flight_wall_ms']:.2f} ms; "
+                  f"GPU: eager kernels {run['gpu_ms']:.2f} ms, replayed back to back {run['replay_ms']:.2f} ms; "
                   f"replayed vs eager logits: max |diff| {check['max_abs_diff']:.1e}, "
                   f"same token {check['same_token']}, "
-                  f"2 in flight same tokens {check['flight_same_tokens']}")
+                  f"2 in flight same tokens {check['flight_same_tokens']}"
+                  + (" (timing only: results not checked)" if timing_only else ""))
         for key in VARIANT_KEYS:  # the next model starts from the device's defaults, not the last variant
             setattr(be, key, defaults[key])
         del model, state, replay_state
     kv_bytes = 2 * args.n_layers * (prompt + len(variants) * (2 * steps + 3)) * args.n_kv_heads * args.head_dim * 4
-    best = min(runs, key=lambda r: r["replayed_wall_ms"])
+    best = min((r for r in runs if "error" not in r and not r["timing_only"]), key=lambda r: r["replayed_wall_ms"])
     keys = ("wall_ms", "wall_ms_spread", "replayed_wall_ms", "replayed_wall_ms_spread", "flight_wall_ms", "gpu_ms",
             "gpu_ms_spread", "replay_ms", "last_step_kernels_ms")
     return {"model": name, "layers": args.n_layers, "vocab": args.vocab_size, "prompt": prompt, "steps": steps,

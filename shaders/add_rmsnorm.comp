@@ -12,6 +12,7 @@
 // Q8 = 1 (F a multiple of 32): y also as x8 rows (x8.glsl) for the int-dot mat-vec that reads it.
 // Dispatch: rows workgroups (folded).
 #include "common.glsl"
+#include "chain.glsl"
 #define X8_BITS 4u
 #define X8_BINDING 5
 #include "x8.glsl"
@@ -25,7 +26,7 @@ layout(std430, binding = 2) readonly buffer WBuf { float wt[]; };
 layout(std430, binding = 3) buffer SBuf { float s[]; };
 layout(std430, binding = 4) writeonly buffer YBuf { float y[]; };
 layout(std430, binding = 6) readonly buffer WbBuf { float wb[]; };  // PRE_NORM's weight
-layout(push_constant) uniform Params { uint F; float eps; float offset; uint rows; } p;
+layout(push_constant) uniform Params { uint F; float eps; float offset; uint rows; CHAIN_TICKET_MEMBER } p;
 
 float inv_rms(float sum_sq) { return inversesqrt(wg_sum(sum_sq) / float(p.F) + p.eps); }
 
@@ -82,3 +83,4 @@ void main() {
     }
     if (Q8 != 0u) x8_store(group_index(), p.F, 0u, p.F / 32u);
 }
+#include "chain_main.glsl"

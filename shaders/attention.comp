@@ -10,6 +10,7 @@
 // SLOT_FROM_STEP = 1 (replayed decode): start is step[0], written by the host into the step buffer before each
 // submit, so one recorded dispatch serves every position. Dispatch: (H, T, B).
 #include "common.glsl"
+#include "chain.glsl"
 
 layout(constant_id = 1) const uint SLOT_FROM_STEP = 0;
 
@@ -32,6 +33,7 @@ layout(push_constant) uniform Params {
     uint sl;         // scratch row length (>= every hi)
     float scale;
     float softcap;   // 0 = none
+    CHAIN_TICKET_MEMBER
 } p;
 
 const uint MAX_D = 256;
@@ -118,3 +120,4 @@ void main() {
         }
     }
 }
+#include "chain_main.glsl"

@@ -4,6 +4,7 @@
 // quantizing its own WG / 32 chunks, for the int-dot mat-vec that reads it (the down projection).
 // Dispatch: ceil(n / WG) workgroups (folded).
 #include "common.glsl"
+#include "chain.glsl"
 #include "act.glsl"
 #define X8_BITS 4u
 #define X8_BINDING 3
@@ -12,7 +13,7 @@
 layout(std430, binding = 0) readonly buffer GBuf { float gate[]; };
 layout(std430, binding = 1) readonly buffer UBuf { float up[]; };
 layout(std430, binding = 2) writeonly buffer YBuf { float y[]; };
-layout(push_constant) uniform Params { uint n; uint kind; uint F; } p;
+layout(push_constant) uniform Params { uint n; uint kind; uint F; CHAIN_TICKET_MEMBER } p;
 
 void main() {
     const uint i = flat_index();
@@ -27,3 +28,4 @@ void main() {
         x8_store(first / p.F, p.F, (first % p.F) / 32u, WG / 32u);
     }
 }
+#include "chain_main.glsl"

@@ -4,6 +4,7 @@
 // decode): start is step[0], the cache slot the host writes into the step buffer before each submit.
 // Dispatch: ceil(B*T*F / WG) workgroups (folded).
 #include "common.glsl"
+#include "chain.glsl"
 
 layout(constant_id = 1) const uint SLOT_FROM_STEP = 0;
 
@@ -12,7 +13,7 @@ layout(std430, binding = 1) readonly buffer VBuf { float v[]; };
 layout(std430, binding = 2) writeonly buffer KCBuf { float kc[]; };
 layout(std430, binding = 3) writeonly buffer VCBuf { float vc[]; };
 layout(std430, binding = 4) readonly buffer StepBuf { uint step[]; };  // SLOT_FROM_STEP only
-layout(push_constant) uniform Params { uint T, F, L, start, total; } p;
+layout(push_constant) uniform Params { uint T, F, L, start, total; CHAIN_TICKET_MEMBER } p;
 
 void main() {
     const uint i = flat_index();
@@ -23,3 +24,4 @@ void main() {
     kc[dst] = k[i];
     vc[dst] = v[i];
 }
+#include "chain_main.glsl"

@@ -4,6 +4,7 @@
 // Q8 = 1 (whole rows, F a multiple of 32): y also as x8 rows (x8.glsl) for the int-dot mat-vec that reads it.
 // Dispatch: rows * F / group workgroups (folded).
 #include "common.glsl"
+#include "chain.glsl"
 #define X8_BITS 4u
 #define X8_BINDING 3
 #include "x8.glsl"
@@ -11,7 +12,7 @@
 layout(std430, binding = 0) readonly buffer XBuf { float x[]; };
 layout(std430, binding = 1) readonly buffer WBuf { float wt[]; };
 layout(std430, binding = 2) writeonly buffer YBuf { float y[]; };
-layout(push_constant) uniform Params { uint group; float eps; float offset; uint n_chunks; } p;
+layout(push_constant) uniform Params { uint group; float eps; float offset; uint n_chunks; CHAIN_TICKET_MEMBER } p;
 
 void main() {
     const uint tid = gl_LocalInvocationID.x;
@@ -27,3 +28,4 @@ void main() {
     }
     if (Q8 != 0u) x8_store(group_index(), p.group, 0u, p.group / 32u);
 }
+#include "chain_main.glsl"

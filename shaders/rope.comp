@@ -5,6 +5,7 @@
 // [positions, D] and row r uses table row pos[r], read from the step buffer the host writes before each submit.
 // Dispatch: ceil(rows * F / 2 / WG) workgroups (folded).
 #include "common.glsl"
+#include "chain.glsl"
 
 layout(constant_id = 1) const uint POS_TABLE = 0;
 
@@ -13,7 +14,7 @@ layout(std430, binding = 1) readonly buffer CBuf { float cs[]; };
 layout(std430, binding = 2) readonly buffer SBuf { float sn[]; };
 layout(std430, binding = 3) writeonly buffer YBuf { float y[]; };
 layout(std430, binding = 4) readonly buffer PBuf { uint pos[]; };  // POS_TABLE only
-layout(push_constant) uniform Params { uint F; uint D; uint total; } p;  // total = rows * F / 2
+layout(push_constant) uniform Params { uint F; uint D; uint total; CHAIN_TICKET_MEMBER } p;  // total = rows * F / 2
 
 void main() {
     const uint i = flat_index();
@@ -27,3 +28,4 @@ void main() {
     y[a] = xa * cs[t] - xb * sn[t];
     y[b] = xb * cs[t + half_d] + xa * sn[t + half_d];
 }
+#include "chain_main.glsl"

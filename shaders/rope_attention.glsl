@@ -41,6 +41,7 @@
 #extension GL_EXT_shader_realtime_clock : require
 #endif
 #include "common.glsl"
+#include "chain.glsl"
 #define X8_BITS 4u
 #define X8_BINDING 12
 #include "x8.glsl"
@@ -97,6 +98,7 @@ layout(push_constant) uniform Params {
     float scale;
     float softcap;   // 0 = none
     uint clock_base; // PHASE_CLOCK: the first word of this dispatch's records in clk
+    CHAIN_TICKET_MEMBER
 } p;
 
 shared float qs[MAX_GD];               // the group's roped, scaled queries
@@ -342,3 +344,4 @@ void main() {
     CLOCK_BARRIER
     STAMP(8u)
 }
+#include "chain_main.glsl"

@@ -40,6 +40,9 @@ def compiled(tmp_path_factory):
 def test_one_spirv_per_shader_and_incremental_rebuild(compiled):
     src, out, manifest = compiled
     stems = sorted(p.stem for p in src.glob("*.comp"))
+    chained = {"embedding", "rmsnorm", "add_rmsnorm", "gated_act", "logits_softcap", "rope", "kv_store", "attention",
+               "matvec_quant", "matvec_quant_idot", "rope_attention", "rope_attention_clock"}  # include chain.glsl
+    stems = sorted(stems + [f"{s}_chain" for s in chained])
     assert sorted(manifest["shaders"]) == stems and all((out / f"{s}.spv").stat().st_size > 0 for s in stems)
     again = vk_compile.compile_shaders(src, out, PROBE)
     assert not any(e["rebuilt"] for e in again["shaders"].values())
@@ -48,8 +51,9 @@ def test_one_spirv_per_shader_and_incremental_rebuild(compiled):
     assert [s for s, e in edited["shaders"].items() if e["rebuilt"]] == ["add"]
     (src / "act.glsl").write_text((src / "act.glsl").read_text() + "\n// header edited\n")
     header = vk_compile.compile_shaders(src, out, PROBE)  # act.glsl: by act.comp, gated_act.comp, matvec_quant.glsl
-    assert sorted(s for s, e in header["shaders"].items() if e["rebuilt"]) == [
-        "act", "gated_act", "matvec_quant", "matvec_quant_idot"]
+    assert sorted(s for s, e in header["shaders"].items() if e["rebuilt"]) == [  # and their chained builds
+        "act", "gated_act", "gated_act_chain", "matvec_quant", "matvec_quant_chain", "matvec_quant_idot",
+        "matvec_quant_idot_chain"]
     (src / "broken.glsl").write_text('#include "absent.glsl"\n')
     (src / "add.comp").write_text('#include "broken.glsl"\n' + (src / "add.comp").read_text())
     with pytest.raises(LlmoptError, match=r'broken\.glsl: includes "absent\.glsl", which is not in'):

@@ -180,6 +180,8 @@ class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
         self.gated_layout = tuple(int(v) for v in spec.get("matvec_gated_layout", (64, 8, 8)))
         self.fuse_post_norm = True  # norm_add_rmsnorm: Gemma's post norm, the residual add and the next norm at once
         self.norm_regs_max = 16  # add_rmsnorm holds rows of up to this many values an invocation in registers
+        # the replayed step's dispatches chained (chain.MODES); chained mat-vecs load chain_early chunks of weights early
+        self.decode_chain, self.chain_early = spec.get("decode_chain", "off"), int(spec.get("chain_early", 0))
         self._init_attention(info)
         self._init_producer_norm(spec)
         self._fused: dict = {}  # ids of weights given to linears() -> (those weights, fused VkWeight or None)
@@ -195,7 +197,7 @@ class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
     # --- buffers ---------------------------------------------------------------------------------------
     def _alloc(self, nbytes: int, name: str = "activation") -> Buffer:
         nbytes = max(16, (int(nbytes) + 15) // 16 * 16)
-        free = self._pool.get(nbytes)
+        free = self._pool.get(nbytes) if self.dev.chain is None else None  # chained: each buffer written once (chain.py)
         buf = free.pop() if free else self.dev.buffer(nbytes, name=name)
         if self.dev.capturing:  # a replayed step writes it again later: it never goes back to the shared pool
             self._owner[id(buf)] = self._pool
@@ -464,7 +466,7 @@ class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
                 shader = "matvec_quant_idot" if int_dot else "matvec_quant"
                 push += pack_push("Iff", rms_parts, eps, float(norm[2]) if norm is not None else 0.0)
                 self._run(shader, 12, (rows, *spec_tail, split, int(x8), gated, *x8_out, int(norm is not None),
-                                       int(x_rms is not None)),
+                                       int(x_rms is not None), self.chain_early),
                           bindings + [self._whole(q8 or self.dummy), *norm_bindings], push, (gx, gy, m), wg,
                           f"{shader} {role}" if role else None)
             else:

@@ -3,7 +3,8 @@
     python -m llmopt.backends.vulkan.compile shaders/ results/kernels/vulkan [--probe results/targets/vulkan.json]
 
 Naming rule (the workflow's outputs): one SPIR-V file per shader, ``{out_dir}/{stem}.spv`` for
-``shaders/{stem}.comp`` (e.g. ``results/kernels/vulkan/matvec_quant.spv``), plus ``{out_dir}/manifest.json``.
+``shaders/{stem}.comp`` (e.g. ``results/kernels/vulkan/matvec_quant.spv``), plus ``{out_dir}/manifest.json``; a shader
+that includes ``chain.glsl`` also as ``{stem}_chain.spv`` (``CHAIN = 1``: its chained build for the replayed step).
 The device variant is chosen here from the probe: the defines ``USE_SUBGROUP`` (subgroup arithmetic in compute
 shaders, else shared-memory reductions) and ``SMALL_CODE`` (CPU devices: tile loops kept rolled) are compiled in, and the sizes the runtime passes as specialization
 constants (workgroup size, rows per workgroup, matmul tile) are written to the manifest's ``spec``, and so is
@@ -54,7 +55,9 @@ def device_config(probe: dict) -> dict:
     32-value chunks, so that it writes them as x8 rows for the down projection itself; ``matvec_norm``: 1 to fold the
     residual add and the next RMSNorm into the o and down mat-vecs (``VulkanBackend.linear_add_rmsnorm``);
     ``matvec_norm_layout``: that mat-vec's (workgroup size, invocations a row set, rows a set), sets * rows outputs
-    a workgroup, whole 32-value chunks.
+    a workgroup, whole 32-value chunks; ``decode_chain``: the replayed step's dispatches ordered by a counter instead
+    of barriers (``llmopt.backends.vulkan.chain.MODES``); ``chain_early``: 32-value chunks of each row a chained
+    mat-vec loads before it waits.
 
     CPU devices (lavapipe) run one invocation per SIMD lane group and pay for every barrier, so small workgroups
     (16 invocations, 8 rows each) win there by about 5x (FACTS §6); GPUs want 64-256 invocations a workgroup.
@@ -79,6 +82,10 @@ def device_config(probe: dict) -> dict:
     # 112 workgroups for Qwen2.5-7B's 3584 outputs) 1.10-1.14x more on Qwen2.5-7B there (v16); off where the
     # device's workgroups cannot hold the layout
     x_q8, gated, norm = int_dot, int_dot, int(bool(int_dot) and max_wg >= norm_layout[0])
+    # the replayed step's dispatches chained through a counter instead of barriers, each mat-vec's first chunk of
+    # weights loaded before its wait (chain.py): on an H200 Qwen2.5-7B 1.05x, Gemma 2 9B 0.90x, so "auto" (off for
+    # sandwich norms); lavapipe runs dispatches one after another, nothing to win there
+    chain = "auto" if device.get("type") != "cpu" else "off"
     return {
         "defines": {"USE_SUBGROUP": int(bool(features.get("subgroup_arithmetic")) and subgroup > 0),
                     "SMALL_CODE": int(device.get("type") == "cpu")},
@@ -87,7 +94,7 @@ def device_config(probe: dict) -> dict:
                  "matvec_int_dot": int_dot,
                  "matvec_x_q8": x_q8, "matvec_gated": gated,
                  "matvec_gated_layout": [min(gated_layout[0], max_wg), *gated_layout[1:]], "matvec_norm": norm,
-                 "matvec_norm_layout": list(norm_layout)},
+                 "matvec_norm_layout": list(norm_layout), "decode_chain": chain, "chain_early": int(chain != "off")},
     }
 
 
@@ -122,6 +129,18 @@ def source_hash(comp: Path, defines: dict) -> str:
     return digest.hexdigest()
 
 
+def builds(comps: list[Path], defines: dict) -> list[tuple[Path, str, dict]]:
+    """(source, output stem, defines) of every SPIR-V file: each shader with the device's defines, and a shader that
+    includes ``chain.glsl`` also as ``{stem}_chain`` with ``CHAIN = 1`` (chained replayed dispatches:
+    ``llmopt.backends.vulkan.chain``)."""
+    out = []
+    for comp in comps:
+        out.append((comp, comp.stem, defines))
+        if any(h.name == "chain.glsl" for h in included_headers(comp)):
+            out.append((comp, f"{comp.stem}_chain", {**defines, "CHAIN": 1}))
+    return out
+
+
 def compile_shaders(shader_dir: Path, out_dir: Path, probe: dict) -> dict:
     """Build ``{out_dir}/{stem}.spv`` for every ``{shader_dir}/*.comp`` that changed; write and return the manifest."""
     shader_dir, out_dir = Path(shader_dir), Path(out_dir)
@@ -136,15 +155,14 @@ def compile_shaders(shader_dir: Path, out_dir: Path, probe: dict) -> dict:
     old = _read_manifest(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = {}
-    for comp in comps:
-        stem = comp.stem
-        want = source_hash(comp, defines)
+    for comp, stem, variant in builds(comps, defines):
+        want = source_hash(comp, variant)
         spv = out_dir / f"{stem}.spv"
         prev = old.get("shaders", {}).get(stem, {})
         fresh = (prev.get("source_sha256") == want and old.get("glslc") == version and spv.exists()
                  and sha256_file(spv) == prev.get("spv_sha256"))
         if not fresh:
-            _glslc(comp, spv, defines)
+            _glslc(comp, spv, variant)
         entries[stem] = {"spv": spv.name, "source": str(comp), "source_sha256": want,
                          "spv_sha256": sha256_file(spv), "rebuilt": not fresh}
     manifest = {"target": "vulkan", "glslc": version, "defines": defines, "spec": config["spec"],
@@ -159,12 +177,12 @@ def check_manifest(spv_dir: Path, shader_dir: Path = REPO_SHADERS) -> dict:
     manifest = _read_manifest(spv_dir)
     if not manifest:
         raise LlmoptError(f"{spv_dir / MANIFEST}: missing; run the compile stage (llmopt.backends.vulkan.compile)")
-    for comp in sorted(shader_dir.glob("*.comp")):
-        entry = manifest["shaders"].get(comp.stem)
-        spv = spv_dir / f"{comp.stem}.spv"
+    for comp, stem, variant in builds(sorted(shader_dir.glob("*.comp")), manifest["defines"]):
+        entry = manifest["shaders"].get(stem)
+        spv = spv_dir / f"{stem}.spv"
         if entry is None or not spv.exists():
-            raise LlmoptError(f"{spv}: SPIR-V for shader '{comp.stem}' is missing; rerun the compile stage")
-        if entry["source_sha256"] != source_hash(comp, manifest["defines"]):
+            raise LlmoptError(f"{spv}: SPIR-V for shader '{stem}' is missing; rerun the compile stage")
+        if entry["source_sha256"] != source_hash(comp, variant):
             raise LlmoptError(f"{spv}: stale, {comp} (or a header) changed since it was compiled; rerun the compile stage")
         if sha256_file(spv) != entry["spv_sha256"]:
             raise LlmoptError(f"{spv}: contents differ from the manifest's hash (edited or truncated); rerun the compile stage")

@@ -177,6 +177,7 @@ class Pipeline:
     layout: object
     set_layout: object
     n_bindings: int
+    spec: tuple = ()
     descriptor_sets: dict = field(default_factory=dict)
 
 
@@ -229,6 +230,7 @@ class Device(Recordings):
         self.modules: dict = {}
         self.recording = False
         self.capturing: Recording | None = None  # set between begin_recording and end_recording
+        self.chain = None  # a chain.Chain while a replayed step's body is recorded chained
         self._saved_cmd = None
         self._submits: dict = {}  # tuple of Recordings -> (VkSubmitInfo*, its command-buffer array)
         self._all_tickets: list = []  # fences of submissions waited for later (recording.Ticket)
@@ -404,7 +406,7 @@ class Device(Recordings):
                                                    pName="main", pSpecializationInfo=spec_info)
         handle = vk.vkCreateComputePipelines(self.device, None, 1, [vk.VkComputePipelineCreateInfo(
             stage=stage, layout=layout)], None)[0]
-        pipe = self.pipelines[key] = Pipeline(name, handle, layout, set_layout, n_bindings)
+        pipe = self.pipelines[key] = Pipeline(name, handle, layout, set_layout, n_bindings, spec)
         return pipe
 
     def _descriptor_set(self, pipe: Pipeline, bindings: tuple):
@@ -444,27 +446,37 @@ class Device(Recordings):
     def dispatch(self, pipe: Pipeline, bindings: list, push: bytes, groups: tuple[int, int, int],
                  label: str | None = None) -> None:
         """Record one dispatch. ``bindings``: (Buffer, offset, range) per binding, range None = to the end.
-        ``label``: its name in timings (default: the shader's)."""
+        ``label``: its name in timings (default: the shader's). While ``chain`` is set, a shader with a chained
+        build is recorded chained (``llmopt.backends.vulkan.chain``): no barrier after a chained dispatch."""
         if any(g <= 0 for g in groups):
             return
+        label = label or pipe.name
         key = tuple((b, o, min(b.nbytes - o, self.max_range) if r is None else r) for b, o, r in bindings)
         for buf, off, rng in key:
             if rng > self.max_range or off % self.align:
                 raise LlmoptError(f"{pipe.name}: binding of {rng} bytes at offset {off} exceeds the device's "
                                   f"storage-buffer range {self.max_range} or alignment {self.align}")
+        chained = self.chain.variant(pipe, key, push, groups, label) if self.chain is not None else None
+        if chained is not None:
+            pipe, key, push = chained
         dset = self._descriptor_set(pipe, key)
         self._begin()
-        self._barrier("compute")
+        if chained is None or not self.chain.linkable:
+            self._barrier("compute")
         lib, cmd = self.lib, self.cmd
         lib.vkCmdBindPipeline(cmd, self.vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipe.handle)
         lib.vkCmdBindDescriptorSets(cmd, self.vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipe.layout, 0, 1, dset, 0, self.ffi.NULL)
         if push:
             lib.vkCmdPushConstants(cmd, pipe.layout, self.vk.VK_SHADER_STAGE_COMPUTE_BIT, 0, len(push), push)
         lib.vkCmdDispatch(cmd, *groups)
-        self._after(label or pipe.name)
+        self._after(label)
+        if self.chain is not None:
+            self.chain.linkable = chained is not None
 
     def _barrier(self, stage: str) -> None:
         """Make the previous command's writes visible to a command of ``stage`` and order the two."""
+        if self.chain is not None:
+            self.chain.linkable = False
         if self._last_stage is not None:
             src, dst, barrier = self._barriers[(self._last_stage, stage)]
             self.lib.vkCmdPipelineBarrier(self.cmd, src, dst, 0, 1, barrier, 0, self.ffi.NULL, 0, self.ffi.NULL)

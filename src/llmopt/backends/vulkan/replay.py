@@ -41,6 +41,10 @@ used alternately, each rewritten only after the step that read it was waited for
 waited for and dropped: the state does not advance for it, and the cache slot it wrote is the next step's slot,
 rewritten by that step before its attention reads it.
 
+Where ``VulkanBackend.decode_chain`` says so (``chain.chain_mode``: "auto" on GPUs chains models without sandwich
+norms), the body's dispatches are chained (``llmopt.backends.vulkan.chain``): no barriers between them, a counter
+zeroed by the prologues, its two words copied back by every tail and checked after each step (a timeout raises).
+
 ``Model.decode_step`` (and ``decode_greedy``; ``decode_greedy_steps``, which ``generate`` uses for greedy decoding,
 through ``greedy_steps``) use it by themselves when the embedding, every layer and the head are on one
 ``VulkanBackend``; ``Model.static_decode = False`` turns it off. Buffers the replay writes come
@@ -56,6 +60,7 @@ import numpy as np
 import torch
 
 from llmopt.backends.vulkan.backend import VulkanBackend
+from llmopt.backends.vulkan.chain import Chain, chain_mode
 from llmopt.engine.rope import rope_tables
 from llmopt.errors import LlmoptError
 
@@ -121,6 +126,7 @@ class VulkanDecoder:
         self.sizes = {name: 4 * n for name, n in words.items()}
         self._resources = []
         self._pool: dict = {}
+        self.chain = None
         self.body, self.logits_tail, self.loads, self.advances, self.greedy_tails = None, None, [], [], []
         try:
             self.step_host = [self._buffer(size, host=True, name="decode step (host)") for _ in range(2)]
@@ -129,6 +135,10 @@ class VulkanDecoder:
             self.step_floats = [buf.view(np.float32, size // 4) for buf in self.step_host]
             self.ids_out = [self._buffer(4 * B, host=True, cached=True, name="greedy ids") for _ in range(2)]  # read by
             self.logits_out = self._buffer(4 * B * self.vocab, host=True, cached=True, name="logits readback")  # cached
+            mode = chain_mode(be.decode_chain, a)
+            if mode != "off":  # the body's dispatches chained: counter and error word read back per tail
+                self.chain = Chain(dev, mode)
+                self.chain_out = [self._buffer(16, host=True, name="chain readback") for _ in range(2)]
             self.table_len = int(state.next_pos.max()) + state.max_len - state.start
             self.host_rows, self.tables, self.step_rows = {}, {}, {}
             for i, r in enumerate(ropes):
@@ -169,31 +179,49 @@ class VulkanDecoder:
             for host in self.step_host:  # prologues: every word from the host, or all but the ids
                 dev.begin_recording(self.profile)
                 dev.copy(host, self.step_dev, host.nbytes)
+                self._reset_chain()
                 self.loads.append(dev.end_recording())
                 dev.begin_recording(self.profile)
                 start = self.offsets["slot"]
                 dev.copy(host, self.step_dev, host.nbytes - start, src_offset=start, dst_offset=start)
+                self._reset_chain()
                 self.advances.append(dev.end_recording())
             dev.begin_recording(self.profile)
+            dev.chain = self.chain
             normed = m._stack(ops.embedding(None, m.embed, a.embed_scale), ops, self.tables, state, None, ops)
             self.logits = be.logits_device(normed, m.head, a.final_softcap)
             del normed
+            dev.chain = None
             self.ids_dev = be._alloc(4 * self.batch, "greedy ids")  # while recording: from the private pool
             self.body = dev.end_recording()
-            for ids_out in self.ids_out:  # argmax, ids to the host and to where the next step's embedding reads
+            for parity, ids_out in enumerate(self.ids_out):  # argmax, ids to the host and to the next embedding
                 dev.begin_recording(self.profile)
                 be._argmax(self.logits, self.ids_dev)
                 dev.copy(self.ids_dev, ids_out, 4 * self.batch)
                 dev.copy(self.ids_dev, self.step_dev, 4 * self.batch, dst_offset=self.offsets["ids"])
+                if self.chain is not None:
+                    self.chain.record_readback(self.chain_out[parity])
                 self.greedy_tails.append(dev.end_recording())
             dev.begin_recording(self.profile)
             dev.copy(self.logits.buf, self.logits_out, 4 * self.batch * self.vocab)
+            if self.chain is not None:
+                self.chain.record_readback(self.chain_out[0])
             self.logits_tail = dev.end_recording()
         except BaseException:
             dev.abort_recording()
             raise
         finally:
+            dev.chain = None
             be.private_pool(shared)
+
+    def _reset_chain(self) -> None:
+        if self.chain is not None:
+            self.chain.record_reset()
+
+    def _check_chain(self, parity: int) -> None:
+        """Raise if the chained step whose tail read back into ``chain_out[parity]`` timed out or miscounted."""
+        if self.chain is not None:
+            self.chain.check(self.chain_out[parity])
 
     def _check_ids(self, ids) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
@@ -232,6 +260,7 @@ class VulkanDecoder:
         self._write(state, 0, ids=self._check_ids(ids))
         self._stepped = True
         self._submit((self.loads[0], self.body, self.greedy_tails[0] if greedy else self.logits_tail))
+        self._check_chain(0)
         self._advance(state)
         if greedy:
             return self._ids(0)
@@ -259,6 +288,7 @@ class VulkanDecoder:
                     self._write(state, parity, ahead=1)
                     queued.append(dev.submit((self.advances[parity], body, self.greedy_tails[parity]), wait=False))
                 dev.wait(queued.popleft())
+                self._check_chain(k % 2)
                 out.append(self._ids(k % 2))
                 self._advance(state)
                 if stop is not None and stop(out[-1]):
@@ -279,6 +309,7 @@ class VulkanDecoder:
                 self._submit(recordings)
         else:
             self.dev.submit(recordings, times)
+        self._check_chain(0)
 
     def _submit(self, recordings: tuple) -> None:
         self.dev.submit(recordings)
@@ -311,6 +342,9 @@ class VulkanDecoder:
             self.be._release(self.ids_dev)
             self.ids_dev = None
         self.be.free_pool(self._pool)
+        if self.chain is not None:
+            self.chain.free()
+            self.chain = None
         for buf in self._resources:
             dev.free(buf)
         self._resources = []

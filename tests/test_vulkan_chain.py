@@ -1,0 +1,238 @@
+"""Chained dispatches in the replayed decode step (``llmopt.backends.vulkan.chain``), on lavapipe with the chain
+forced on.
+
+Lavapipe runs one dispatch after another, so every wait passes at once: these tests check what a GPU would compute
+with the chain (the same results), the bookkeeping that makes it safe there, and the failure path, not the overlap:
+* tiny Qwen2, Qwen2-sliding, Gemma 2 and Gemma 3 int4 models, in the GPU configuration (int-dot mat-vecs, x8 rows,
+  the gated and the producer-norm epilogues, the mat-vecs' early weight loads) and in lavapipe's own: the
+  chained replayed step's logits equal the barrier path's bit for bit (exact: same shaders, same order of
+  arithmetic), and greedy tokens with two steps in flight are equal;
+* every activation of the chained body in a buffer of its own (each written once a step);
+* every dispatch of the body recorded chained, behind no barrier but the first; each ticket equal to an independent
+  count (the workgroups of every dispatch recorded before it, summed from the dispatches as the device saw them:
+  a ticket off by one fails), and the counter read back after the step equal to the body's workgroups;
+* a ticket made unreachable: the wait gives up and the step raises the LlmoptError naming that dispatch;
+* one greedy run of the chain under the Khronos validation layer, without synchronization validation (it cannot
+  see a counter in memory, so it would report every dependent dispatch pair without a barrier as a hazard; the
+  barrier path keeps its synchronization-validated tests: test_vulkan_producer_norm, test_vulkan_replay).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmopt.engine import load_model
+from llmopt.errors import LlmoptError
+from llmopt.quant.quantizers import Spec
+
+from vulkan_device import require_vulkan, run_under_validation_layer
+vulkan = require_vulkan("integer_dot_product")
+from llmopt.backends.vulkan import chain as vk_chain  # noqa: E402
+from llmopt.backends.vulkan import compile as vk_compile  # noqa: E402
+from llmopt.backends.vulkan.replay import VulkanDecoder  # noqa: E402
+from tiny_models import COMMON, FAMILIES, pack_folder, save_random  # noqa: E402
+
+pytestmark = pytest.mark.vulkan
+
+GPU_CONFIG = ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm")
+CHAINED = {"embedding", "rmsnorm", "add_rmsnorm", "gated_act", "logits_softcap", "rope", "kv_store", "attention",
+           "matvec_quant", "matvec_quant_idot", "rope_attention", "rope_attention_clock"}
+
+
+def int4_model(be, tmp_path, family):
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    folder = pack_folder(save_random(FAMILIES[family](), tmp_path / "f", seed), tmp_path / "q",
+                         [Spec(4, 32, sym=False)])
+    return load_model(folder, backend=be), f"{family} seed={seed}"
+
+
+class Seen:
+    """The body's dispatches as the device records them (label, workgroups), its barriers before dispatches, and
+    the buffers the backend hands out for its activations."""
+
+    def __init__(self, be, monkeypatch):
+        self.dispatches, self.barriers, self.allocated = [], 0, []
+        dev = be.dev
+        dispatch, barrier, alloc = dev.dispatch, dev._barrier, be._alloc
+
+        def seen_alloc(nbytes, name="activation"):
+            buf = alloc(nbytes, name)
+            if dev.chain is not None:
+                self.allocated.append(id(buf))
+            return buf
+
+        def seen_dispatch(pipe, bindings, push, groups, label=None):
+            if dev.chain is not None and all(g > 0 for g in groups):
+                self.dispatches.append((label or pipe.name, groups[0] * groups[1] * groups[2]))
+            return dispatch(pipe, bindings, push, groups, label)
+
+        def seen_barrier(stage):
+            if dev.chain is not None and stage == "compute":
+                self.barriers += 1
+            return barrier(stage)
+
+        monkeypatch.setattr(dev, "dispatch", seen_dispatch)
+        monkeypatch.setattr(dev, "_barrier", seen_barrier)
+        monkeypatch.setattr(be, "_alloc", seen_alloc)
+
+
+def decode(model, ids, n_prompt):
+    """Logits of a prefill and of replayed steps over ``ids[:, n_prompt:]``, and the decoder (open)."""
+    logits, state = model.prefill(ids[:, :n_prompt], max_len=ids.shape[1] + 1)
+    dec = VulkanDecoder(model, state)
+    steps = [logits] + [dec.step(state, ids[:, t]) for t in range(n_prompt, ids.shape[1])]
+    return torch.stack(steps), dec
+
+
+@pytest.mark.parametrize("config", ["gpu", "gpu max 8", "lavapipe"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_chain_equals_barrier_path(be, tmp_path, monkeypatch, family, config):
+    """The GPU configuration (the chained mat-vecs' first chunk of weights loaded before the wait), the same with
+    dispatches of over 8 workgroups left behind barriers ("gpu max 8"), and lavapipe's own (no early loads)."""
+    if config.startswith("gpu"):
+        for key in GPU_CONFIG:
+            monkeypatch.setattr(be, key, True)
+    monkeypatch.setattr(be, "chain_early", 0 if config == "lavapipe" else 1)
+    max_groups = 8 if config == "gpu max 8" else 1 << 31
+    monkeypatch.setattr(vk_chain, "MAX_GROUPS", max_groups)
+    model, name = int4_model(be, tmp_path, family)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 9))
+    monkeypatch.setattr(be, "decode_chain", "off")
+    want, dec = decode(model, ids, 3)
+    assert dec.chain is None
+    dec.close()
+    monkeypatch.setattr(be, "decode_chain", "chain")
+    seen = Seen(be, monkeypatch)
+    got, dec = decode(model, ids, 3)
+    try:
+        # every activation of the chained body in a buffer of its own: each written once a step (chain.py)
+        assert len(seen.allocated) == len(set(seen.allocated)) > 0, name
+        assert torch.equal(got, want), f"{name}: chained logits differ by {(got - want).abs().max():.2e}"
+        # every dispatch of the body chained (up to max_groups workgroups), barriers only before the first and after
+        # an unchained one, tickets from an independent count
+        links, chained = dec.chain.links, [d for d in seen.dispatches if d[1] <= max_groups]
+        assert [(link.label, link.groups) for link in links] == chained, name
+        unchained = len(seen.dispatches) - len(chained)
+        assert 0 < unchained < len(chained) if config == "gpu max 8" else unchained == 0, (name, unchained)
+        assert 1 <= seen.barriers <= 1 + 2 * unchained, (name, seen.barriers)
+        total = 0
+        for i, ((label, groups), link) in enumerate(zip(chained, links)):
+            assert link.ticket == total, f"{name}: dispatch {i} ({label}) ticket {link.ticket}, expected {total}"
+            total += groups
+        counter, error = (int(v) for v in dec.chain_out[0].view(np.uint32, 2))
+        assert (counter, error) == (total, 0), name
+    finally:
+        dec.close()
+    # greedy generation, two replayed steps in flight: the barrier path's tokens
+    prompts = [[5, 6, 7], [8, 9]]
+    tokens = {}
+    for mode in ("off", "chain"):
+        monkeypatch.setattr(be, "decode_chain", mode)
+        gen = model.generate(prompts, max_new_tokens=6, stop_ids=[])
+        assert gen.timings["decode_path"] == "replayed", gen.timings["decode_path"]
+        tokens[mode] = gen.tokens
+    assert tokens["chain"] == tokens["off"], name
+
+
+def test_unreachable_ticket_times_out(be, tmp_path, monkeypatch):
+    """Dispatch 2's ticket past the step's workgroups: its wait gives up, the step raises naming it."""
+    model, name = int4_model(be, tmp_path, "qwen2")
+    monkeypatch.setattr(be, "decode_chain", "chain")
+    variant = vk_chain.Chain.variant
+    unreachable = 1 << 30
+
+    def late(self, pipe, key, push, groups, label):
+        out = variant(self, pipe, key, push, groups, label)
+        if out is not None and len(self.links) == 3:
+            self.links[-1].ticket = unreachable
+            out = (out[0], out[1], out[2][:vk_chain.TICKET_OFFSET] + struct.pack("<I", unreachable))
+        return out
+
+    monkeypatch.setattr(vk_chain.Chain, "variant", late)
+    ids = torch.randint(0, COMMON["vocab_size"], (1, 5))
+    logits, state = model.prefill(ids[:, :4], max_len=8)
+    dec = VulkanDecoder(model, state)
+    try:
+        with pytest.raises(LlmoptError, match=r"chained dispatches timed out: dispatch 2 \(.*set chain off"):
+            dec.step(state, ids[:, 4])
+    finally:
+        dec.close()
+
+
+def test_bad_mode_is_named(be, tmp_path, monkeypatch):
+    model, _ = int4_model(be, tmp_path, "qwen2")
+    monkeypatch.setattr(be, "decode_chain", "sometimes")
+    logits, state = model.prefill(torch.tensor([[1, 2, 3]]), max_len=6)
+    with pytest.raises(LlmoptError, match="decode chain mode 'sometimes': expected one of 'auto', 'chain'"):
+        VulkanDecoder(model, state)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_auto_chains_where_measured_faster(be, tmp_path, monkeypatch, family):
+    """"auto" (the GPU default) chains Qwen2's step and leaves Gemma's (sandwich norms: slower chained, v18)."""
+    model, _ = int4_model(be, tmp_path, family)
+    monkeypatch.setattr(be, "decode_chain", "auto")
+    assert vk_chain.chain_mode("auto", model.args) == ("off" if family == "gemma2" else "chain")
+    logits, state = model.prefill(torch.tensor([[1, 2, 3]]), max_len=6)
+    dec = VulkanDecoder(model, state)
+    try:
+        assert (dec.chain is None) == (family == "gemma2")
+    finally:
+        dec.close()
+
+
+def test_device_config_chains_on_gpus_only():
+    gpu = {"device": {"type": "discrete_gpu", "subgroup_size": 32, "max_workgroup_invocations": 1024},
+           "features": {"subgroup_arithmetic": True, "integer_dot_4x8_signed_accelerated": True}}
+    spec = vk_compile.device_config(gpu)["spec"]
+    assert (spec["decode_chain"], spec["chain_early"]) == ("auto", 1)
+    spec = vk_compile.device_config(vulkan.probe())["spec"]  # lavapipe: one dispatch after another
+    assert (spec["decode_chain"], spec["chain_early"]) == ("off", 0)
+
+
+def test_chained_builds_listed_and_checked(tmp_path):
+    """Every shader that includes chain.glsl gets a ``_chain`` build; check_manifest refuses one that is missing."""
+    comps = sorted(vk_compile.REPO_SHADERS.glob("*.comp"))
+    chained = {stem[:-len("_chain")] for _, stem, d in vk_compile.builds(comps, {}) if d.get("CHAIN") == 1}
+    assert chained == CHAINED
+    probe = vulkan.probe()
+    out = tmp_path / "spv"
+    vk_compile.compile_shaders(vk_compile.REPO_SHADERS, out, probe)
+    vk_compile.check_manifest(out)
+    (out / "rmsnorm_chain.spv").unlink()
+    with pytest.raises(LlmoptError, match="rmsnorm_chain.spv: SPIR-V for shader 'rmsnorm_chain' is missing"):
+        vk_compile.check_manifest(out)
+
+
+CHAIN_RUN = r'''
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from tiny_models import FAMILIES, pack_folder, save_random
+from llmopt.backends.vulkan import VulkanBackend
+from llmopt.engine import load_model
+from llmopt.quant.quantizers import Spec
+
+folder = pack_folder(save_random(FAMILIES["qwen2"](), Path(sys.argv[1]) / "f", 0), Path(sys.argv[1]) / "q",
+                     [Spec(4, 32, sym=False)])
+be = VulkanBackend()
+for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm"):
+    setattr(be, key, True)
+be.decode_chain = "chain"
+model = load_model(folder, backend=be)
+gen = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=6, stop_ids=[])  # left padding, two steps in flight
+assert gen.timings["decode_path"] == "replayed", gen.timings["decode_path"]
+be.close()
+print("done")
+'''
+
+
+def test_chain_runs_clean_under_validation_layer(tmp_path):
+    """Greedy decoding with the chain on, two replayed steps in flight, under the Khronos validation layer without
+    synchronization validation (see the module docstring): no message."""
+    run_under_validation_layer(CHAIN_RUN, str(tmp_path), str(Path(__file__).parent), sync=False)
