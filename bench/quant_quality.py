@@ -31,17 +31,19 @@ DEFAULT_SCHEMES = ["w8", "w8g32", "mixed-gptq-7.36", "mixed-7.36", "w4g128-gptq-
                    "w4g128", "w4g128-gptq", "w4g128-mse", "mixed-4.5", "w3g64", "mixed-3.5", "w3g64-gptq", "w2g32",
                    "seed-size"]
 MIXED_OPTIONS = [{"bits": 2, "group": 64, "sym": False}, {"bits": 3, "group": 64, "sym": False},
-                 {"bits": 4, "group": 64, "sym": False}, {"bits": 5, "group": 32, "sym": True},
+                 {"bits": 4, "group": 64, "sym": False}, {"bits": 4, "group": 32, "sym": False},
+                 {"bits": 5, "group": 32, "sym": True},
                  {"bits": 6, "group": 64, "sym": True}, {"bits": 8, "group": 0, "sym": True}]
 
 
 def scheme_of(name: str, texts: list[str], tokens: int, calibration_tokens: int, gptq: dict | None = None,
-              tune: dict | None = None) -> dict:
+              tune: dict | None = None, calibration_texts: list[str] | None = None) -> dict:
     """A preset, ``mixed-<bpw>`` (options ``MIXED_OPTIONS``, mse) or ``mixed-gptq-<bpw>`` (the same options by GPTQ,
     vocabulary tables fixed at int8 g32, llama.cpp Q8_0's layout, as its 4-bit types keep them), evaluated on
     ``texts``; ``gptq`` options go to GPTQ schemes, ``tune`` options to schemes with ``tune`` (``{"on": ...}`` adds
-    tuning to any quantized scheme)."""
-    common = {"perplexity": {"texts": texts, "tokens": tokens}, "calibration": {"tokens": calibration_tokens}}
+    tuning to any quantized scheme); ``calibration_texts`` replace the default calibration plays."""
+    calibration = {"tokens": calibration_tokens, **({"texts": calibration_texts} if calibration_texts else {})}
+    common = {"perplexity": {"texts": texts, "tokens": tokens}, "calibration": calibration}
     scheme = _scheme_of(name, common)
     if gptq and (scheme["method"] == "gptq" or scheme.get("base") == "gptq"):
         scheme["gptq"] = gptq
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", action="append", help="evaluation text (default hamlet)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per text (default 4096)")
     p.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    p.add_argument("--calibration-text", action="append", metavar="NAME",
+                   help="calibration text, a play or an Austen novel (repeat; default the 8 plays of "
+                        "llmopt.quant.texts.CALIBRATION_PLAYS); must not be an evaluation text")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine 2 threads stall each other)")
     p.add_argument("--seed-of", default="gemma-3-27b-it",
@@ -103,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     gptq = _gptq_options(args.gptq)
     tune = _tune_options(args.tune)
     for scheme_name in args.scheme or DEFAULT_SCHEMES:
-        scheme = scheme_of(scheme_name, texts, args.tokens, args.calibration_tokens, gptq, tune)
-        suffix = (args.gptq if gptq and "gptq" in scheme else []) + (args.tune if tune and "tune" in scheme else [])
+        scheme = scheme_of(scheme_name, texts, args.tokens, args.calibration_tokens, gptq, tune, args.calibration_text)
+        suffix = ((args.gptq if gptq and "gptq" in scheme else []) + (args.tune if tune and "tune" in scheme else [])
+                  + ([f"cal={'+'.join(args.calibration_text)}"] if args.calibration_text else []))
         name = scheme_name + ("[" + ",".join(suffix) + "]" if suffix else "")
         if name in rows and not args.redo:
             continue

@@ -1,12 +1,14 @@
 """Calibration statistics on a small random HF model: input Hessians (head matmul skipped) against a direct
-computation, and the Fisher diagonal against autograd on a single window."""
+computation, and the Fisher diagonal against autograd on a single window; calibration windows drawn from every
+text in turn (real tokenizer and texts)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llmopt.quant.calibration import fisher_diagonal, input_hessians
+from llmopt.errors import LlmoptError
+from llmopt.quant.calibration import _spread, calibration_windows, fisher_diagonal, input_hessians
 
 
 def tiny_model(tied: bool):
@@ -78,3 +80,35 @@ def test_tied_head_is_quantized_by_gptq_on_its_hessian():
         deq = quantize(table, spec, method, hessian=h[name], importance=torch.diagonal(h[name])).dequantize()
         errors[method] = float((x @ (table - deq).T).norm() / (x @ table.T).norm())
     assert errors["gptq"] < 0.95 * errors["mse"], errors  # 0.098 vs 0.109 here (seeded)
+
+
+def test_spread_order_visits_every_item_once_and_halves_first():
+    for n in range(1, 40):
+        order = _spread(list(range(n)))
+        assert sorted(order) == list(range(n))
+    assert _spread(list(range(8))) == [0, 4, 2, 6, 1, 5, 3, 7]
+    assert _spread(list(range(6)))[:3] == [0, 4, 2]  # start, middle, quarter, even when n is no power of two
+
+
+def test_calibration_windows_take_every_text_in_turn(reference_model_dir):
+    """A budget of one window a text gives each text's opening; the next turn each text's middle window; the
+    budget is met exactly, windows never overlap, and an evaluation text is refused."""
+    from transformers import AutoTokenizer
+
+    from llmopt.quant.texts import load_text
+
+    tok = AutoTokenizer.from_pretrained(reference_model_dir)
+    texts, w = ["macbeth", "emma", "othello"], 64
+    ids = {t: tok(load_text(t), add_special_tokens=False)["input_ids"] for t in texts}
+    first = calibration_windows(tok, texts, 3 * w, window=w)
+    assert [x[1:].tolist() for x in first] == [ids[t][:w] for t in texts]
+    assert all(int(x[0]) == tok.bos_token_id for x in first)
+    more = calibration_windows(tok, texts, 6 * w + 10, window=w)
+    assert sum(len(x) - 1 for x in more) == 6 * w + 10 and [len(x) - 1 for x in more][-1] == 10
+    for i, t in enumerate(texts):
+        n = -(-len(ids[t]) // w)
+        middle = 2 ** ((n - 1).bit_length() - 1)  # the first index of the second turn in bit-reversed order
+        assert more[3 + i][1:].tolist() == ids[t][middle * w:(middle + 1) * w]
+    assert more[6][1:].tolist() == ids["macbeth"][2 ** ((-(-len(ids["macbeth"]) // w) - 1).bit_length() - 2) * w:][:10]
+    with pytest.raises(LlmoptError, match="also evaluation texts"):
+        calibration_windows(tok, ["macbeth", "hamlet"], w)

@@ -7,7 +7,8 @@
   weighted squared error ``1/2 sum F dW**2`` estimates the loss increase a quantization error ``dW`` causes
   (second-order Taylor expansion at a minimum). Used by mixed precision to rank tensors.
 
-Calibration text is the plays of ``llmopt.quant.texts.CALIBRATION_PLAYS``, disjoint from the evaluation texts.
+Calibration text is the plays of ``llmopt.quant.texts.CALIBRATION_PLAYS`` (or a scheme's own ``calibration.texts``),
+always disjoint from the evaluation texts; windows are drawn from the texts in turn.
 """
 
 from __future__ import annotations
@@ -15,14 +16,30 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from llmopt.quant.texts import calibration_text
+from llmopt.quant.texts import calibration_texts
 
 
 def calibration_windows(tokenizer, texts: list[str], tokens: int, window: int = 512) -> list[torch.Tensor]:
-    """``tokens`` calibration tokens as BOS-prefixed windows of ``window`` tokens."""
-    ids = tokenizer(calibration_text(tuple(texts)), add_special_tokens=False)["input_ids"][:tokens]
+    """``tokens`` calibration tokens as BOS-prefixed windows of ``window`` tokens. Each text is cut into disjoint
+    windows, taken in a spread order (bit-reversed positions: the start, the middle, the quarters, ...), and the
+    texts take turns, so that any budget sees every text and all parts of each, not just the first text's opening."""
+    per_text = [_spread([ids[i:i + window] for i in range(0, len(ids), window)])
+                for ids in (tokenizer(t, add_special_tokens=False)["input_ids"] for t in calibration_texts(tuple(texts)))]
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    return [torch.tensor(bos + ids[i:i + window]) for i in range(0, len(ids), window)]
+    windows, left = [], tokens
+    for turn in range(max(map(len, per_text), default=0)):
+        for pieces in per_text:
+            if turn < len(pieces) and left > 0:
+                piece = pieces[turn][:left]
+                windows.append(torch.tensor(bos + piece))
+                left -= len(piece)
+    return windows
+
+
+def _spread(items: list) -> list:
+    """``items`` in bit-reversed index order: every prefix is spread evenly over the list."""
+    bits = max(1, (len(items) - 1).bit_length())
+    return [items[i] for i in sorted(range(len(items)), key=lambda i: int(f"{i:0{bits}b}"[::-1], 2))]
 
 
 def _weight_names(model) -> dict[str, str]:

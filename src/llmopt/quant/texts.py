@@ -5,7 +5,7 @@ novels (``pride-and-prejudice``, ``emma``, ...) come from Debian's ``r-cran-jane
 ``apt-get download`` + ``dpkg-deb -x`` into ``$LLMOPT_CACHE/texts`` (never ``apt-get install``: that pulls R) and
 read from R's lazy-load database with the small XDR reader below.
 
-Calibration and evaluation text are kept disjoint: ``calibration_text(exclude=...)`` refuses to include a text
+Calibration and evaluation text are kept disjoint: ``calibration_texts(exclude=...)`` refuses to include a text
 that is being evaluated.
 
     python -m llmopt.quant.texts hamlet pride-and-prejudice   # prints sizes and the first lines
@@ -57,12 +57,12 @@ def load_text(name: str) -> str:
     return found[name].read_text(encoding="utf-8")
 
 
-def calibration_text(names: tuple[str, ...] = CALIBRATION_PLAYS, exclude: tuple[str, ...] = EVAL_TEXTS) -> str:
-    """Concatenated calibration texts, refusing any overlap with the evaluation texts ``exclude``."""
+def calibration_texts(names: tuple[str, ...] = CALIBRATION_PLAYS, exclude: tuple[str, ...] = EVAL_TEXTS) -> list[str]:
+    """The calibration texts ``names``, refusing any overlap with the evaluation texts ``exclude``."""
     overlap = sorted(set(names) & set(exclude))
     if overlap:
         raise LlmoptError(f"calibration texts {overlap} are also evaluation texts; choose disjoint texts")
-    return "\n\n".join(load_text(n) for n in names)
+    return [load_text(n) for n in names]
 
 
 def _cache_dir() -> Path:
