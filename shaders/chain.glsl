@@ -5,6 +5,8 @@
 // dispatches before it, runs, makes its writes visible (memoryBarrierBuffer) and adds 1. The counter reaches T_i
 // only once every workgroup of dispatches 0..i-1 has finished, so every earlier write is done (and every read: the
 // step's buffers are written once each, below). Only invocation 0 polls; the others wait at the workgroup barrier.
+// (Measured no faster on an H200, v19: a back-off between polls, polls spread over 32 or 64 ready flags on lines of
+// their own, fences by invocation 0 alone. docs/benchmarks.md.)
 // A poll that outlasts CHAIN_SPINS loads sets the error word, skips the work and still signals (the host raises:
 // the device does not launch in order).
 // Activations stay plain (cached) loads: a chained step writes each activation buffer once (the backend gives it

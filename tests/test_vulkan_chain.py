@@ -11,7 +11,8 @@ with the chain (the same results), the bookkeeping that makes it safe there, and
 * every dispatch of the body recorded chained, behind no barrier but the first; each ticket equal to an independent
   count (the workgroups of every dispatch recorded before it, summed from the dispatches as the device saw them:
   a ticket off by one fails), and the counter read back after the step equal to the body's workgroups;
-* a ticket made unreachable: the wait gives up and the step raises the LlmoptError naming that dispatch;
+* a ticket made unreachable: the wait gives up and the step raises the LlmoptError naming that dispatch; a step
+  whose workgroups the host miscounted: the counter read back disagrees and the step raises;
 * one greedy run of the chain under the Khronos validation layer, without synchronization validation (it cannot
   see a counter in memory, so it would report every dependent dispatch pair without a barrier as a hazard; the
   barrier path keeps its synchronization-validated tests: test_vulkan_producer_norm, test_vulkan_replay).
@@ -159,6 +160,32 @@ def test_unreachable_ticket_times_out(be, tmp_path, monkeypatch):
     dec = VulkanDecoder(model, state)
     try:
         with pytest.raises(LlmoptError, match=r"chained dispatches timed out: dispatch 2 \(.*set chain off"):
+            dec.step(state, ids[:, 4])
+    finally:
+        dec.close()
+
+
+def test_miscounted_step_raises(be, tmp_path, monkeypatch):
+    """The host's count of the step's workgroups one short of what ran (as if a workgroup signalled twice): the
+    counter read back ends one past it, and the step raises naming both numbers."""
+    model, name = int4_model(be, tmp_path, "qwen2")
+    monkeypatch.setattr(be, "decode_chain", "chain")
+    variant = vk_chain.Chain.variant
+
+    def short(self, pipe, key, push, groups, label):
+        out = variant(self, pipe, key, push, groups, label)
+        if out is not None and len(self.links) == 2:
+            self.count -= 1  # lavapipe runs dispatches in order: the later, lower tickets only pass sooner
+        return out
+
+    monkeypatch.setattr(vk_chain.Chain, "variant", short)
+    ids = torch.randint(0, COMMON["vocab_size"], (1, 5))
+    logits, state = model.prefill(ids[:, :4], max_len=8)
+    dec = VulkanDecoder(model, state)
+    try:
+        total = dec.chain.count
+        with pytest.raises(LlmoptError, match=rf"counter ended at {total + 1}, not at its {total} workgroups: a "
+                                              "chained dispatch lost or repeated its signal"):
             dec.step(state, ids[:, 4])
     finally:
         dec.close()

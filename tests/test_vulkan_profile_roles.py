@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,3 +141,28 @@ def test_bench_rejects_a_hidden_size_the_heads_do_not_divide(capsys):
         with pytest.raises(SystemExit):
             bench.main([*argv, "--no-sweep"])
         assert message in capsys.readouterr().err
+
+
+def test_bench_same_context_variants(be):
+    """--same-context: every variant decodes from the prompt on copies of the states (each checked against the eager
+    path), so two runs of one variant see the same KV length; the per-token bytes count one variant's context."""
+    spec = importlib.util.spec_from_file_location("vulkan_decode", Path(__file__).parents[1] / "bench" / "vulkan_decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    overrides = {"num_hidden_layers": 1, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256}
+    prompt, steps = 6, 2
+    row = bench.decode_run(be, "gemma-2-9b", bench.MODELS["gemma-2-9b"], overrides, prompt, steps,
+                           [{"name": "default"}, {"name": "chain", "decode_chain": "chain"}, {"name": "default"}],
+                           same_context=True)
+    assert row["same_context"] and [v["name"] for v in row["variants"]] == ["default", "chain", "default"]
+    for v in row["variants"]:
+        assert v["replay_vs_eager"] == {"max_abs_diff": 0.0, "same_token": True, "flight_same_tokens": True}, v["name"]
+    from llmopt.engine.config import ModelArgs
+    from llmopt.engine.weights import expected_shapes
+
+    args = ModelArgs.from_hf(dict(bench.MODELS["gemma-2-9b"], **overrides), where="test")
+    rng = np.random.default_rng(0)
+    weights = sum(bench.random_int4(shape, rng).nbytes if len(shape) == 2 else 4 * int(np.prod(shape))
+                  for shape in expected_shapes(args).values())  # Gemma ties the embedding: every tensor read
+    kv = 2 * 1 * (prompt + 2 * steps + 3) * 8 * 256 * 4  # one layer, 8 KV heads of 256, float32 K and V
+    assert row["bytes_per_token"] == weights + kv

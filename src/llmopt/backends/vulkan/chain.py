@@ -45,11 +45,12 @@ CHAIN_BINDING = 15  # shaders/chain.glsl: the counter's binding; bindings below 
 TICKET_OFFSET = 124  # byte of the ticket in the 128 bytes of push constants (CHAIN_TICKET_MEMBER)
 # Dispatches of more workgroups go behind a barrier: each workgroup's poll and signal cost an L2 round trip and an
 # atomic on one word, and many waves of them cost more than the barrier (H200: the Qwen2.5-7B head's 38016
-# workgroups chained took 220 us instead of 80; v18).
+# workgroups chained took 220 us instead of 80; v18). 1024 and 8192 measured no better (v19).
 MAX_GROUPS = 4096
 # "auto" (the GPU default): chained where measured faster, i.e. steps without Gemma's sandwich norms (H200, v18:
-# Qwen2.5-7B 1.05x, Gemma 2 9B 0.90x); "chain": always; "no barriers": the body recorded with no barrier and no
-# tickets, wrong results (bench/vulkan_decode.py's bound of what chaining can win, timing only); "off".
+# Qwen2.5-7B 1.05x, Gemma 2 9B 0.90x; v19: Gemma still slower with every other wait tried); "chain": always;
+# "no barriers": the body recorded with no barrier and no tickets, wrong results (bench/vulkan_decode.py's bound of
+# what chaining can win, timing only); "off".
 MODES = ("auto", "chain", "no barriers", "off")
 
 
