@@ -31,7 +31,7 @@ from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.quantizers import Spec
 
-from vulkan_device import require_vulkan, run_under_validation_layer
+from vulkan_device import TINY_INT4_QWEN_SCRIPT, require_vulkan, run_under_validation_layer
 vulkan = require_vulkan("integer_dot_product")
 from llmopt.backends.vulkan import chain as vk_chain  # noqa: E402
 from llmopt.backends.vulkan import compile as vk_compile  # noqa: E402
@@ -236,20 +236,7 @@ def test_chained_builds_listed_and_checked(tmp_path):
         vk_compile.check_manifest(out)
 
 
-CHAIN_RUN = r'''
-import sys
-from pathlib import Path
-sys.path.insert(0, sys.argv[2])
-from tiny_models import FAMILIES, pack_folder, save_random
-from llmopt.backends.vulkan import VulkanBackend
-from llmopt.engine import load_model
-from llmopt.quant.quantizers import Spec
-
-folder = pack_folder(save_random(FAMILIES["qwen2"](), Path(sys.argv[1]) / "f", 0), Path(sys.argv[1]) / "q",
-                     [Spec(4, 32, sym=False)])
-be = VulkanBackend()
-for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm"):
-    setattr(be, key, True)
+CHAIN_RUN = TINY_INT4_QWEN_SCRIPT + r'''
 be.decode_chain = "chain"
 model = load_model(folder, backend=be)
 gen = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=6, stop_ids=[])  # left padding, two steps in flight

@@ -30,7 +30,7 @@ from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.quantizers import Spec
 
-from vulkan_device import require_vulkan, run_under_validation_layer
+from vulkan_device import TINY_INT4_QWEN_SCRIPT, require_vulkan, run_under_validation_layer
 vulkan = require_vulkan("integer_dot_product")
 from llmopt.backends.vulkan.backend import MATVEC_MAX_M, int8_chunks  # noqa: E402
 from test_vulkan_ops import random_qt, rel_err  # noqa: E402
@@ -226,21 +226,7 @@ def test_tiny_model_fold(be, tmp_path, monkeypatch, family):
     assert rel_err(runs[True, True], ref) < MODEL_RTOL, name
 
 
-FOLD_RUN = r'''
-import sys
-from pathlib import Path
-import torch
-sys.path.insert(0, sys.argv[2])
-from tiny_models import FAMILIES, pack_folder, save_random
-from llmopt.backends.vulkan import VulkanBackend
-from llmopt.engine import load_model
-from llmopt.quant.quantizers import Spec
-
-folder = pack_folder(save_random(FAMILIES["qwen2"](), Path(sys.argv[1]) / "f", 0), Path(sys.argv[1]) / "q",
-                     [Spec(4, 32, sym=False)])
-be = VulkanBackend()
-for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm"):
-    setattr(be, key, True)
+FOLD_RUN = TINY_INT4_QWEN_SCRIPT + r'''
 model = load_model(folder, backend=be)
 folds = []
 fold = be.linear_add_rmsnorm

@@ -33,6 +33,27 @@ def require_vulkan(*features: str):
     return vulkan
 
 
+# The head of a validation-layer script (argv: a scratch folder, the tests folder): `folder`, a tiny random Qwen2
+# packed at int4, and `be`, a VulkanBackend with the GPU's decode fusions on (int-dot mat-vecs on x8 rows, the gated
+# activation, the producer norm).
+TINY_INT4_QWEN_SCRIPT = r'''
+import sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[2])
+from tiny_models import FAMILIES, pack_folder, save_random
+from llmopt.backends.vulkan import VulkanBackend
+from llmopt.engine import load_model
+from llmopt.quant.quantizers import Spec
+
+folder = pack_folder(save_random(FAMILIES["qwen2"](), Path(sys.argv[1]) / "f", 0), Path(sys.argv[1]) / "q",
+                     [Spec(4, 32, sym=False)])
+be = VulkanBackend()
+for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm"):
+    setattr(be, key, True)
+'''
+
+
 def run_under_validation_layer(script: str, *args: str, sync: bool = True) -> None:
     """Run ``python -c script *args`` under the Khronos validation layer with synchronization validation (which checks
     the barriers between commands too; ``sync=False``: without it); assert it printed "done", that the layer really
