@@ -114,10 +114,16 @@ def test_eager_profile_labels_matmuls_and_matvecs(tmp_path):
         be.close()
 
 
-def test_bench_replay_profile_per_weight(be, tmp_path):
+def bench_module():
+    """``bench/vulkan_decode.py`` as a module (bench scripts are not a package)."""
     spec = importlib.util.spec_from_file_location("vulkan_decode", Path(__file__).parents[1] / "bench" / "vulkan_decode.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_replay_profile_per_weight(be, tmp_path):
+    bench = bench_module()
     folder, _ = tiny(tmp_path, "qwen2", True)
     model = load_model(folder, backend=be)
     model.static_decode = False
@@ -133,9 +139,7 @@ def test_bench_replay_profile_per_weight(be, tmp_path):
 
 
 def test_bench_rejects_a_hidden_size_the_heads_do_not_divide(capsys):
-    spec = importlib.util.spec_from_file_location("vulkan_decode", Path(__file__).parents[1] / "bench" / "vulkan_decode.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module()
     for argv, message in ((["--hidden", "256"], "qwen2.5-7b needs a multiple of 128 and of its 28 attention heads"),
                           (["--hidden", "260", "--models", "gemma-2-9b"], "gemma-2-9b needs a multiple of 128")):
         with pytest.raises(SystemExit):
@@ -146,9 +150,7 @@ def test_bench_rejects_a_hidden_size_the_heads_do_not_divide(capsys):
 def test_bench_same_context_variants(be):
     """--same-context: every variant decodes from the prompt on copies of the states (each checked against the eager
     path), so two runs of one variant see the same KV length; the per-token bytes count one variant's context."""
-    spec = importlib.util.spec_from_file_location("vulkan_decode", Path(__file__).parents[1] / "bench" / "vulkan_decode.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module()
     overrides = {"num_hidden_layers": 1, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256}
     prompt, steps = 6, 2
     row = bench.decode_run(be, "gemma-2-9b", bench.MODELS["gemma-2-9b"], overrides, prompt, steps,

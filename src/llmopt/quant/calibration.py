@@ -23,8 +23,8 @@ def calibration_windows(tokenizer, texts: list[str], tokens: int, window: int = 
     """``tokens`` calibration tokens as BOS-prefixed windows of ``window`` tokens. Each text is cut into disjoint
     windows, taken in a spread order (bit-reversed positions: the start, the middle, the quarters, ...), and the
     texts take turns, so that any budget sees every text and all parts of each, not just the first text's opening."""
-    per_text = [_spread([ids[i:i + window] for i in range(0, len(ids), window)])
-                for ids in (tokenizer(t, add_special_tokens=False)["input_ids"] for t in calibration_texts(tuple(texts)))]
+    tokenized = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in calibration_texts(tuple(texts)))
+    per_text = [_spread([ids[i:i + window] for i in range(0, len(ids), window)]) for ids in tokenized]
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     windows, left = [], tokens
     for turn in range(max(map(len, per_text), default=0)):

@@ -180,7 +180,7 @@ class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
         self.gated_layout = tuple(int(v) for v in spec.get("matvec_gated_layout", (64, 8, 8)))
         self.fuse_post_norm = True  # norm_add_rmsnorm: Gemma's post norm, the residual add and the next norm at once
         self.norm_regs_max = 16  # add_rmsnorm holds rows of up to this many values an invocation in registers
-        # the replayed step's dispatches chained (chain.MODES); chained mat-vecs load chain_early chunks of weights early
+        # the replayed step's dispatches chained (chain.MODES); chained mat-vecs load chain_early weight chunks early
         self.decode_chain, self.chain_early = spec.get("decode_chain", "off"), int(spec.get("chain_early", 0))
         self._init_attention(info)
         self._init_producer_norm(spec)
@@ -197,7 +197,7 @@ class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
     # --- buffers ---------------------------------------------------------------------------------------
     def _alloc(self, nbytes: int, name: str = "activation") -> Buffer:
         nbytes = max(16, (int(nbytes) + 15) // 16 * 16)
-        free = self._pool.get(nbytes) if self.dev.chain is None else None  # chained: each buffer written once (chain.py)
+        free = self._pool.get(nbytes) if self.dev.chain is None else None  # chained: each written once (chain.py)
         buf = free.pop() if free else self.dev.buffer(nbytes, name=name)
         if self.dev.capturing:  # a replayed step writes it again later: it never goes back to the shared pool
             self._owner[id(buf)] = self._pool
