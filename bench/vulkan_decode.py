@@ -101,12 +101,16 @@ VARIANTS = [
     {"name": "chain", "decode_chain": "chain"},
     {"name": "no chain", "decode_chain": "off"},
     {"name": "no barriers (timing only)", "decode_chain": "no barriers"},
+    # chained, the decode attention loads its first keys and values before its wait (v20), and at short contexts more
+    # of its chunk's cached values into shared memory ("stage"); "attn no stage": the registers' loads only
+    {"name": "attn no stage", "attn_stage_slots": 0},
     {"name": "default again"},  # the first variant repeated last: the run's drift (KV length, clocks)
 ]
 VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
                 "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch",
-                "attn_x8", "attn_clock", "gated_layout", "fuse_producer_norm", "norm_layout", "decode_chain")
+                "attn_x8", "attn_clock", "gated_layout", "fuse_producer_norm", "norm_layout", "decode_chain",
+                "attn_stage_slots")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:

@@ -27,6 +27,13 @@
 // PREFETCH = 1: each team's first cached key and each invocation's first block of values are loaded at the very
 // start, beside q and the RoPE rows (they depend on neither q nor the softmax; only cached slots, never this
 // step's), so the scores and the value sums wait for no memory round trip of their own at short contexts.
+// Chained build (CHAIN, chain.glsl): those loads ahead (load_ahead: the RoPE rows too) are issued before the chain's
+// wait for q+k+v. Where the teams' first keys cover the chunk (n_cached <= teams: short contexts), the values past
+// the first block are loaded there too, STAGE_PER an invocation, and put in shared memory (`stage`, STAGE floats:
+// what the device's shared memory has left, sized by the host; slots that do not fit are read from the cache as
+// before), so only q and this step's k/v are read after the wait. (Staging the keys past the teams' first at long
+// contexts instead was measured slower on an H100, v20: docs/benchmarks.md.) Why the early loads are safe is said
+// at chain_early below.
 // PHASE_CLOCK = 1 (a define: rope_attention_clock.comp; needs VK_KHR_shader_clock): invocation 0 of every workgroup
 // stamps each phase's end with the realtime clock (device-wide, comparable across workgroups) and its SM's cycle
 // counter (exact within the workgroup) into `clk`, a record of CLOCK_REC words a workgroup from word
@@ -49,6 +56,7 @@
 // constant_id 1, 2: x8.glsl's Q8 and X8_LEN
 layout(constant_id = 3) const uint FROM_STEP = 0;
 layout(constant_id = 4) const uint PREFETCH = 1;  // 0: no loads issued ahead (the form before; measured beside it)
+layout(constant_id = 5) const uint STAGE = 1;  // chained build: floats of `stage` (the shared memory left)
 
 const uint MAX_G = 8;        // query heads a KV head (Qwen2.5-7B: 7)
 const uint MAX_D = 256;      // head dimension
@@ -56,6 +64,7 @@ const uint MAX_GD = 1024;    // G * D
 const uint MAX_CHUNK = 256;  // slots a split (the runtime picks S so that every chunk fits)
 const uint BLOCK = 16;       // value loads issued together
 const uint KEY_BLOCK = 8;    // key loads a lane issues together
+const uint STAGE_PER = 4;    // chained build: cached value loads an invocation issues before the wait, for `stage`
 
 layout(std430, binding = 0) readonly buffer QBuf { float q[]; };        // [B, H * D], before RoPE
 layout(std430, binding = 1) readonly buffer KBuf { float k[]; };        // [B, KV * D], before RoPE
@@ -107,6 +116,85 @@ shared float sc[MAX_G * MAX_CHUNK];    // scores, then exponentials; in the comb
 shared float hm[MAX_G], hl[MAX_G];     // per head: max score, exponential sum
 shared bool combine;
 
+// This workgroup's chunk of the context: slots s0 .. s0 + n - 1, the first n_cached of them cached (the last
+// split's last slot is this step's, roped into shared memory); splits from n_active on have none.
+struct Chunk { uint start, hi, n_active, s0, n, n_cached; bool last; };
+
+Chunk chunk_of() {
+    const uint c = gl_WorkGroupID.y, S = gl_NumWorkGroups.y;
+    Chunk t;
+    t.start = FROM_STEP != 0u ? step[0] : p.start;
+    t.hi = t.start + 1u;
+    const uint lo = (p.window > 0u && t.hi > p.window) ? t.hi - p.window : 0u;
+    const uint len = t.hi - lo;
+    const uint chunk = max(p.chunk_min, (len + S - 1u) / S);
+    t.n_active = (len + chunk - 1u) / chunk;
+    t.s0 = lo + c * chunk;
+    t.n = c < t.n_active ? min(chunk, t.hi - t.s0) : 0u;
+    t.last = c == t.n_active - 1u;
+    t.n_cached = t.last ? t.n - 1u : t.n;
+    return t;
+}
+
+#if USE_SUBGROUP
+#define TEAMS const uint lane = gl_SubgroupInvocationID, team = gl_SubgroupID, n_teams = gl_NumSubgroups, \
+    team_size = gl_SubgroupSize;
+#else
+#define TEAMS const uint lane = 0u, team = gl_LocalInvocationID.x, n_teams = WG, team_size = 1u;
+#endif
+
+// The loads issued ahead (load_ahead), used by main: each team's first key and each invocation's first block of
+// values (PREFETCH); in the chained build also its first RoPE rotation's table entries and its share of `stage`.
+float key_ahead[KEY_BLOCK], val_ahead[BLOCK];
+bool keys_ahead, vals_ahead;
+#if CHAIN
+float cos_a, cos_b, sin_a, sin_b;  // rows at j and j + D / 2 for j = tid % (D / 2), the rotation of i = tid
+shared float stage[STAGE];   // cached value rows of the chunk's slots stage_v0 .. stage_v0 + stage_vals - 1
+float stage_ahead[STAGE_PER];  // element tid + u * WG of `stage`
+uint stage_v0, stage_vals;
+bool staged(uint j) { return j - stage_v0 < stage_vals; }  // unsigned: false for j < stage_v0
+float stage_val(uint j, uint d) { return stage[(j - stage_v0) * p.D + d]; }
+#else
+const float cos_a = 0.0, cos_b = 0.0, sin_a = 0.0, sin_b = 0.0;
+bool staged(uint j) { return false; }
+float stage_val(uint j, uint d) { return 0.0; }
+#endif
+
+void load_ahead(const Chunk t) {
+    const uint tid = gl_LocalInvocationID.x, h = gl_WorkGroupID.x, b = gl_WorkGroupID.z;
+    const uint G = p.H / p.KV, D = p.D, half_d = p.D / 2u, kvf = p.KV * p.D, trow = b * D;
+    TEAMS
+    keys_ahead = PREFETCH != 0u && team < t.n_cached;
+    vals_ahead = PREFETCH != 0u && tid < G * D && BLOCK <= t.n_cached;
+    if (keys_ahead) {
+        const uint row = (b * p.L + t.s0 + team) * kvf + h * D;
+        TILE_LOOP for (uint u = 0u; u < KEY_BLOCK; ++u) {
+            const uint i = lane + u * team_size;
+            key_ahead[u] = i < D ? kc[row + i] : 0.0;
+        }
+    }
+    if (vals_ahead) {
+        const uint at = (b * p.L + t.s0) * kvf + h * D + tid % D;
+        TILE_LOOP for (uint u = 0u; u < BLOCK; ++u) val_ahead[u] = vc[at + u * kvf];
+    }
+#if CHAIN
+    if (tid < G * half_d) {
+        const uint j = tid % half_d;
+        cos_a = cs[trow + j];
+        sin_a = sn[trow + j];
+        cos_b = cs[trow + j + half_d];
+        sin_b = sn[trow + j + half_d];
+    }
+    // where every cached key is a team's first: the values past the first block, as many whole rows as `stage` holds
+    stage_v0 = PREFETCH != 0u && BLOCK <= t.n_cached ? BLOCK : 0u;  // vals_ahead's block, for every invocation
+    stage_vals = t.n_cached <= n_teams ? min(t.n_cached - stage_v0, min(STAGE, STAGE_PER * WG) / D) : 0u;
+    TILE_LOOP for (uint u = 0u; u < STAGE_PER; ++u) {
+        const uint e = tid + u * WG, j = e / D;
+        stage_ahead[u] = j < stage_vals ? vc[(b * p.L + t.s0 + stage_v0 + j) * kvf + h * D + e % D] : 0.0;
+    }
+#endif
+}
+
 void main() {
     const uint tid = gl_LocalInvocationID.x;
     const uint h = gl_WorkGroupID.x, c = gl_WorkGroupID.y, b = gl_WorkGroupID.z, S = gl_NumWorkGroups.y;
@@ -115,53 +203,38 @@ void main() {
 #endif
     STAMP(0u)
     const uint G = p.H / p.KV, D = p.D, half_d = p.D / 2u, kvf = p.KV * p.D;
-    const uint start = FROM_STEP != 0u ? step[0] : p.start;
-    const uint hi = start + 1u;
-    const uint lo = (p.window > 0u && hi > p.window) ? hi - p.window : 0u;
-    const uint len = hi - lo;
-    const uint chunk = max(p.chunk_min, (len + S - 1u) / S);
-    const uint n_active = (len + chunk - 1u) / chunk;
+    const Chunk t = chunk_of();
+    const uint start = t.start, hi = t.hi, n_active = t.n_active, s0 = t.s0, n = t.n, n_cached = t.n_cached;
+    const bool last = t.last;
     if (c >= n_active) {
         CLOCK_INFO(~0u, 0u, 0u)
         return;
     }
-    const uint s0 = lo + c * chunk, n = min(chunk, hi - s0);
-    const bool last = c == n_active - 1u;
-    const uint trow = b * D;
-    const uint n_cached = last ? n - 1u : n;  // the last split's last slot is this step's, in shared memory
-#if USE_SUBGROUP
-    const uint lane = gl_SubgroupInvocationID, team = gl_SubgroupID, n_teams = gl_NumSubgroups, team_size = gl_SubgroupSize;
-#else
-    const uint lane = 0u, team = tid, n_teams = WG, team_size = 1u;
+#if !CHAIN
+    load_ahead(t);  // the chained build's ran before its wait (chain_early)
 #endif
-    float key_ahead[KEY_BLOCK], val_ahead[BLOCK];  // the loads issued ahead (PREFETCH)
-    const bool keys_ahead = PREFETCH != 0u && team < n_cached;
-    const bool vals_ahead = PREFETCH != 0u && tid < G * D && BLOCK <= n_cached;
-    if (keys_ahead) {
-        const uint row = (b * p.L + s0 + team) * kvf + h * D;
-        TILE_LOOP for (uint u = 0u; u < KEY_BLOCK; ++u) {
-            const uint i = lane + u * team_size;
-            key_ahead[u] = i < D ? kc[row + i] : 0.0;
-        }
-    }
-    if (vals_ahead) {
-        const uint at = (b * p.L + s0) * kvf + h * D + tid % D;
-        TILE_LOOP for (uint u = 0u; u < BLOCK; ++u) val_ahead[u] = vc[at + u * kvf];
-    }
+    const uint trow = b * D;
+    TEAMS
 
     for (uint i = tid; i < G * half_d; i += WG) {  // RoPE (rotate-half) on the group's queries
         const uint g = i / half_d, j = i % half_d;
         const uint a = (b * p.H + h * G + g) * D + j;
         const float xa = q[a], xb = q[a + half_d];
-        qs[g * D + j] = (xa * cs[trow + j] - xb * sn[trow + j]) * p.scale;
-        qs[g * D + j + half_d] = (xb * cs[trow + j + half_d] + xa * sn[trow + j + half_d]) * p.scale;
+        const bool mine = CHAIN != 0 && i == tid;  // its table entries loaded ahead (chained build)
+        const float ca = mine ? cos_a : cs[trow + j], sa = mine ? sin_a : sn[trow + j];
+        const float cb = mine ? cos_b : cs[trow + j + half_d], sb = mine ? sin_b : sn[trow + j + half_d];
+        qs[g * D + j] = (xa * ca - xb * sa) * p.scale;
+        qs[g * D + j + half_d] = (xb * cb + xa * sb) * p.scale;
     }
     if (last) {  // this step's key and value: to shared memory for the scores, and into the cache slot
         const uint src = b * kvf + h * D, dst = (b * p.L + start) * kvf + h * D;
         for (uint j = tid; j < half_d; j += WG) {
             const float xa = k[src + j], xb = k[src + j + half_d];
-            const float ya = xa * cs[trow + j] - xb * sn[trow + j];
-            const float yb = xb * cs[trow + j + half_d] + xa * sn[trow + j + half_d];
+            const bool mine = CHAIN != 0 && j == tid;  // j < half_d: the entries of q's rotation i = tid
+            const float ca = mine ? cos_a : cs[trow + j], sa = mine ? sin_a : sn[trow + j];
+            const float cb = mine ? cos_b : cs[trow + j + half_d], sb = mine ? sin_b : sn[trow + j + half_d];
+            const float ya = xa * ca - xb * sa;
+            const float yb = xb * cb + xa * sb;
             kn[j] = ya;
             kn[j + half_d] = yb;
             kc[dst + j] = ya;
@@ -173,6 +246,12 @@ void main() {
             vc[dst + j] = x;
         }
     }
+#if CHAIN
+    TILE_LOOP for (uint u = 0u; u < STAGE_PER; ++u) {  // after q's loads: these were issued before the wait
+        const uint e = tid + u * WG;
+        if (e < stage_vals * D) stage[e] = stage_ahead[u];
+    }
+#endif
     barrier();
     STAMP(1u)
 
@@ -251,10 +330,11 @@ void main() {
         }
         for (; j + BLOCK <= n_cached; j += BLOCK) {
             float val[BLOCK];
-            TILE_LOOP for (uint u = 0u; u < BLOCK; ++u) val[u] = vc[at + (j + u) * kvf];
+            TILE_LOOP for (uint u = 0u; u < BLOCK; ++u)
+                val[u] = staged(j + u) ? stage_val(j + u, d) : vc[at + (j + u) * kvf];
             TILE_LOOP for (uint u = 0u; u < BLOCK; ++u) acc += sc[w + j + u] * val[u];
         }
-        for (; j < n_cached; ++j) acc += sc[w + j] * vc[at + j * kvf];
+        for (; j < n_cached; ++j) acc += sc[w + j] * (staged(j) ? stage_val(j, d) : vc[at + j * kvf]);
         if (n_active == 1u) {
             const float y = acc / hl[g];
             o[(b * p.H + h * G + g) * D + d] = y;
@@ -344,4 +424,21 @@ void main() {
     CLOCK_BARRIER
     STAMP(8u)
 }
+#if CHAIN
+// Chained: load_ahead before the wait for q+k+v's ticket. What it reads, and who writes it in this step:
+// - the step buffer's slot word and this step's cos/sin rows: the step's prologue copies them from the host,
+//   ordered before every body dispatch by the barrier that begins the body; nothing in the body writes them;
+// - the key and value cache at cached slots s0 .. s0 + n_cached - 1, all before this step's slot: the only write to
+//   this layer's cache in the step is this dispatch's own store at the step's slot (the last split's, after the
+//   wait), which no early load reads; the slots read were written by earlier steps' rope_attention (or the prefill),
+//   earlier submissions ordered by the same barrier; a dropped step's slot is the next step's, never read early.
+// q and this step's k and v, which q+k+v writes, and the valid flags are read only after the wait.
+#define CHAIN_EARLY 1
+uint chain_early() {
+    const Chunk t = chunk_of();
+    if (gl_WorkGroupID.y < t.n_active) load_ahead(t);
+    return 0u;
+}
+void chain_keep(uint h) {}  // the loads ahead are used by main itself
+#endif
 #include "chain_main.glsl"

@@ -7,12 +7,15 @@ with the chain (the same results), the bookkeeping that makes it safe there, and
   the gated and the producer-norm epilogues, the mat-vecs' early weight loads) and in lavapipe's own: the
   chained replayed step's logits equal the barrier path's bit for bit (exact: same shaders, same order of
   arithmetic), and greedy tokens with two steps in flight are equal;
+* the decode attention's loads before its wait (rope_attention.glsl's chain_early): contexts of several splits,
+  its value stage used from slot 0, after the registers' first block, cut short (the rest read from the cache) and
+  not at all: logits bit for bit, greedy tokens of unequal prompts equal; the stage's size against shared memory;
 * every activation of the chained body in a buffer of its own (each written once a step);
 * every dispatch of the body recorded chained, behind no barrier but the first; each ticket equal to an independent
   count (the workgroups of every dispatch recorded before it, summed from the dispatches as the device saw them:
   a ticket off by one fails), and the counter read back after the step equal to the body's workgroups;
-* a ticket made unreachable: the wait gives up and the step raises the LlmoptError naming that dispatch; a step
-  whose workgroups the host miscounted: the counter read back disagrees and the step raises;
+* a ticket made unreachable (also a decode attention's): the wait gives up and the step raises the LlmoptError
+  naming that dispatch; a step whose workgroups the host miscounted: the counter read back disagrees and it raises;
 * one greedy run of the chain under the Khronos validation layer, without synchronization validation (it cannot
   see a counter in memory, so it would report every dependent dispatch pair without a barrier as a hazard; the
   barrier path keeps its synchronization-validated tests: test_vulkan_producer_norm, test_vulkan_replay).
@@ -140,16 +143,75 @@ def test_chain_equals_barrier_path(be, tmp_path, monkeypatch, family, config):
     assert tokens["chain"] == tokens["off"], name
 
 
-def test_unreachable_ticket_times_out(be, tmp_path, monkeypatch):
-    """Dispatch 2's ticket past the step's workgroups: its wait gives up, the step raises naming it."""
+# The decode attention's loads ahead, chained (rope_attention.glsl: issued before the wait; where the teams' first
+# keys cover the chunk, more cached values staged in shared memory). Lavapipe's subgroups are 8 wide and its stage
+# holds 4 floats an invocation (rows of 16): with 64 invocations (8 teams) chunks of 4 stage all their values; with
+# 256 (32 teams) chunks of 20 load the first 16 values into registers and stage values 16..19 (at 2 rows: 16, 17,
+# the rest from the cache); chunks of 20 with 8 teams stage only in the last split, whose few cached slots the
+# teams' first keys cover (the others take the long-context path).
+ATTN_AHEAD = {"splits of 4, wg 64": {"attn_chunk_min": 4, "attn_wg": 64},
+              "splits of 20, wg 256": {"attn_chunk_min": 20, "attn_wg": 256},
+              "splits of 20, wg 256, 2 rows": {"attn_chunk_min": 20, "attn_wg": 256, "attn_stage_slots": 2},
+              "splits of 20, wg 64": {"attn_chunk_min": 20, "attn_wg": 64}}
+
+
+@pytest.mark.parametrize("config", sorted(ATTN_AHEAD))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_chained_attention_loads_ahead(be, tmp_path, monkeypatch, family, config):
+    """Contexts of 20-30 slots in several splits: chained logits equal the barrier path's bit for bit, greedy
+    tokens (unequal prompts: left padding, two steps in flight) equal."""
+    for key in GPU_CONFIG:
+        monkeypatch.setattr(be, key, True)
+    monkeypatch.setattr(be, "chain_early", 1)
+    monkeypatch.setattr(be, "attn_split_target", 64)
+    for key, value in ATTN_AHEAD[config].items():
+        monkeypatch.setattr(be, key, value)
+    model, name = int4_model(be, tmp_path, family)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 30))
+    got = {}
+    for mode in ("off", "chain"):
+        monkeypatch.setattr(be, "decode_chain", mode)
+        got[mode], dec = decode(model, ids, 20)
+        assert (dec.chain is None) == (mode == "off")
+        dec.close()
+        prompts = [ids[0, :18].tolist(), ids[1, :23].tolist()]
+        got[mode + " tokens"] = model.generate(prompts, max_new_tokens=6, stop_ids=[]).tokens
+    assert torch.equal(got["chain"], got["off"]), f"{name}: differ by {(got['chain'] - got['off']).abs().max():.2e}"
+    assert got["chain tokens"] == got["off tokens"], name
+
+
+def test_attention_stage_fits_shared_memory(be, monkeypatch):
+    """The chained attention's stage: whole value rows, at most attn_stage_slots and 4 floats an invocation, in the
+    device's shared memory beside the kernel's other arrays; 1 float (none) where nothing is left."""
+    for wg, head_dim, slots, rows in ((16, 16, 256, 4), (64, 16, 256, 16), (64, 16, 6, 6), (16, 16, 0, 0),
+                                      (1024, 128, 256, 32), (1024, 256, 256, 16)):
+        monkeypatch.setattr(be, "attn_wg", wg)
+        monkeypatch.setattr(be, "attn_stage_slots", slots)
+        stage = be._attn_stage(head_dim, 1)
+        left = be._shared_limit() - be._fused_shared_bytes(1) - 16
+        assert stage == max(1, min(rows * head_dim, left // 4 // head_dim * head_dim)), (wg, head_dim, slots)
+        assert 4 * stage <= max(4, left)
+    monkeypatch.setattr(be, "attn_wg", 1024)
+    monkeypatch.setattr(be, "attn_stage_slots", 256)
+    monkeypatch.setattr(be, "_shared_limit", lambda: be._fused_shared_bytes(1) + 16 + 4 * 127)
+    assert be._attn_stage(128, 1) == 1  # 127 floats left: not one row of 128
+
+
+@pytest.mark.parametrize("target", ["dispatch 2", "rope_attention"])
+def test_unreachable_ticket_times_out(be, tmp_path, monkeypatch, target):
+    """One dispatch's ticket past the step's workgroups (the body's 3rd, or its first decode attention, which loads
+    ahead before that wait): its wait gives up, the step raises naming it."""
     model, name = int4_model(be, tmp_path, "qwen2")
     monkeypatch.setattr(be, "decode_chain", "chain")
     variant = vk_chain.Chain.variant
     unreachable = 1 << 30
+    hit = []
 
     def late(self, pipe, key, push, groups, label):
         out = variant(self, pipe, key, push, groups, label)
-        if out is not None and len(self.links) == 3:
+        chosen = len(self.links) == 3 if target == "dispatch 2" else pipe.name == "rope_attention" and not hit
+        if out is not None and chosen:
+            hit.append(len(self.links) - 1)
             self.links[-1].ticket = unreachable
             out = (out[0], out[1], out[2][:vk_chain.TICKET_OFFSET] + struct.pack("<I", unreachable))
         return out
@@ -159,7 +221,8 @@ def test_unreachable_ticket_times_out(be, tmp_path, monkeypatch):
     logits, state = model.prefill(ids[:, :4], max_len=8)
     dec = VulkanDecoder(model, state)
     try:
-        with pytest.raises(LlmoptError, match=r"chained dispatches timed out: dispatch 2 \(.*set chain off"):
+        assert len(hit) == 1, hit
+        with pytest.raises(LlmoptError, match=rf"chained dispatches timed out: dispatch {hit[0]} \(.*set chain off"):
             dec.step(state, ids[:, 4])
     finally:
         dec.close()
@@ -238,6 +301,7 @@ def test_chained_builds_listed_and_checked(tmp_path):
 
 CHAIN_RUN = TINY_INT4_QWEN_SCRIPT + r'''
 be.decode_chain = "chain"
+be.attn_wg, be.attn_chunk_min, be.attn_split_target = 64, 4, 64  # splits of 4, their values staged (8 teams)
 model = load_model(folder, backend=be)
 gen = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=6, stop_ids=[])  # left padding, two steps in flight
 assert gen.timings["decode_path"] == "replayed", gen.timings["decode_path"]
@@ -247,6 +311,7 @@ print("done")
 
 
 def test_chain_runs_clean_under_validation_layer(tmp_path):
-    """Greedy decoding with the chain on, two replayed steps in flight, under the Khronos validation layer without
-    synchronization validation (see the module docstring): no message."""
+    """Greedy decoding with the chain on (the attention in splits of 4 slots, staging its values), two replayed steps
+    in flight, under the Khronos validation layer without synchronization validation (see the module docstring): no
+    message."""
     run_under_validation_layer(CHAIN_RUN, str(tmp_path), str(Path(__file__).parent), sync=False)

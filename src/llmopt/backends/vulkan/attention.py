@@ -10,7 +10,9 @@ dispatch, a workgroup a (KV head, chunk of the context, sequence) serving the wh
 by the last workgroup to finish (its docstring; docs/benchmarks.md for the H200 numbers); with ``attn_x8`` the
 workgroup writing a head's outputs also writes them as x8 rows (``VkAct.q8``) for the o projection. The replayed step
 (``llmopt.backends.vulkan.replay``) binds the step buffer's slot word instead of the push constant, and this step's
-cos/sin rows from the same buffer as the tables.
+cos/sin rows from the same buffer as the tables. Chained (``llmopt.backends.vulkan.chain``), its workgroups load
+those rows and their chunk's first cached keys and values before they wait for q+k+v, and at short contexts up to
+``attn_stage_slots`` more value rows into the shared memory left (``_attn_stage``).
 With ``attn_clock`` on, the decode dispatches run ``rope_attention_clock.comp`` instead (the same kernel stamping
 each phase with the shader clocks, VK_KHR_shader_clock) and ``attention_clock()`` reads the stamps of the last
 dispatch of each layer back (bench/vulkan_decode.py prints them as a phase table).
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
 MAX_HEAD_DIM = 256  # attention.comp's shared query buffer
 FUSED_MAX_G, FUSED_MAX_GD, FUSED_MAX_CHUNK = 8, 1024, 256  # rope_attention.comp's shared arrays
+FUSED_STAGE_PER = 4  # rope_attention.glsl's STAGE_PER: floats an invocation loads for the chained build's stage
 # rope_attention_clock.comp's records (rope_attention.glsl says what each stamp and word holds)
 CLOCK_PHASES = ("start", "rope q", "first key scored", "scores", "softmax", "values + partials", "arrived",
                 "split weights", "combined")
@@ -86,6 +89,9 @@ class AttentionOps:
         self.attn_chunk_min = 32
         self.attn_prefetch = True  # rope_attention issues its first key and value loads beside q's (PREFETCH)
         self.attn_x8 = True  # rope_attention also writes its output as x8 rows for the o projection (with matvec_x_q8)
+        # chained (chain.py), rope_attention issues its loads ahead before the wait for q+k+v, and at short contexts
+        # stages up to this many more cached value rows in the shared memory left (STAGE; 0: none); v20, H100: 1.06x
+        self.attn_stage_slots = FUSED_MAX_CHUNK
         self.attn_split_target = 1 if probe["device"].get("type") == "cpu" else 128
         self.attn_clock = False  # decode dispatches stamp their phases (rope_attention_clock; attention_clock())
         self._clock_buf: Buffer | None = None
@@ -258,6 +264,14 @@ class AttentionOps:
         fits = self._fused_shared_bytes(per + per // 32) <= self._shared_limit()
         return self._normed(q.shape, per if self.attn_x8 and spec.head_dim % 32 == 0 and fits else None)
 
+    def _attn_stage(self, head_dim: int, x8_len: int) -> int:
+        """Floats of the chained build's ``stage`` (rope_attention.glsl's STAGE): whole value rows, at most
+        ``attn_stage_slots`` of them and FUSED_STAGE_PER floats an invocation, in what the device's shared memory has
+        left beside the kernel's other arrays (less 16 bytes: chain.glsl's word); 1 (an array's least) for none."""
+        left = (self._shared_limit() - self._fused_shared_bytes(x8_len) - 16) // 4
+        rows = min(self.attn_stage_slots, self.attn_wg * FUSED_STAGE_PER // head_dim, left // head_dim)
+        return max(1, rows * head_dim)
+
     def _splits(self, spec: AttnSpec, cache: VkKVCache, batch: int) -> int:
         """Splits over the KV length (the grid's y): enough that no chunk exceeds FUSED_MAX_CHUNK slots at the longest
         context the cache allows, and up to ``attn_split_target`` workgroups a dispatch where contexts allow
@@ -292,7 +306,8 @@ class AttentionOps:
                          int(mask is not None), mask_len, self.attn_chunk_min, float(spec.scale),
                          float(spec.softcap or 0.0), clock_base)
         self._run("rope_attention_clock" if self.attn_clock else "rope_attention", len(bindings),
-                  (*x8, int(step is not None), int(self.attn_prefetch)), bindings, push, grid, self.attn_wg)
+                  (*x8, int(step is not None), int(self.attn_prefetch), self._attn_stage(spec.head_dim, x8[1])),
+                  bindings, push, grid, self.attn_wg)
         if part is not self.dummy:
             self._release(part)
         return out

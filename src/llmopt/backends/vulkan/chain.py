@@ -16,6 +16,8 @@ no read can hit a cache line of it from before its producer wrote it and no writ
 activations stay plain cached loads (coherent ones, which bypass the L1, made the mat-vecs up to 2x slower).
 The chained mat-vecs issue their first weight loads before the wait (``chain_early`` chunks a row, shader
 constant ``EARLY``): weights never change, and their DRAM streaming then overlaps the previous dispatch's tail.
+The chained decode attention likewise loads this step's RoPE rows and its chunk's first cached keys and values
+before its wait (``shaders/rope_attention.glsl``; at short contexts every cached value that fits its shared memory).
 
 This needs the GPU to launch a queue's workgroups in recording order (an earlier dispatch's workgroups resident
 before a later one's wait for them); a wait gives up after a bounded poll, sets the error word (its ticket + 1),
