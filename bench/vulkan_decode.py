@@ -91,6 +91,9 @@ VARIANTS = [
     # only): linear + add_rmsnorm instead; the layouts tried beside the default are in docs/benchmarks.md (v16)
     {"name": "no producer norm", "fuse_producer_norm": False},
     {"name": "separate post norm", "fuse_post_norm": False},  # Gemma: rmsnorm, then add_rmsnorm
+    # Gemma's sandwich norm folded into the o and down mat-vecs, each row's last workgroup finishing it (default on a
+    # GPU, v21; "auto" then chains Gemma too): linear + norm_add_rmsnorm instead, on barriers (the default before v21)
+    {"name": "no sandwich fold", "fuse_sandwich_norm": False},
     {"name": "norms over memory", "norm_regs_max": 0},  # add_rmsnorm's passes over memory instead of registers
     {"name": "attn no prefetch", "attn_prefetch": False},  # rope_attention without its first loads issued ahead
     {"name": "attn no x8", "attn_x8": False},  # rope_attention writes float only: o's workgroups each quantize x
@@ -110,7 +113,7 @@ VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_s
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
                 "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch",
                 "attn_x8", "attn_clock", "gated_layout", "fuse_producer_norm", "norm_layout", "decode_chain",
-                "attn_stage_slots")
+                "attn_stage_slots", "fuse_sandwich_norm")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:

@@ -33,6 +33,13 @@
 // The x8 codes of a chunk do not change when the whole row is scaled by a positive factor, so the norm's 1 / rms is
 // left to the readers: X_RMS = 1 (int-dot over x8 rows) adds the row's rms_parts partials (loaded before the main
 // loop, reduced with the row sums' barrier) and scales its sums by 1 / sqrt(sum / K + eps) before the bias.
+// Sandwich producer norm (NORM_OUT = 2, Gemma's post norm; same layouts): the row needs rms(d) of the whole branch
+// d = W x before the add, which no workgroup has alone, so each writes its d (coherent stores), makes it visible
+// and counts itself in on the row's arrival counter (binding 13, zero between dispatches); the LAST workgroup to
+// arrive finishes the row (sandwich_tail): all its invocations load d, the residual and both gains coalesced
+// (TAIL_PER values each, in registers), r = residual + d / rms(d) * (post + offset) is the new residual (y1), and
+// r * (norm_w + offset) goes to x8_vals, quantized a chunk an invocation as norm_add_rmsnorm does; one partial (the
+// row's sum of r^2) for the X_RMS readers; then it resets the counter for the next dispatch.
 #ifndef USE_INT_DOT
 #define USE_INT_DOT 0
 #endif
@@ -57,6 +64,7 @@ layout(constant_id = 7) const uint X_Q8 = 0;   // binding 0 holds x8 rows (int-d
 layout(constant_id = 8) const uint GATED = 0;  // 1 + activation kind: gated epilogue over a [gate; up] weight
 layout(constant_id = 11) const uint NORM_OUT = 0;  // producer norm: residual add, x8 rows of y * w, partial sums
 layout(constant_id = 12) const uint X_RMS = 0;  // x8 rows of an unscaled norm: sums times 1 / rms of the partials
+layout(constant_id = 14) const uint TAIL_PER = 1;  // NORM_OUT = 2: values of the row an invocation holds in the tail
 
 #define X8_BITS BITS
 #define X8_BINDING 8  // gated or NORM_OUT, Q8 = 1: the output also as x8 rows (4-bit codes, so in 4-bit order)
@@ -78,6 +86,9 @@ layout(std430, binding = 7) writeonly buffer Y2Buf { float y2[]; };
 layout(std430, binding = 9) buffer RmsBuf { float rms_part[]; };  // NORM_OUT writes it, X_RMS reads it
 layout(std430, binding = 10) readonly buffer ResBuf { float residual[]; };  // NORM_OUT: [M, N]
 layout(std430, binding = 11) readonly buffer NormBuf { float norm_w[]; };   // NORM_OUT: the next norm's gain [N]
+layout(std430, binding = 5) coherent buffer DBuf { float d_out[]; };  // NORM_OUT = 2: d, read back by the tail
+layout(std430, binding = 12) readonly buffer PostBuf { float post_w[]; };   // NORM_OUT = 2: the post norm's gain [N]
+layout(std430, binding = 13) coherent buffer ArriveBuf { uint arrivals[]; };  // NORM_OUT = 2: workgroups in, a row
 
 layout(push_constant) uniform Params {
     uint K;       // input features
@@ -90,7 +101,7 @@ layout(push_constant) uniform Params {
     uint seg1;    // first output feature written to y1 (n_out when there is one output)
     uint seg2;    // first output feature written to y2
     uint rms_parts;     // NORM_OUT, X_RMS: partial sums of squares a row (the producer's workgroups a row)
-    float eps;          // X_RMS: the norm's epsilon
+    float eps;          // X_RMS, NORM_OUT = 2: the norm's epsilon
     float norm_offset;  // NORM_OUT: 1 for Gemma-style (1 + w) gains, else 0
     CHAIN_TICKET_MEMBER
 } p;
@@ -108,6 +119,48 @@ uint weight_row(uint first, uint r) {
     if (GATED == 0u) return min(first + r, p.N - 1u);
     const uint o = min(first / 2u + r % HALF, p.N - 1u);
     return r < HALF ? o : p.N + o;
+}
+
+shared bool tail_last;
+
+// NORM_OUT = 2, after this workgroup's d is stored: the row's last workgroup to arrive finishes row m (see above).
+void sandwich_tail(uint m) {
+    const uint tid = gl_LocalInvocationID.x;
+    memoryBarrierBuffer();  // d's stores are visible before the count that lets the last workgroup read them
+    barrier();
+    if (tid == 0u) tail_last = atomicAdd(arrivals[m], 1u) == gl_NumWorkGroups.x * gl_NumWorkGroups.y - 1u;
+    barrier();
+    if (!tail_last) return;
+    memoryBarrierBuffer();  // the other workgroups' d, counted in before this one, read after the count
+    const uint base = m * p.N;
+    precise float r[TAIL_PER];  // rounded as norm_add_rmsnorm's sums: no product fused into the add
+    float d[TAIL_PER], res[TAIL_PER], post[TAIL_PER], gain[TAIL_PER];
+    [[unroll]] for (uint j = 0; j < TAIL_PER; ++j) {  // every load issued before the first reduction
+        const uint i = min(tid + j * WG, p.N - 1u);
+        const bool in_row = tid + j * WG < p.N;
+        d[j] = in_row ? d_out[base + i] : 0.0;
+        res[j] = residual[base + i];
+        post[j] = post_w[i];
+        gain[j] = norm_w[i];
+    }
+    float sum_sq = 0.0;
+    [[unroll]] for (uint j = 0; j < TAIL_PER; ++j) sum_sq += d[j] * d[j];
+    const float inv_d = inversesqrt(wg_sum(sum_sq) / float(p.N) + p.eps);
+    sum_sq = 0.0;
+    [[unroll]] for (uint j = 0; j < TAIL_PER; ++j) {
+        const uint i = tid + j * WG;
+        if (i >= p.N) continue;
+        r[j] = res[j] + d[j] * inv_d * (post[j] + p.norm_offset);
+        sum_sq += r[j] * r[j];
+        y1[base + i] = r[j];
+        x8_vals[i + i / 32u] = r[j] * (gain[j] + p.norm_offset);
+    }
+    const float total = wg_sum(sum_sq);
+    if (tid == 0u) {
+        rms_part[m] = total;
+        arrivals[m] = 0u;  // every workgroup of this dispatch has counted in: ready for the next one
+    }
+    x8_store(m, p.N, 0u, p.N / 32u);
 }
 
 void main() {
@@ -131,8 +184,8 @@ void main() {
     const float rms_b = X_RMS != 0u && tid + WG < p.rms_parts ? rms_part[rms_base + tid + WG] : 0.0;
     // NORM_OUT (SETS * ROWS <= WG): invocation o's residual and gain, loaded ahead of the main loop
     const uint norm_row = min(group_index() * ROWS * SETS + tid, p.N - 1u);
-    const float res_ahead = NORM_OUT != 0u && tid < ROWS * SETS ? residual[m * p.N + norm_row] : 0.0;
-    const float gain_ahead = NORM_OUT != 0u && tid < ROWS * SETS ? norm_w[norm_row] + p.norm_offset : 0.0;
+    const float res_ahead = NORM_OUT == 1u && tid < ROWS * SETS ? residual[m * p.N + norm_row] : 0.0;
+    const float gain_ahead = NORM_OUT == 1u && tid < ROWS * SETS ? norm_w[norm_row] + p.norm_offset : 0.0;
 
     for (uint c = lane; c < n_chunks; c += SET) {
         const uint xc = xbase + c * 32u;
@@ -296,7 +349,9 @@ void main() {
         if (row >= p.N) continue;
         const uint R = p.row0 + row;
         s = s * inv_rms + (HAS_BIAS != 0 ? bias[R] : 0.0);
-        if (NORM_OUT != 0u) {  // one piece, one output: R == row, p.N == p.n_out; o == tid
+        if (NORM_OUT == 2u) {
+            d_out[m * p.N + row] = s;
+        } else if (NORM_OUT != 0u) {  // one piece, one output: R == row, p.N == p.n_out; o == tid
             const float h = res_ahead + s;
             y[m * p.N + row] = h;
             sum_sq += h * h;
@@ -305,7 +360,9 @@ void main() {
         else if (R < p.seg2) y1[m * (p.seg2 - p.seg1) + R - p.seg1] = s;
         else y2[m * (p.n_out - p.seg2) + R - p.seg2] = s;
     }
-    if (NORM_OUT != 0u) {
+    if (NORM_OUT == 2u) {
+        sandwich_tail(m);
+    } else if (NORM_OUT != 0u) {
         if (X_RMS != 0u) barrier();  // red_buf's row sums above are read before wg_sum writes it
         const float total = wg_sum(sum_sq);
         if (tid == 0u) rms_part[m * p.rms_parts + group_index()] = total;

@@ -4,9 +4,9 @@ forced on.
 Lavapipe runs one dispatch after another, so every wait passes at once: these tests check what a GPU would compute
 with the chain (the same results), the bookkeeping that makes it safe there, and the failure path, not the overlap:
 * tiny Qwen2, Qwen2-sliding, Gemma 2 and Gemma 3 int4 models, in the GPU configuration (int-dot mat-vecs, x8 rows,
-  the gated and the producer-norm epilogues, the mat-vecs' early weight loads) and in lavapipe's own: the
-  chained replayed step's logits equal the barrier path's bit for bit (exact: same shaders, same order of
-  arithmetic), and greedy tokens with two steps in flight are equal;
+  the gated and the producer-norm epilogues, Gemma's sandwich norms folded, the mat-vecs' early weight loads) and in
+  lavapipe's own: the chained replayed step's logits equal the barrier path's bit for bit (exact: same shaders,
+  same order of arithmetic), and greedy tokens with two steps in flight are equal;
 * the decode attention's loads before its wait (rope_attention.glsl's chain_early): contexts of several splits,
   its value stage used from slot 0, after the registers' first block, cut short (the rest read from the cache) and
   not at all: logits bit for bit, greedy tokens of unequal prompts equal; the stage's size against shared memory;
@@ -43,7 +43,7 @@ from tiny_models import COMMON, FAMILIES, pack_folder, save_random  # noqa: E402
 
 pytestmark = pytest.mark.vulkan
 
-GPU_CONFIG = ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm")
+GPU_CONFIG = ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_sandwich_norm")
 CHAINED = {"embedding", "rmsnorm", "add_rmsnorm", "gated_act", "logits_softcap", "rope", "kv_store", "attention",
            "matvec_quant", "matvec_quant_idot", "rope_attention", "rope_attention_clock"}
 
@@ -262,16 +262,19 @@ def test_bad_mode_is_named(be, tmp_path, monkeypatch):
         VulkanDecoder(model, state)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
-def test_auto_chains_where_measured_faster(be, tmp_path, monkeypatch, family):
-    """"auto" (the GPU default) chains Qwen2's step and leaves Gemma's (sandwich norms: slower chained, v18)."""
+@pytest.mark.parametrize("family,fold", [("qwen2", False), ("gemma2", False), ("gemma2", True)])
+def test_auto_chains_where_measured_faster(be, tmp_path, monkeypatch, family, fold):
+    """"auto" (the GPU default) chains Qwen2's step, and Gemma's where its sandwich norms are folded into the
+    mat-vecs before them (v21); Gemma's unfolded sandwich norms stay on barriers (slower chained, v18)."""
     model, _ = int4_model(be, tmp_path, family)
     monkeypatch.setattr(be, "decode_chain", "auto")
-    assert vk_chain.chain_mode("auto", model.args) == ("off" if family == "gemma2" else "chain")
+    monkeypatch.setattr(be, "fuse_sandwich_norm", fold)
+    barriers = family == "gemma2" and not fold
+    assert vk_chain.chain_mode("auto", model.args, fold) == ("off" if barriers else "chain")
     logits, state = model.prefill(torch.tensor([[1, 2, 3]]), max_len=6)
     dec = VulkanDecoder(model, state)
     try:
-        assert (dec.chain is None) == (family == "gemma2")
+        assert (dec.chain is None) == barriers
     finally:
         dec.close()
 

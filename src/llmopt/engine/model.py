@@ -390,10 +390,12 @@ def _gated_linears(be: Backend, x, gate, up, kind: str):
 
 def _linear_add_rmsnorm(be: Backend, x, weight, residual, norm, eps: float, unit_offset: bool, post=None) -> tuple:
     """``_add_rmsnorm(be, residual, x weight^T, norm, ...)``; a backend offering ``linear_add_rmsnorm`` may do the
-    projection, the residual add and the norm in one op (plain pre-norms: no ``post``)."""
-    fused = getattr(be, "linear_add_rmsnorm", None) if post is None else None
-    if fused is not None:
-        return fused(x, weight, residual, norm, eps, unit_offset)
+    projection, the residual add and the norm in one op (plain pre-norms: no ``post``), and one offering
+    ``linear_norm_add_rmsnorm`` also Gemma's sandwich ``post`` norm."""
+    if post is None and getattr(be, "linear_add_rmsnorm", None) is not None:
+        return be.linear_add_rmsnorm(x, weight, residual, norm, eps, unit_offset)
+    if post is not None and getattr(be, "linear_norm_add_rmsnorm", None) is not None:
+        return be.linear_norm_add_rmsnorm(x, weight, residual, post, norm, eps, unit_offset)
     return _add_rmsnorm(be, residual, be.linear(x, weight), norm, eps, unit_offset, post)
 
 

@@ -23,7 +23,8 @@ uploaded once per submission and reused by every layer that passes the same tens
 token (``llmopt.backends.vulkan.replay``; ``Model.decode_step`` uses it by itself); ``add_rmsnorm`` fuses the
 residual add with the norm after it, ``norm_add_rmsnorm`` also Gemma's post norm before the add (one dispatch for
 rmsnorm, add, rmsnorm), each row held in registers where it fits (``norm_regs_max``); ``linear_add_rmsnorm``
-(``llmopt.backends.vulkan.producer_norm``) folds the residual add and the next norm into the o and down mat-vecs.
+(``llmopt.backends.vulkan.producer_norm``) folds the residual add and the next norm into the o and down mat-vecs,
+``linear_norm_add_rmsnorm`` Gemma's sandwich post norm as well.
 """
 
 from __future__ import annotations
@@ -183,10 +184,10 @@ class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
         # the replayed step's dispatches chained (chain.MODES); chained mat-vecs load chain_early weight chunks early
         self.decode_chain, self.chain_early = spec.get("decode_chain", "off"), int(spec.get("chain_early", 0))
         self._init_attention(info)
-        self._init_producer_norm(spec)
         self._fused: dict = {}  # ids of weights given to linears() -> (those weights, fused VkWeight or None)
         self.dev = Device(Path(kernel_dir), spec, profile=profile)
         self.probe = info
+        self._init_producer_norm(spec)
         self._pool: dict[int, list[Buffer]] = {}
         self._owner: dict[int, dict] = {}  # id(buffer) -> the private pool of the recording that uses it
         self._uploads: dict = {}  # host tensor identity -> (device buffer, tensor) for this submission
@@ -417,9 +418,10 @@ class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
         """Record ``outs = x W^T (+ bias)`` for ``m`` input rows; several ``outs`` split W's rows in order.
         ``gated`` (mat-vec only; 1 + activation kind): W is [gate; up] and the one output act(gate) * up
         (``gated_layout``; also as x8 rows where ``gated_linears`` gave it a ``q8`` buffer). ``norm`` (int4 int-dot
-        mat-vec, one output: ``producer_norm``): (residual, norm weight, offset, normed) makes the output residual +
-        x W^T and writes the normed input's x8 rows and partial sums in ``norm_layout``. An x whose ``q8`` rows
-        are a folded norm's (``rms``) has its sums scaled by 1 / rms."""
+        mat-vec, one output: ``producer_norm``): (residual, norm weight, offset, normed, post weight or None) makes
+        the output residual + x W^T (post: outs x W^T and residual + rmsnorm(x W^T, post)) and writes the normed
+        input's x8 rows and partial sums in ``norm_layout``. An x whose ``q8`` rows are a folded norm's (``rms``)
+        has its sums scaled by 1 / rms."""
         bias = self._whole(w.bias) if w.bias is not None else self._whole(self.dummy)
         spec_tail = (w.bits, int(w.scale_bf16), int(w.has_zeros), int(w.bias is not None))
         bounds = np.cumsum([o.features for o in outs])[:-1].tolist()
@@ -439,16 +441,14 @@ class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
             bindings = [self._whole(x.q8 if x8 else x.buf), pc.w, pc.s or self._whole(self.dummy),
                         pc.z or self._whole(self.dummy), bias, *ys]
             rms_parts, eps = (x_rms.n_parts, x_rms.eps) if x_rms else (0, 0.0)
-            norm_bindings = [self._whole(x_rms.parts if x_rms else self.dummy), self._whole(self.dummy),
-                             self._whole(self.dummy)]  # rms partials, residual, norm weight
+            # rms partials, residual, norm weight, post weight, arrival counters; NORM_OUT, TAIL_PER
+            norm_bindings = [self._whole(x_rms.parts if x_rms else self.dummy)] + [self._whole(self.dummy)] * 4
+            norm_out, tail_per = 0, 1
             if m <= MATVEC_MAX_M:
                 q8, x8_out = (outs[0].q8 if gated else None), (0, 1)  # Q8, X8_LEN: the gated mat-vec's x8 rows
-                if norm is not None:
-                    residual, norm_weight, offset, normed = norm
-                    wg, split, rows = self.norm_layout
-                    sets, per = self._norm_sets()
-                    q8, x8_out, rms_parts = normed.q8, (1, per + per // 32), normed.rms.n_parts
-                    norm_bindings = [self._whole(normed.rms.parts), self._whole(residual.buf), self._whole(norm_weight)]
+                if norm is not None:  # producer_norm: the layout, the x8 output, the epilogue's kind and buffers
+                    (wg, split, rows), sets, q8, x8_out, rms_parts, eps, norm_out, tail_per, norm_bindings = \
+                        self._norm_dispatch(norm, w.n_out)
                 elif gated:
                     wg, split, rows = self.gated_layout
                     sets, per = self._gated_sets()
@@ -465,8 +465,8 @@ class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
                 gx, gy, _ = self._grid(-(-pc.rows // (rows * sets)))
                 shader = "matvec_quant_idot" if int_dot else "matvec_quant"
                 push += pack_push("Iff", rms_parts, eps, float(norm[2]) if norm is not None else 0.0)
-                self._run(shader, 12, (rows, *spec_tail, split, int(x8), gated, *x8_out, int(norm is not None),
-                                       int(x_rms is not None), self.chain_early),
+                self._run(shader, 14, (rows, *spec_tail, split, int(x8), gated, *x8_out, norm_out,
+                                       int(x_rms is not None), self.chain_early, tail_per),
                           bindings + [self._whole(q8 or self.dummy), *norm_bindings], push, (gx, gy, m), wg,
                           f"{shader} {role}" if role else None)
             else:

@@ -26,7 +26,7 @@ raises an ``LlmoptError`` naming the dispatch. ``check`` also raises where the c
 workgroup count. Lavapipe runs one dispatch after another, so there every wait passes at once: CI checks the
 results, the tickets and the counter, not the overlap.
 
-    mode = chain_mode(backend.decode_chain, model.args)    # "auto" resolved per model
+    mode = chain_mode(backend.decode_chain, model.args, backend.fuse_sandwich_norm)  # "auto" resolved per model
     chain = Chain(dev, mode)                                # "chain", or "no barriers" (timing only: races)
     ...prologue...; chain.record_reset()
     dev.chain = chain; ...record the body...; dev.chain = None
@@ -49,19 +49,22 @@ TICKET_OFFSET = 124  # byte of the ticket in the 128 bytes of push constants (CH
 # atomic on one word, and many waves of them cost more than the barrier (H200: the Qwen2.5-7B head's 38016
 # workgroups chained took 220 us instead of 80; v18). 1024 and 8192 measured no better (v19).
 MAX_GROUPS = 4096
-# "auto" (the GPU default): chained where measured faster, i.e. steps without Gemma's sandwich norms (H200, v18:
-# Qwen2.5-7B 1.05x, Gemma 2 9B 0.90x; v19: Gemma still slower with every other wait tried); "chain": always;
+# "auto" (the GPU default): chained where measured faster: steps without Gemma's sandwich norms (H200, v18:
+# Qwen2.5-7B 1.05x, Gemma 2 9B 0.90x; v19: Gemma still slower with every other wait tried), or with them folded
+# into the o and down mat-vecs (no single-workgroup norm dispatches left; H100, v21: Gemma 2 9B 1.05-1.06x against
+# the fold on barriers), so only Gemma without the fold stays on barriers; "chain": always;
 # "no barriers": the body recorded with no barrier and no tickets, wrong results (bench/vulkan_decode.py's bound of
 # what chaining can win, timing only); "off".
 MODES = ("auto", "chain", "no barriers", "off")
 
 
-def chain_mode(mode: str, args) -> str:
-    """The mode a replayed step of a model of ``args`` (``ModelArgs``) records with under backend mode ``mode``."""
+def chain_mode(mode: str, args, sandwich_fold: bool) -> str:
+    """The mode a replayed step of a model of ``args`` (``ModelArgs``) records with under backend mode ``mode``;
+    ``sandwich_fold``: the backend folds sandwich norms into the mat-vecs before them (``fuse_sandwich_norm``)."""
     if mode not in MODES:
         raise LlmoptError(f"decode chain mode {mode!r}: expected one of {', '.join(repr(m) for m in MODES)}")
     if mode == "auto":
-        return "off" if args.sandwich_norm else "chain"
+        return "off" if args.sandwich_norm and not sandwich_fold else "chain"
     return mode
 
 

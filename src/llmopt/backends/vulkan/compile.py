@@ -53,7 +53,8 @@ def device_config(probe: dict) -> dict:
     gated activation as one mat-vec (``VulkanBackend.gated_linears``); ``matvec_gated_layout``: that mat-vec's
     (workgroup size, invocations a row set, rows a set), whose sets * rows / 2 outputs a workgroup are whole
     32-value chunks, so that it writes them as x8 rows for the down projection itself; ``matvec_norm``: 1 to fold the
-    residual add and the next RMSNorm into the o and down mat-vecs (``VulkanBackend.linear_add_rmsnorm``);
+    residual add and the next RMSNorm into the o and down mat-vecs (``VulkanBackend.linear_add_rmsnorm``; Gemma's
+    sandwich norms too, ``linear_norm_add_rmsnorm``);
     ``matvec_norm_layout``: that mat-vec's (workgroup size, invocations a row set, rows a set), sets * rows outputs
     a workgroup, whole 32-value chunks; ``decode_chain``: the replayed step's dispatches ordered by a counter instead
     of barriers (``llmopt.backends.vulkan.chain.MODES``); ``chain_early``: 32-value chunks of each row a chained

@@ -8,9 +8,9 @@ fused with the norm after it, Gemma's sandwich post norm with both, and LayerNor
 ``VulkanBackend`` (``llmopt.backends.vulkan.backend``) takes these ops from ``NormOps``. Each writes its normed
 output also as x8 rows (``VulkanBackend._normed``) where an int-dot mat-vec may read them; ``add_rmsnorm`` holds a
 row in registers where it fits (``norm_regs_max``), else passes over memory. Folded into the mat-vec before them
-(``linear_add_rmsnorm``, ``llmopt.backends.vulkan.producer_norm``) they measured faster on Qwen2.5-7B (v16);
-folded into the mat-vecs after them (v15) or Gemma's sandwich norms folded into the one before (v17), slower
-(docs/benchmarks.md).
+(``linear_add_rmsnorm``, ``llmopt.backends.vulkan.producer_norm``) they measured faster on Qwen2.5-7B (v16), and
+Gemma's sandwich norms too once each row's last workgroup finished them coalesced (``linear_norm_add_rmsnorm``,
+v21; v17's uncoalesced tail was slower); folded into the mat-vecs after them (v15), slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -2,22 +2,31 @@
 
     new_residual, normed = be.linear_add_rmsnorm(x, w_o, residual, ffn_norm, eps, unit_offset)
     gate_up = be.gated_linears(normed, w_gate, w_up, "silu")   # reads normed's x8 rows, applies 1 / rms itself
+    new_residual, normed = be.linear_norm_add_rmsnorm(x, w_o, residual, post_attn_norm, ffn_norm, eps, True)  # Gemma
 
-``Model._block`` calls this instead of ``linear`` then ``add_rmsnorm`` (plain pre-norm layers; Gemma's sandwich norms
-keep ``norm_add_rmsnorm``). Where the fold applies (``fuse_producer_norm``, the int4 int-dot mat-vec over x8 rows,
-one weight piece, a multiple of 32 outputs, decode rows), one dispatch of ``matvec_quant_idot`` with ``NORM_OUT``
-(``shaders/matvec_quant.glsl``), laid out by ``norm_layout`` so that each workgroup owns whole 32-output chunks,
-writes h = residual + x W^T (the new residual), the x8 rows of h * (w + offset), and its partial sum of h^2 (one
-float a workgroup, no atomics: no workgroup waits for another). The norm's 1 / rms is a positive factor common to
-the whole row, so it leaves every chunk's int8 codes unchanged: the int-dot mat-vecs reading those rows add the
-partials (a few hundred bytes) and scale their sums by it (``X_RMS``). The normed handle has no floats until an op
-reads them (a non-int4 or prefill reader, ``to_host``): then ``FoldedNorm.materialize`` records an ``rmsnorm`` of
-the new residual, so every reader stays correct. Elsewhere: ``linear`` then ``add_rmsnorm``, as before.
+``Model._block`` calls these instead of ``linear`` then ``add_rmsnorm`` (plain pre-norm layers) or ``norm_add_rmsnorm``
+(Gemma's sandwich norms). Where the fold applies (``fuse_producer_norm``, the int4 int-dot mat-vec over x8 rows, one
+weight piece, a multiple of 32 outputs, decode rows), one dispatch of ``matvec_quant_idot`` with ``NORM_OUT``
+(``shaders/matvec_quant.glsl``), laid out by ``norm_layout`` so that each workgroup owns whole 32-output chunks, writes
+h = residual + x W^T (the new residual), the x8 rows of h * (w + offset), and its partial sum of h^2 (one float a
+workgroup, no atomics: no workgroup waits for another). The norm's 1 / rms is a positive factor common to the whole row,
+so it leaves every chunk's int8 codes unchanged: the int-dot mat-vecs reading those rows add the partials (a few hundred
+bytes) and scale their sums by it (``X_RMS``). The normed handle has no floats until an op reads them (a non-int4 or
+prefill reader, ``to_host``): then ``FoldedNorm.materialize`` records an ``rmsnorm`` of the new residual, so every
+reader stays correct. Elsewhere: ``linear`` then ``add_rmsnorm``, as before.
+
+Gemma's sandwich norms (``linear_norm_add_rmsnorm``, ``fuse_sandwich_norm``): r = residual + rmsnorm(x W^T, post)
+needs the rms of the whole projection d = x W^T before the add, which no workgroup has alone. The same mat-vec with
+``NORM_OUT = 2`` writes d, and each row's last workgroup to arrive (a counter a row, ``_arrivals``, which that
+workgroup puts back to 0) finishes the row with all its invocations, coalesced: r, the x8 rows of r times the next
+gain, and one partial sum of r^2 a row for the readers. Otherwise ``linear`` then ``norm_add_rmsnorm``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from llmopt.backends.vulkan.device import Buffer, pack_push
 from llmopt.errors import LlmoptError
@@ -46,26 +55,31 @@ class FoldedNorm:
 
 
 class ProducerNormOps:
-    """``VulkanBackend``'s ``linear_add_rmsnorm`` (see the module docstring)."""
+    """``VulkanBackend``'s ``linear_add_rmsnorm`` and ``linear_norm_add_rmsnorm`` (see the module docstring)."""
 
     def _init_producer_norm(self, spec: dict) -> None:
         self.fuse_producer_norm = bool(spec.get("matvec_norm", 0))
         # the folding mat-vec's (wg, invocations a set, rows a set): sets * rows outputs a workgroup, whole chunks
         self.norm_layout = tuple(int(v) for v in spec.get("matvec_norm_layout", (64, 8, 4)))
+        self.fuse_sandwich_norm = self.fuse_producer_norm  # Gemma's post norm too (the row's last workgroup)
+        self.sandwich_tail_max = 16  # the tail holds up to this many values of the row an invocation in registers
+        from llmopt.backends.vulkan.backend import MATVEC_MAX_M  # imports this module
+
+        # per input row, the workgroups of a sandwich-folding mat-vec that have stored their part (0 between them)
+        self._arrivals = self.dev.buffer(4 * MATVEC_MAX_M, name="sandwich arrivals")
+        self.reset_arrivals()
+
+    def reset_arrivals(self) -> None:
+        """Zero the sandwich rows' arrival counters (each row's last workgroup does, unless a chained step that
+        timed out skipped some workgroups' work: ``VulkanDecoder`` calls this before it raises)."""
+        self.dev.upload(self._arrivals, np.zeros(self._arrivals.nbytes // 4, np.uint32))
 
     def linear_add_rmsnorm(self, x, weight, residual, norm_weight, eps, unit_offset):
         """``(r, rmsnorm(r))`` with ``r = residual + x weight^T``: the projection, the residual add and the next
         norm, in one mat-vec where the fold applies (module docstring), else ``linear`` then ``add_rmsnorm``."""
-        from llmopt.backends.vulkan.backend import MATVEC_MAX_M, VkAct  # imports this module
+        from llmopt.backends.vulkan.backend import VkAct  # imports this module
 
-        if x.features != weight.k:
-            raise LlmoptError(f"linear_add_rmsnorm {weight.name}: input has {x.features} features, weight expects "
-                              f"{weight.k}")
-        fold = (self.fuse_producer_norm and self.matvec_int_dot and self.matvec_x_q8
-                and self.dev.features["integer_dot_product"] and weight.bits == 4 and len(weight.pieces) == 1
-                and weight.n_out % 32 == 0 and x.rows <= MATVEC_MAX_M and x.rms is None
-                and tuple(residual.shape) == (*x.shape[:-1], weight.n_out))
-        if not fold:
+        if not (self.fuse_producer_norm and self._foldable("linear_add_rmsnorm", x, weight, residual)):
             return self.add_rmsnorm(residual, self.linear(x, weight), norm_weight, eps, unit_offset)
         self._check_norm_weight("linear_add_rmsnorm", norm_weight, weight.n_out)
         per = self._norm_sets()[1]
@@ -75,8 +89,62 @@ class ProducerNormOps:
         folded = FoldedNorm(self._alloc(4 * rows * n_parts, "rms partials"), n_parts, float(eps), total, norm_weight,
                             bool(unit_offset))
         normed = VkAct(self, None, residual.shape, self._alloc(rows * 160 * -(-f // 128), "x8"), folded)
-        self._matmul(x, weight, [total], rows, 1, 0, norm=(residual, norm_weight, 1.0 if unit_offset else 0.0, normed))
+        self._matmul(x, weight, [total], rows, 1, 0,
+                     norm=(residual, norm_weight, 1.0 if unit_offset else 0.0, normed, None))
         return total, normed
+
+    def linear_norm_add_rmsnorm(self, x, weight, residual, post_weight, norm_weight, eps, unit_offset):
+        """``(r, rmsnorm(r))`` with ``r = residual + rmsnorm(x weight^T, post_weight)`` (Gemma's sandwich norm after
+        the o or down projection, the residual add, the next norm), in one mat-vec where the fold applies (module
+        docstring), else ``linear`` then ``norm_add_rmsnorm``."""
+        from llmopt.backends.vulkan.backend import VkAct  # imports this module
+
+        f = weight.n_out
+        if not (self.fuse_sandwich_norm and self._foldable("linear_norm_add_rmsnorm", x, weight, residual)
+                and self._sandwich_spec(f) is not None):
+            return self.norm_add_rmsnorm(residual, self.linear(x, weight), post_weight, norm_weight, eps, unit_offset)
+        self._check_norm_weight("linear_norm_add_rmsnorm", post_weight, f)
+        self._check_norm_weight("linear_norm_add_rmsnorm", norm_weight, f)
+        rows, total, branch = x.rows, self._new(residual.shape), self._new(residual.shape)
+        folded = FoldedNorm(self._alloc(4 * rows, "rms partials"), 1, float(eps), total, norm_weight, bool(unit_offset))
+        normed = VkAct(self, None, residual.shape, self._alloc(rows * 160 * -(-f // 128), "x8"), folded)
+        self._matmul(x, weight, [branch, total], rows, 1, 0,
+                     norm=(residual, norm_weight, 1.0 if unit_offset else 0.0, normed, post_weight))
+        return total, normed
+
+    def _foldable(self, op: str, x, weight, residual) -> bool:
+        """Whether the o or down projection ``weight`` of ``x`` can fold the norm after it (``op``: either kind)."""
+        from llmopt.backends.vulkan.backend import MATVEC_MAX_M  # imports this module
+
+        if x.features != weight.k:
+            raise LlmoptError(f"{op} {weight.name}: input has {x.features} features, weight expects {weight.k}")
+        return (self.matvec_int_dot and self.matvec_x_q8 and self.dev.features["integer_dot_product"]
+                and weight.bits == 4 and len(weight.pieces) == 1 and weight.n_out % 32 == 0
+                and x.rows <= MATVEC_MAX_M and x.rms is None and tuple(residual.shape) == (*x.shape[:-1], weight.n_out))
+
+    def _sandwich_spec(self, f: int) -> tuple[int, int] | None:
+        """(TAIL_PER, X8_LEN) of the sandwich tail over rows of ``f``, or None where the row does not fit the
+        tail's registers or the workgroup's shared memory beside the mat-vec's own arrays."""
+        wg, split, rows = self.norm_layout
+        per = -(-f // wg)
+        if per > self.sandwich_tail_max or 4 * (rows * wg + wg + f + f // 32) + 16 > self._shared_limit():
+            return None
+        return per, f + f // 32
+
+    def _norm_dispatch(self, norm: tuple, n_out: int) -> tuple:
+        """``VulkanBackend._matmul``'s folding mat-vec for ``norm`` = (residual, norm weight, offset, normed, post
+        weight or None): its layout, sets, x8 buffer and (Q8, X8_LEN), partials a row, eps, NORM_OUT, TAIL_PER and
+        bindings 9-13 (partials, residual, norm weight, post weight, arrival counters)."""
+        residual, norm_weight, _, normed, post = norm
+        sets, per = self._norm_sets()
+        x8_out, norm_out, tail_per = (1, per + per // 32), 1, 1
+        if post is not None:  # Gemma's sandwich norm: the row's last workgroup finishes it, over the whole row
+            norm_out, (tail_per, x8_len) = 2, self._sandwich_spec(n_out)
+            x8_out = (1, x8_len)
+        bindings = [self._whole(b) for b in (normed.rms.parts, residual.buf, norm_weight, post or self.dummy,
+                                             self._arrivals)]
+        return (self.norm_layout, sets, normed.q8, x8_out, normed.rms.n_parts, normed.rms.eps, norm_out, tail_per,
+                bindings)
 
     def _norm_sets(self) -> tuple[int, int]:
         """The folding mat-vec's row sets a workgroup and outputs a workgroup (``norm_layout``, checked)."""

@@ -41,9 +41,10 @@ used alternately, each rewritten only after the step that read it was waited for
 waited for and dropped: the state does not advance for it, and the cache slot it wrote is the next step's slot,
 rewritten by that step before its attention reads it.
 
-Where ``VulkanBackend.decode_chain`` says so (``chain.chain_mode``: "auto" on GPUs chains models without sandwich
-norms), the body's dispatches are chained (``llmopt.backends.vulkan.chain``): no barriers between them, a counter
-zeroed by the prologues, its two words copied back by every tail and checked after each step (a timeout raises).
+Where ``VulkanBackend.decode_chain`` says so (``chain.chain_mode``: "auto" on GPUs chains every model but those with
+sandwich norms not folded into their producers), the body's dispatches are chained (``llmopt.backends.vulkan.chain``):
+no barriers between them, a counter zeroed by the prologues, its two words copied back by every tail and checked
+after each step (a timeout raises).
 
 ``Model.decode_step`` (and ``decode_greedy``; ``decode_greedy_steps``, which ``generate`` uses for greedy decoding,
 through ``greedy_steps``) use it by themselves when the embedding, every layer and the head are on one
@@ -135,7 +136,7 @@ class VulkanDecoder:
             self.step_floats = [buf.view(np.float32, size // 4) for buf in self.step_host]
             self.ids_out = [self._buffer(4 * B, host=True, cached=True, name="greedy ids") for _ in range(2)]  # read by
             self.logits_out = self._buffer(4 * B * self.vocab, host=True, cached=True, name="logits readback")  # cached
-            mode = chain_mode(be.decode_chain, a)
+            mode = chain_mode(be.decode_chain, a, be.fuse_sandwich_norm)
             if mode != "off":  # the body's dispatches chained: counter and error word read back per tail
                 self.chain = Chain(dev, mode)
                 self.chain_out = [self._buffer(16, host=True, name="chain readback") for _ in range(2)]
@@ -221,7 +222,11 @@ class VulkanDecoder:
     def _check_chain(self, parity: int) -> None:
         """Raise if the chained step whose tail read back into ``chain_out[parity]`` timed out or miscounted."""
         if self.chain is not None:
-            self.chain.check(self.chain_out[parity])
+            try:
+                self.chain.check(self.chain_out[parity])
+            except LlmoptError:
+                self.be.reset_arrivals()  # workgroups that skipped their work never counted in on a sandwich row
+                raise
 
     def _check_ids(self, ids) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
