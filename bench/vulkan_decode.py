@@ -94,6 +94,9 @@ VARIANTS = [
     # Gemma's sandwich norm folded into the o and down mat-vecs, each row's last workgroup finishing it (default on a
     # GPU, v21; "auto" then chains Gemma too): linear + norm_add_rmsnorm instead, on barriers (the default before v21)
     {"name": "no sandwich fold", "fuse_sandwich_norm": False},
+    # chained, the sandwich fold's grid form (v22: every workgroup finishes its own outputs after a grid wait, where
+    # its workgroups are at most the SMs): the last workgroup's tail instead (v21)
+    {"name": "sandwich tail", "sandwich_grid_max": 0},
     {"name": "norms over memory", "norm_regs_max": 0},  # add_rmsnorm's passes over memory instead of registers
     {"name": "attn no prefetch", "attn_prefetch": False},  # rope_attention without its first loads issued ahead
     {"name": "attn no x8", "attn_x8": False},  # rope_attention writes float only: o's workgroups each quantize x
@@ -113,7 +116,7 @@ VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_s
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
                 "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch",
                 "attn_x8", "attn_clock", "gated_layout", "fuse_producer_norm", "norm_layout", "decode_chain",
-                "attn_stage_slots", "fuse_sandwich_norm")
+                "attn_stage_slots", "fuse_sandwich_norm", "sandwich_grid_max")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:

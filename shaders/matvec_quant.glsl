@@ -40,6 +40,24 @@
 // (TAIL_PER values each, in registers), r = residual + d / rms(d) * (post + offset) is the new residual (y1), and
 // r * (norm_w + offset) goes to x8_vals, quantized a chunk an invocation as norm_add_rmsnorm does; one partial (the
 // row's sum of r^2) for the X_RMS readers; then it resets the counter for the next dispatch.
+// Sandwich grid form (NORM_OUT = 3, chained builds only: a wait that times out reports through the chain's error
+// word): every workgroup finishes its own chunks. It keeps its outputs d in registers and stores its partial sum of
+// d^2 into its slot (binding 13, coherent), its lowest mantissa bit replaced by a tag; invocation i of every
+// workgroup polls slot i (bounded) until it shows this dispatch's tag, and then holds that partial: no fence, no
+// counter, one store and the polls on the wait's path. Then each adds the row's partials for rms(d) and does, for
+// its own outputs, what NORM_OUT = 1 does: r = residual + d / rms(d) * (post + offset) (the new residual, y1), x8
+// rows of r * (norm_w + offset), one partial sum of r^2 a workgroup (X_RMS readers, rms_parts = workgroups).
+// Tags: slots are persistent and never reset; dispatches of `groups` workgroups use a region of their own
+// (grid_slot_index), where row m's slots 0..groups-1 are each written once by every such dispatch, one dispatch
+// after another (a barrier or the chain between them; two steps in flight: the next step's body starts behind its
+// prologue's barrier). So all of a row's slots hold one tag between dispatches, a workgroup reads it from its own
+// slot (before writing it) and flips it, and a slot shows either the last dispatch's tag or this one's: one bit
+// tells them apart. A time-out leaves them unequal: the host zeroes every slot then (reset_arrivals). The partials
+// lose their lowest mantissa bit (2^-23 relative). Residency: the wait needs every workgroup of the dispatch
+// resident at once; the host takes this form only where the workgroups are at most the device's SMs
+// (VK_NV_shader_sm_builtins), one each: under the chain's in-order launch, earlier dispatches' workgroups retire
+// without waiting on this one and later ones launch only after all of it, so each SM frees up for one. Elsewhere
+// NORM_OUT = 2; the bounded poll is the safety net.
 #ifndef USE_INT_DOT
 #define USE_INT_DOT 0
 #endif
@@ -163,6 +181,62 @@ void sandwich_tail(uint m) {
     x8_store(m, p.N, 0u, p.N / 32u);
 }
 
+#define GRID_SPINS 32768u  // as the chain's CHAIN_SPINS: ~10-30 ms of L2 round trips on a GPU
+#define GRID_ROWS 8u  // MATVEC_MAX_M (backend.py): input rows a slot region holds
+layout(std430, binding = 13) coherent volatile buffer SlotBuf { uint grid_slot[]; };  // NORM_OUT = 3: tagged partials
+shared uint grid_tag, grid_skip;
+
+// NORM_OUT = 3: the slot of workgroup g of row m among those of dispatches of `groups` workgroups (a region each).
+uint grid_slot_index(uint m, uint g, uint groups) {
+    return GRID_ROWS * groups * (groups - 1u) / 2u + m * groups + g;
+}
+
+// NORM_OUT = 3: this invocation's output d (o == tid < ROWS * SETS) with its residual, post gain and next gain (both
+// + offset), and its sum of d^2: every workgroup finishes its own outputs after a grid wait (see above).
+void sandwich_grid(uint m, float d, float sum_sq, float res, float post, float gain) {
+    const uint tid = gl_LocalInvocationID.x;
+    const uint groups = gl_NumWorkGroups.x * gl_NumWorkGroups.y, g = group_index();
+    if (X_RMS != 0u) barrier();  // red_buf's row sums are read before wg_sum writes it
+    const float mine = wg_sum(sum_sq);  // its barriers also order grid_tag's store (main) before the reads below
+    const uint tag = grid_tag;
+    if (tid == 0u) grid_slot[grid_slot_index(m, g, groups)] = (floatBitsToUint(mine) & ~1u) | tag;
+    uint bits = 0u, skip = 0u;
+    if (tid < groups) {  // invocation i waits for slot i's tag (bounded), and so holds its partial
+        const uint slot = grid_slot_index(m, tid, groups);
+        uint spins = 0u;
+        bits = grid_slot[slot];
+        while ((bits & 1u) != tag) {
+            if (++spins == GRID_SPINS) {
+                skip = 1u;
+                break;
+            }
+            bits = grid_slot[slot];
+        }
+    }
+    if (tid == 0u) grid_skip = 0u;
+    barrier();
+    if (skip != 0u) grid_skip = 1u;
+    const float parts = tid < groups ? uintBitsToFloat(bits & ~1u) : 0.0;
+    const float inv_d = inversesqrt(wg_sum(parts) / float(p.N) + p.eps);  // its barrier publishes grid_skip
+    if (grid_skip != 0u) {  // never hang: report (chained builds; the host then zeroes every slot), skip the rest
+#if CHAIN
+        if (tid == 0u) atomicMax(chain_error, p.chain_ticket + 1u);
+#endif
+        return;
+    }
+    const uint per = ROWS * SETS, out0 = g * per;
+    sum_sq = 0.0;
+    if (tid < per && out0 + tid < p.N) {
+        precise float r = res + d * inv_d * post;  // rounded as norm_add_rmsnorm's: no product fused into the add
+        y1[m * p.N + out0 + tid] = r;
+        sum_sq = r * r;
+        x8_vals[tid + tid / 32u] = r * gain;
+    }
+    const float total = wg_sum(sum_sq);
+    if (tid == 0u) rms_part[m * groups + g] = total;
+    x8_store(m, p.N, out0 / 32u, out0 < p.N ? min(per, p.N - out0) / 32u : 0u);
+}
+
 void main() {
     const uint tid = gl_LocalInvocationID.x;
     const uint lane = tid % SET;
@@ -182,10 +256,14 @@ void main() {
     const uint rms_base = xrow * p.rms_parts;
     const float rms_a = X_RMS != 0u && tid < p.rms_parts ? rms_part[rms_base + tid] : 0.0;
     const float rms_b = X_RMS != 0u && tid + WG < p.rms_parts ? rms_part[rms_base + tid + WG] : 0.0;
-    // NORM_OUT (SETS * ROWS <= WG): invocation o's residual and gain, loaded ahead of the main loop
+    // NORM_OUT 1, 3 (SETS * ROWS <= WG): invocation o's residual and gains, loaded ahead of the main loop
     const uint norm_row = min(group_index() * ROWS * SETS + tid, p.N - 1u);
-    const float res_ahead = NORM_OUT == 1u && tid < ROWS * SETS ? residual[m * p.N + norm_row] : 0.0;
-    const float gain_ahead = NORM_OUT == 1u && tid < ROWS * SETS ? norm_w[norm_row] + p.norm_offset : 0.0;
+    const bool own_norm = (NORM_OUT == 1u || NORM_OUT == 3u) && tid < ROWS * SETS;
+    const float res_ahead = own_norm ? residual[m * p.N + norm_row] : 0.0;
+    const float gain_ahead = own_norm ? norm_w[norm_row] + p.norm_offset : 0.0;
+    const float post_ahead = NORM_OUT == 3u && own_norm ? post_w[norm_row] + p.norm_offset : 0.0;
+    if (NORM_OUT == 3u && tid == 0u)  // this dispatch's tag: its own slot's last one, flipped (see above)
+        grid_tag = (grid_slot[grid_slot_index(m, group_index(), gl_NumWorkGroups.x * gl_NumWorkGroups.y)] & 1u) ^ 1u;
 
     for (uint c = lane; c < n_chunks; c += SET) {
         const uint xc = xbase + c * 32u;
@@ -341,6 +419,7 @@ void main() {
         return;
     }
     float sum_sq = 0.0;  // NORM_OUT: this invocation's outputs' squares
+    float d_own = 0.0;  // NORM_OUT = 3: its output
     for (uint o = tid; o < ROWS * SETS; o += WG) {  // o: the workgroup's output o, row group * ROWS * SETS + o
         const uint r = o % ROWS, set = o / ROWS;
         float s = 0.0;
@@ -349,7 +428,10 @@ void main() {
         if (row >= p.N) continue;
         const uint R = p.row0 + row;
         s = s * inv_rms + (HAS_BIAS != 0 ? bias[R] : 0.0);
-        if (NORM_OUT == 2u) {
+        if (NORM_OUT == 3u) {
+            d_own = s;
+            sum_sq += s * s;
+        } else if (NORM_OUT == 2u) {
             d_out[m * p.N + row] = s;
         } else if (NORM_OUT != 0u) {  // one piece, one output: R == row, p.N == p.n_out; o == tid
             const float h = res_ahead + s;
@@ -360,7 +442,9 @@ void main() {
         else if (R < p.seg2) y1[m * (p.seg2 - p.seg1) + R - p.seg1] = s;
         else y2[m * (p.n_out - p.seg2) + R - p.seg2] = s;
     }
-    if (NORM_OUT == 2u) {
+    if (NORM_OUT == 3u) {
+        sandwich_grid(m, d_own, sum_sq, res_ahead, post_ahead, gain_ahead);
+    } else if (NORM_OUT == 2u) {
         sandwich_tail(m);
     } else if (NORM_OUT != 0u) {
         if (X_RMS != 0u) barrier();  // red_buf's row sums above are read before wg_sum writes it

@@ -32,6 +32,7 @@ MIN_API = (1, 1)
 PUSH_BYTES = 128
 INT_DOT_EXTENSION = "VK_KHR_shader_integer_dot_product"
 CLOCK_EXTENSION = "VK_KHR_shader_clock"  # rope_attention_clock.comp's phase stamps (VulkanBackend.attn_clock)
+SM_EXTENSION = "VK_NV_shader_sm_builtins"  # its properties: the SM count (sandwich grid residency)
 
 
 def _vk():
@@ -76,6 +77,12 @@ def _describe(vk, pd) -> dict:
     if has_idot:
         vk.lib.vkGetPhysicalDeviceProperties2(pd, ffi.new("VkPhysicalDeviceProperties2*", {
             "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, "pNext": idot_props}))
+    # SMs (NVIDIA): how many workgroups are surely resident at once, one an SM (the sandwich grid wait's bound)
+    sms = ffi.new("VkPhysicalDeviceShaderSMBuiltinsPropertiesNV*",
+                  {"sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_SM_BUILTINS_PROPERTIES_NV})
+    if SM_EXTENSION in extensions:
+        vk.lib.vkGetPhysicalDeviceProperties2(pd, ffi.new("VkPhysicalDeviceProperties2*", {
+            "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, "pNext": sms}))
     mem = vk.vkGetPhysicalDeviceMemoryProperties(pd)
     heaps = [mem.memoryHeaps[i] for i in range(mem.memoryHeapCount)]
     local = sum(h.size for h in heaps if h.flags & vk.VK_MEMORY_HEAP_DEVICE_LOCAL_BIT)
@@ -102,6 +109,7 @@ def _describe(vk, pd) -> dict:
         "timestamp_period_ns": lim.timestampPeriod,
         "compute_queue_families": compute_q,
         "timestamp_valid_bits": queues[compute_q[0]].timestampValidBits if compute_q else 0,
+        "sm_count": int(sms.shaderSMCount) if SM_EXTENSION in extensions else 0,  # 0: not known
     }
     features = {
         "subgroup_arithmetic": compute_stage and bool(sg.supportedOperations & vk.VK_SUBGROUP_FEATURE_ARITHMETIC_BIT),

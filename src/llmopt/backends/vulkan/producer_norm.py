@@ -20,6 +20,11 @@ needs the rms of the whole projection d = x W^T before the add, which no workgro
 ``NORM_OUT = 2`` writes d, and each row's last workgroup to arrive (a counter a row, ``_arrivals``, which that
 workgroup puts back to 0) finishes the row with all its invocations, coalesced: r, the x8 rows of r times the next
 gain, and one partial sum of r^2 a row for the readers. Otherwise ``linear`` then ``norm_add_rmsnorm``.
+In a chained recording (``dev.chain``), where the row's workgroups are at most the device's SMs (all resident at
+once: ``sandwich_grid_max``), the grid form (``NORM_OUT = 3``) instead: every workgroup stores its partial sum of
+d^2 into a tagged slot (``_grid_slots``), waits until the row's others show this dispatch's tag (bounded; a time-out
+raises through the chain's error word, naming the dispatch) and finishes its own outputs as the plain fold does,
+one partial of r^2 a workgroup.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import numpy as np
 
 from llmopt.backends.vulkan.device import Buffer, pack_push
 from llmopt.errors import LlmoptError
+
+GRID_GROUPS = 256  # the grid form's most workgroups a row (its slots' regions); shaders/matvec_quant.glsl, GRID_ROWS
 
 
 @dataclass(eq=False)
@@ -63,16 +70,22 @@ class ProducerNormOps:
         self.norm_layout = tuple(int(v) for v in spec.get("matvec_norm_layout", (64, 8, 4)))
         self.fuse_sandwich_norm = self.fuse_producer_norm  # Gemma's post norm too (the row's last workgroup)
         self.sandwich_tail_max = 16  # the tail holds up to this many values of the row an invocation in registers
+        # the grid form's most workgroups (one an SM, surely resident at once; 0: the device does not say, no grid)
+        self.sandwich_grid_max = int(self.dev.info.get("sm_count", 0))
         from llmopt.backends.vulkan.backend import MATVEC_MAX_M  # imports this module
 
         # per input row, the workgroups of a sandwich-folding mat-vec that have stored their part (0 between them)
         self._arrivals = self.dev.buffer(4 * MATVEC_MAX_M, name="sandwich arrivals")
+        # the grid form's tagged partials: a region a workgroup count up to GRID_GROUPS, MATVEC_MAX_M rows of slots
+        self._grid_slots = self.dev.buffer(4 * MATVEC_MAX_M * GRID_GROUPS * (GRID_GROUPS + 1) // 2, name="grid slots")
         self.reset_arrivals()
 
     def reset_arrivals(self) -> None:
-        """Zero the sandwich rows' arrival counters (each row's last workgroup does, unless a chained step that
-        timed out skipped some workgroups' work: ``VulkanDecoder`` calls this before it raises)."""
-        self.dev.upload(self._arrivals, np.zeros(self._arrivals.nbytes // 4, np.uint32))
+        """Zero the sandwich rows' arrival counters and the grid form's slots (each row's last workgroup zeroes its
+        counter, and a grid dispatch leaves its row's slots one tag, unless a chained step that timed out skipped some
+        workgroups' work: ``VulkanDecoder`` calls this before it raises)."""
+        for buf in (self._arrivals, self._grid_slots):
+            self.dev.upload(buf, np.zeros(buf.nbytes // 4, np.uint32))
 
     def linear_add_rmsnorm(self, x, weight, residual, norm_weight, eps, unit_offset):
         """``(r, rmsnorm(r))`` with ``r = residual + x weight^T``: the projection, the residual add and the next
@@ -106,7 +119,9 @@ class ProducerNormOps:
         self._check_norm_weight("linear_norm_add_rmsnorm", post_weight, f)
         self._check_norm_weight("linear_norm_add_rmsnorm", norm_weight, f)
         rows, total, branch = x.rows, self._new(residual.shape), self._new(residual.shape)
-        folded = FoldedNorm(self._alloc(4 * rows, "rms partials"), 1, float(eps), total, norm_weight, bool(unit_offset))
+        n_parts = -(-f // self._norm_sets()[1]) if self._sandwich_grid(f) else 1  # the grid's: one a workgroup
+        folded = FoldedNorm(self._alloc(4 * rows * n_parts, "rms partials"), n_parts, float(eps), total, norm_weight,
+                            bool(unit_offset))
         normed = VkAct(self, None, residual.shape, self._alloc(rows * 160 * -(-f // 128), "x8"), folded)
         self._matmul(x, weight, [branch, total], rows, 1, 0,
                      norm=(residual, norm_weight, 1.0 if unit_offset else 0.0, normed, post_weight))
@@ -131,18 +146,33 @@ class ProducerNormOps:
             return None
         return per, f + f // 32
 
+    def _sandwich_grid(self, f: int) -> bool:
+        """Whether the sandwich fold over rows of ``f`` takes the grid form: recorded chained (its wait's time-out
+        reported through the chain's error word), its workgroups all resident (at most ``sandwich_grid_max``) and
+        at most its invocations (each polls one workgroup's slot)."""
+        # chained as Chain.variant records it: its chained build exists (its other condition, at most MAX_GROUPS
+        # workgroups, holds: GRID_GROUPS a row, MATVEC_MAX_M rows)
+        chained = (self.dev.chain is not None and self.dev.chain.mode == "chain"
+                   and (self.dev.spv_dir / "matvec_quant_idot_chain.spv").exists())
+        groups = -(-f // self._norm_sets()[1])
+        return chained and groups <= min(self.sandwich_grid_max, GRID_GROUPS, self.norm_layout[0])
+
     def _norm_dispatch(self, norm: tuple, n_out: int) -> tuple:
         """``VulkanBackend._matmul``'s folding mat-vec for ``norm`` = (residual, norm weight, offset, normed, post
-        weight or None): its layout, sets, x8 buffer and (Q8, X8_LEN), partials a row, eps, NORM_OUT, TAIL_PER and
-        bindings 9-13 (partials, residual, norm weight, post weight, arrival counters)."""
+        weight or None): its layout, sets, x8 buffer and (Q8, X8_LEN), partials a row, eps, NORM_OUT (3: a sandwich
+        norm's grid form, ``_sandwich_grid``), TAIL_PER and bindings 9-13 (partials, residual, norm weight, post
+        weight, the tail's arrival counters or the grid's slots)."""
         residual, norm_weight, _, normed, post = norm
         sets, per = self._norm_sets()
         x8_out, norm_out, tail_per = (1, per + per // 32), 1, 1
-        if post is not None:  # Gemma's sandwich norm: the row's last workgroup finishes it, over the whole row
+        counters = self._arrivals
+        if post is not None and self._sandwich_grid(n_out):  # Gemma's sandwich norm, each workgroup after a grid wait
+            norm_out, counters = 3, self._grid_slots
+        elif post is not None:  # Gemma's sandwich norm: the row's last workgroup finishes it, over the whole row
             norm_out, (tail_per, x8_len) = 2, self._sandwich_spec(n_out)
             x8_out = (1, x8_len)
         bindings = [self._whole(b) for b in (normed.rms.parts, residual.buf, norm_weight, post or self.dummy,
-                                             self._arrivals)]
+                                             counters)]
         return (self.norm_layout, sets, normed.q8, x8_out, normed.rms.n_parts, normed.rms.eps, norm_out, tail_per,
                 bindings)
 

@@ -225,7 +225,7 @@ class VulkanDecoder:
             try:
                 self.chain.check(self.chain_out[parity])
             except LlmoptError:
-                self.be.reset_arrivals()  # workgroups that skipped their work never counted in on a sandwich row
+                self.be.reset_arrivals()  # workgroups that skipped their work never counted in (or tagged a slot)
                 raise
 
     def _check_ids(self, ids) -> torch.Tensor:
