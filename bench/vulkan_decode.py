@@ -97,6 +97,9 @@ VARIANTS = [
     # chained, the sandwich fold's grid form (v22: every workgroup finishes its own outputs after a grid wait, where
     # its workgroups are at most the SMs): the last workgroup's tail instead (v21)
     {"name": "sandwich tail", "sandwich_grid_max": 0},
+    # Gemma's sandwich fold in v16-v22's layout (1024, 128, 4: 8 sets of 4 rows) instead of its own (512, 128, 8: 4 sets
+    # of 8 rows, v23); the other layouts swept, and the plain fold's (Qwen's) in (512, 128, 8), are in docs (v23)
+    {"name": "sandwich 1024/128/4", "sandwich_layout": (1024, 128, 4)},
     {"name": "norms over memory", "norm_regs_max": 0},  # add_rmsnorm's passes over memory instead of registers
     {"name": "attn no prefetch", "attn_prefetch": False},  # rope_attention without its first loads issued ahead
     {"name": "attn no x8", "attn_x8": False},  # rope_attention writes float only: o's workgroups each quantize x
@@ -116,7 +119,7 @@ VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_s
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
                 "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch",
                 "attn_x8", "attn_clock", "gated_layout", "fuse_producer_norm", "norm_layout", "decode_chain",
-                "attn_stage_slots", "fuse_sandwich_norm", "sandwich_grid_max")
+                "attn_stage_slots", "fuse_sandwich_norm", "sandwich_grid_max", "sandwich_layout")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:

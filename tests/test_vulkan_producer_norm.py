@@ -66,7 +66,8 @@ def parts_of(be, normed) -> torch.Tensor:
 
 # layouts: 8 sets of 4 outputs (lavapipe's default), 8 sets of 8 (64 outputs: f = 96 and 160 leave the last workgroup
 # one or three chunks), one set of 32 rows (no subgroup sets), 16 sets of 2 in sets of 2 invocations (narrower than
-# lavapipe's subgroups: sums through shared memory), and the GPU default (8 sets of 128 invocations, 4 rows)
+# lavapipe's subgroups: sums through shared memory), the GPU default (8 sets of 128 invocations, 4 rows) and the
+# GPU's sandwich layout (4 sets of 128, 8 rows: v23)
 def check_fold(be, gen, f, k, m, bias, unit_offset, case):
     """One fold (o projection of f outputs over k inputs, m rows) and its three readers against float64."""
     wo, wo64, bo = weight(be, "o_proj", gen, f, k, bias=bias)
@@ -84,7 +85,7 @@ def check_fold(be, gen, f, k, m, bias, unit_offset, case):
     assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, case
     assert rel_err(scales, want_scales) < 1e-6 and torch.equal(sums, values.sum(-1).to(torch.int32)), case
     ss = rh.reshape(m, f).double().pow(2).sum(-1)
-    assert parts_of(be, normed).shape[1] == -(-f // be._norm_sets()[1])
+    assert parts_of(be, normed).shape[1] == -(-f // be._norm_sets("norm_layout")[1])
     assert rel_err(parts_of(be, normed).double().sum(-1), ss) < 1e-5, case
     # readers: x as the reader sees it is x8 rows / rms
     inv = (ss / f + EPS).rsqrt()
@@ -108,8 +109,9 @@ def check_fold(be, gen, f, k, m, bias, unit_offset, case):
 
 # layouts: 8 sets of 4 outputs (lavapipe's default), 8 sets of 8 (64 outputs: f = 96 and 160 leave the last workgroup
 # one or three chunks), one set of 32 rows (no subgroup sets), 16 sets of 2 in sets of 2 invocations (narrower than
-# lavapipe's subgroups: sums through shared memory), and the GPU default (8 sets of 128 invocations, 4 rows)
-@pytest.mark.parametrize("layout", [(64, 8, 4), (64, 8, 8), (32, 0, 32), (32, 2, 2), (1024, 128, 4)])
+# lavapipe's subgroups: sums through shared memory), the GPU default (8 sets of 128 invocations, 4 rows) and the
+# GPU's sandwich layout (4 sets of 128, 8 rows: v23)
+@pytest.mark.parametrize("layout", [(64, 8, 4), (64, 8, 8), (32, 0, 32), (32, 2, 2), (1024, 128, 4), (512, 128, 8)])
 @pytest.mark.parametrize("unit_offset", [False, True])
 def test_fold_against_reference(fast, gen, monkeypatch, layout, unit_offset):
     monkeypatch.setattr(fast, "norm_layout", layout)

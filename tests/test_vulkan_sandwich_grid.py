@@ -96,8 +96,8 @@ def test_grid_against_reference(grid, gen, monkeypatch):
     """Rows of one workgroup (32 or 64 outputs; 1 to 8 input rows, a counter each), both gain styles, against float64;
     the chain's counter ends at its workgroups, no error, every counter back to 0."""
     be = grid
-    for layout, f in [((64, 8, 8), 64), ((32, 0, 32), 32), ((1024, 128, 4), 32), ((64, 8, 4), 32)]:
-        monkeypatch.setattr(be, "norm_layout", layout)
+    for layout, f in [((64, 8, 8), 64), ((32, 0, 32), 32), ((1024, 128, 4), 32), ((512, 128, 8), 32), ((64, 8, 4), 32)]:
+        monkeypatch.setattr(be, "sandwich_layout", layout)
         for k, m, unit_offset in [(64, 1, True), (288, 3, False), (96, MATVEC_MAX_M, True)]:
             case = (layout, f, k, m, unit_offset)
             wo, wo64, _ = weight(be, "o_proj", gen, f, k)
@@ -132,7 +132,7 @@ def test_grid_taken_only_where_resident_and_chained(grid, gen, monkeypatch):
     """The grid form needs a chained recording (its time-out reported by the chain) and at most
     ``sandwich_grid_max`` workgroups; otherwise the last workgroup's tail (one partial a row)."""
     be = grid
-    monkeypatch.setattr(be, "norm_layout", (64, 8, 4))  # 32 outputs a workgroup: 3 for 96
+    monkeypatch.setattr(be, "sandwich_layout", (64, 8, 4))  # 32 outputs a workgroup: 3 for 96
     wo, _, _ = weight(be, "o_proj", gen, 96, 64)
     x, res = be.from_host(torch.randn(1, 1, 64, generator=gen)), be.from_host(torch.randn(1, 1, 96, generator=gen))
     post, g = be.param("post", torch.randn(96, generator=gen)), be.param("norm", torch.randn(96, generator=gen))
@@ -156,7 +156,7 @@ def test_grid_taken_only_where_resident_and_chained(grid, gen, monkeypatch):
     assert parts(chained=True) == 1
     be.reset_arrivals()  # the 3-workgroup grid dispatch above ran unchained on lavapipe: its waits gave up
     monkeypatch.setattr(be, "sandwich_grid_max", 1 << 20)
-    monkeypatch.setattr(be, "norm_layout", (32, 0, 32))  # 32 invocations poll the slots: rows of 32 workgroups at most
+    monkeypatch.setattr(be, "sandwich_layout", (32, 0, 32))  # 32 invocations poll the slots: rows of 32 at most
     be.dev.chain = vk_chain.Chain(be.dev, "chain")
     try:
         assert be._sandwich_grid(32 * 32) and not be._sandwich_grid(33 * 32)
@@ -169,7 +169,7 @@ def test_grid_wait_times_out_and_raises(grid, gen, monkeypatch):
     """Rows of 11 workgroups on lavapipe, which may not run them side by side: each wait that cannot end gives up
     after its bounded poll, the chain's error word names the dispatch, and the decoder zeroes the counters."""
     be = grid
-    monkeypatch.setattr(be, "norm_layout", (64, 8, 4))
+    monkeypatch.setattr(be, "sandwich_layout", (64, 8, 4))
     wo, _, _ = weight(be, "o_proj", gen, 352, 96)
     x, res = torch.randn(1, 1, 96, generator=gen), torch.randn(1, 1, 352, generator=gen)
     post, g = be.param("post", torch.randn(352, generator=gen)), be.param("norm", torch.randn(352, generator=gen))
@@ -194,7 +194,7 @@ def test_tiny_gemma_grid(be, tmp_path, monkeypatch, family):
     _, model, name = gemma_model(be, tmp_path, family)
     for key in GPU_CONFIG:
         monkeypatch.setattr(be, key, True)
-    monkeypatch.setattr(be, "norm_layout", (64, 8, 8))
+    monkeypatch.setattr(be, "sandwich_layout", (64, 8, 8))
     monkeypatch.setattr(be, "sandwich_grid_max", 1)
     forms = []
     fold = be.linear_norm_add_rmsnorm
@@ -224,7 +224,7 @@ def test_tiny_gemma_grid(be, tmp_path, monkeypatch, family):
 
     # rows of 2 workgroups: lavapipe runs them side by side or one after the other (its threads); where a wait
     # cannot end, the step raises naming a grid mat-vec and the counters are 0; where none timed out, it is right
-    monkeypatch.setattr(be, "norm_layout", (64, 8, 4))
+    monkeypatch.setattr(be, "sandwich_layout", (64, 8, 4))
     monkeypatch.setattr(be, "sandwich_grid_max", 2)
     model.static_decode = True
     _, state = model.prefill(ids[:, :4], max_len=8)
@@ -263,7 +263,7 @@ folder = pack_folder(save_random(FAMILIES["gemma2"](), Path(sys.argv[1]) / "f", 
 be = VulkanBackend()
 for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_sandwich_norm"):
     setattr(be, key, True)
-be.norm_layout, be.sandwich_grid_max, be.decode_chain = (64, 8, 8), 1, "chain"
+be.sandwich_layout, be.sandwich_grid_max, be.decode_chain = (64, 8, 8), 1, "chain"
 model = load_model(folder, backend=be)
 grids = []
 fold = be.linear_norm_add_rmsnorm

@@ -6,6 +6,7 @@ Tolerances (fresh random inputs):
 * the new residual r = residual + rmsnorm(d, post), d = int8_chunks(x) W^T, against float64: relative ``RTOL`` = 2e-5;
 * the x8 rows against a torch quantization of ``r * (w + offset)`` (r: the device's): codes within 1, at most 1% off
   by one, scales within 1e-6 relative, code sums exact; the one partial a row within 1e-5 of ``sum(r^2)``;
+* each fold in its own layout (``sandwich_layout``, ``norm_layout``), a bad one named by its field;
 * a reader (an int4 mat-vec applying 1 / rms) against float64: ``RTOL``; the floats made on demand equal the
   ``rmsnorm`` of r bit for bit; the arrival counters back to 0 after every call;
 * whole tiny Gemma 2 / Gemma 3 int4 models: every o and down projection folded (but the last down: no next norm),
@@ -88,14 +89,35 @@ def check_sandwich(be, gen, f, k, m, unit_offset, case):
 
 
 # rows of 2 to 11 workgroups of 32 outputs (lavapipe's default 8 sets of 4; one set of 32 rows; sets of 2 invocations,
-# narrower than lavapipe's subgroups; the GPU's 8 sets of 128 invocations) and one of 64 outputs a workgroup (f = 160:
-# a last workgroup of one chunk); 1, 3 and 8 input rows (a counter each)
-@pytest.mark.parametrize("layout", [(64, 8, 4), (32, 0, 32), (32, 2, 2), (1024, 128, 4), (64, 8, 8)])
+# narrower than lavapipe's subgroups; 8 sets of 128 invocations; the GPU's 4 sets of 128 with 8 rows, v23) and one of
+# 64 outputs a workgroup (f = 160: a last workgroup of one chunk); 1, 3 and 8 input rows (a counter each)
+@pytest.mark.parametrize("layout", [(64, 8, 4), (32, 0, 32), (32, 2, 2), (1024, 128, 4), (512, 128, 8), (64, 8, 8)])
 @pytest.mark.parametrize("unit_offset", [False, True])
 def test_sandwich_against_reference(fast, gen, monkeypatch, layout, unit_offset):
-    monkeypatch.setattr(fast, "norm_layout", layout)
+    monkeypatch.setattr(fast, "sandwich_layout", layout)
     for f, k, m in [(96, 64, 1), (160, 288, 3), (352, 96, 2), (64, 96, MATVEC_MAX_M)]:
         check_sandwich(fast, gen, f, k, m, unit_offset, (layout, unit_offset, f, k, m))
+
+
+def test_each_fold_takes_its_own_layout(fast, gen, monkeypatch):
+    """The sandwich fold is laid out by ``sandwich_layout`` and the plain fold by ``norm_layout`` (v23: the GPU's
+    differ): each runs right with the other's layout unusable, and a bad layout is named by its own field."""
+    be = fast
+    bad = (64, 8, 2)  # 16 outputs a workgroup: not whole 32-value chunks
+    monkeypatch.setattr(be, "norm_layout", bad)
+    monkeypatch.setattr(be, "sandwich_layout", (512, 128, 8))  # the GPU's
+    check_sandwich(be, gen, 160, 96, 3, True, "sandwich_layout (512, 128, 8), norm_layout bad")
+    wo, _, _ = weight(be, "o_proj", gen, 64, 64)
+    x, res, g = (be.from_host(torch.randn(1, 1, 64, generator=gen)), be.from_host(torch.randn(1, 1, 64, generator=gen)),
+                 be.param("norm", torch.ones(64)))
+    with pytest.raises(LlmoptError, match=r"norm_layout \(64, 8, 2\): expected .*multiple of 32"):
+        be.linear_add_rmsnorm(x, wo, res, g, EPS, False)
+    monkeypatch.setattr(be, "norm_layout", (64, 8, 4))
+    monkeypatch.setattr(be, "sandwich_layout", bad)
+    with pytest.raises(LlmoptError, match=r"sandwich_layout \(64, 8, 2\): expected .*multiple of 32"):
+        be.linear_norm_add_rmsnorm(x, wo, res, be.param("post", torch.ones(64)), g, EPS, True)
+    total, normed = be.linear_add_rmsnorm(x, wo, res, g, EPS, False)
+    assert normed.rms is not None and normed.rms.n_parts == 2  # folded, 32 outputs a workgroup in (64, 8, 4)
 
 
 def test_sandwich_without_subgroups(gen, tmp_path):
@@ -110,7 +132,7 @@ def test_sandwich_without_subgroups(gen, tmp_path):
         for key in GPU_CONFIG:
             setattr(be, key, True)
         for layout in ((64, 8, 4), (32, 0, 32)):
-            be.norm_layout = layout
+            be.sandwich_layout = layout
             check_sandwich(be, gen, 160, 96, 3, True, layout)
     finally:
         be.close()

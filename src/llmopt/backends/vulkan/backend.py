@@ -420,8 +420,8 @@ class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
         (``gated_layout``; also as x8 rows where ``gated_linears`` gave it a ``q8`` buffer). ``norm`` (int4 int-dot
         mat-vec, one output: ``producer_norm``): (residual, norm weight, offset, normed, post weight or None) makes
         the output residual + x W^T (post: outs x W^T and residual + rmsnorm(x W^T, post)) and writes the normed
-        input's x8 rows and partial sums in ``norm_layout``. An x whose ``q8`` rows are a folded norm's (``rms``)
-        has its sums scaled by 1 / rms."""
+        input's x8 rows and partial sums in ``norm_layout`` (post: ``sandwich_layout``). An x whose ``q8`` rows are
+        a folded norm's (``rms``) has its sums scaled by 1 / rms."""
         bias = self._whole(w.bias) if w.bias is not None else self._whole(self.dummy)
         spec_tail = (w.bits, int(w.scale_bf16), int(w.has_zeros), int(w.bias is not None))
         bounds = np.cumsum([o.features for o in outs])[:-1].tolist()

@@ -56,7 +56,8 @@ def device_config(probe: dict) -> dict:
     residual add and the next RMSNorm into the o and down mat-vecs (``VulkanBackend.linear_add_rmsnorm``; Gemma's
     sandwich norms too, ``linear_norm_add_rmsnorm``);
     ``matvec_norm_layout``: that mat-vec's (workgroup size, invocations a row set, rows a set), sets * rows outputs
-    a workgroup, whole 32-value chunks; ``decode_chain``: the replayed step's dispatches ordered by a counter instead
+    a workgroup, whole 32-value chunks; ``matvec_sandwich_layout``: the same for Gemma's sandwich fold
+    (``linear_norm_add_rmsnorm``); ``decode_chain``: the replayed step's dispatches ordered by a counter instead
     of barriers (``llmopt.backends.vulkan.chain.MODES``); ``chain_early``: 32-value chunks of each row a chained
     mat-vec loads before it waits.
 
@@ -71,18 +72,22 @@ def device_config(probe: dict) -> dict:
     if device.get("type") == "cpu":
         wg, rows, tile, wg_reduce, min_groups, split, wg_max = 16, 8, 16, 16, 1, 0, 16
         gated_layout = (64, 8, 8)  # 8 sets of 4 outputs
-        norm_layout = (64, 8, 4)  # 8 sets of 4 outputs
+        norm_layout = sandwich_layout = (64, 8, 4)  # 8 sets of 4 outputs
     else:  # the fastest decode step measured on an H200 (bench/vulkan_decode.py, docs/benchmarks.md)
         wg, rows, tile, wg_reduce, min_groups, split, wg_max = 64, 4, 32, 1024, 256, 0, 256
         gated_layout = (256, 16, 4)  # 16 sets of 16 invocations, 2 outputs each
         norm_layout = (1024, 128, 4)  # 8 sets of 128 invocations, 4 outputs each
+        sandwich_layout = (512, 128, 8)  # 4 sets of 128 invocations, 8 outputs each (v23; before: norm_layout's)
     # x8 rows with wg 64, rows 4: 1.38x / 1.27x decode on an H200 against wg 128, rows 16 without them; the gated
     # mat-vec writing x8 rows itself (no gated_act dispatch; 32 outputs a workgroup: gated_layout) 1.05x / 1.06x
     # more there; without its x8 rows (the down projection reading float x) it was slower than gated_act
     # the residual add and the next norm folded into the o and down mat-vecs (norm_layout, 8 sets of 128 invocations:
-    # 112 workgroups for Qwen2.5-7B's 3584 outputs) 1.10-1.14x more on Qwen2.5-7B there (v16); off where the
-    # device's workgroups cannot hold the layout
-    x_q8, gated, norm = int_dot, int_dot, int(bool(int_dot) and max_wg >= norm_layout[0])
+    # 112 workgroups for Qwen2.5-7B's 3584 outputs) 1.10-1.14x more on Qwen2.5-7B there (v16); Gemma's sandwich fold
+    # (also 32 outputs a workgroup) in 4 sets of 8 rows in workgroups of 512: on an H100 Gemma 2 9B 1.02x, where
+    # Qwen2.5-7B's plain fold in that layout was 0.97x (v23, 10 layouts swept); off where the device's workgroups
+    # cannot hold the layouts
+    x_q8, gated = int_dot, int_dot
+    norm = int(bool(int_dot) and max_wg >= max(norm_layout[0], sandwich_layout[0]))
     # the replayed step's dispatches chained through a counter instead of barriers, each mat-vec's first chunk of
     # weights loaded before its wait (chain.py): on an H200 Qwen2.5-7B 1.05x, Gemma 2 9B 0.90x, so "auto" (off for
     # sandwich norms); lavapipe runs dispatches one after another, nothing to win there
@@ -95,7 +100,8 @@ def device_config(probe: dict) -> dict:
                  "matvec_int_dot": int_dot,
                  "matvec_x_q8": x_q8, "matvec_gated": gated,
                  "matvec_gated_layout": [min(gated_layout[0], max_wg), *gated_layout[1:]], "matvec_norm": norm,
-                 "matvec_norm_layout": list(norm_layout), "decode_chain": chain, "chain_early": int(chain != "off")},
+                 "matvec_norm_layout": list(norm_layout), "matvec_sandwich_layout": list(sandwich_layout),
+                 "decode_chain": chain, "chain_early": int(chain != "off")},
     }
 
 

@@ -16,10 +16,11 @@ prefill reader, ``to_host``): then ``FoldedNorm.materialize`` records an ``rmsno
 reader stays correct. Elsewhere: ``linear`` then ``add_rmsnorm``, as before.
 
 Gemma's sandwich norms (``linear_norm_add_rmsnorm``, ``fuse_sandwich_norm``): r = residual + rmsnorm(x W^T, post)
-needs the rms of the whole projection d = x W^T before the add, which no workgroup has alone. The same mat-vec with
-``NORM_OUT = 2`` writes d, and each row's last workgroup to arrive (a counter a row, ``_arrivals``, which that
-workgroup puts back to 0) finishes the row with all its invocations, coalesced: r, the x8 rows of r times the next
-gain, and one partial sum of r^2 a row for the readers. Otherwise ``linear`` then ``norm_add_rmsnorm``.
+needs the rms of the whole projection d = x W^T before the add, which no workgroup has alone. The same mat-vec, laid
+out by its own ``sandwich_layout`` (the two folds' fastest layouts differ, v23), with ``NORM_OUT = 2`` writes d, and
+each row's last workgroup to arrive (a counter a row, ``_arrivals``, which that workgroup puts back to 0) finishes the
+row with all its invocations, coalesced: r, the x8 rows of r times the next gain, and one partial sum of r^2 a row for
+the readers. Otherwise ``linear`` then ``norm_add_rmsnorm``.
 In a chained recording (``dev.chain``), where the row's workgroups are at most the device's SMs (all resident at
 once: ``sandwich_grid_max``), the grid form (``NORM_OUT = 3``) instead: every workgroup stores its partial sum of
 d^2 into a tagged slot (``_grid_slots``), waits until the row's others show this dispatch's tag (bounded; a time-out
@@ -68,6 +69,8 @@ class ProducerNormOps:
         self.fuse_producer_norm = bool(spec.get("matvec_norm", 0))
         # the folding mat-vec's (wg, invocations a set, rows a set): sets * rows outputs a workgroup, whole chunks
         self.norm_layout = tuple(int(v) for v in spec.get("matvec_norm_layout", (64, 8, 4)))
+        # the sandwich fold's (Gemma's post norms, NORM_OUT 2 / 3), the same form
+        self.sandwich_layout = tuple(int(v) for v in spec.get("matvec_sandwich_layout", self.norm_layout))
         self.fuse_sandwich_norm = self.fuse_producer_norm  # Gemma's post norm too (the row's last workgroup)
         self.sandwich_tail_max = 16  # the tail holds up to this many values of the row an invocation in registers
         # the grid form's most workgroups (one an SM, surely resident at once; 0: the device does not say, no grid)
@@ -95,7 +98,7 @@ class ProducerNormOps:
         if not (self.fuse_producer_norm and self._foldable("linear_add_rmsnorm", x, weight, residual)):
             return self.add_rmsnorm(residual, self.linear(x, weight), norm_weight, eps, unit_offset)
         self._check_norm_weight("linear_add_rmsnorm", norm_weight, weight.n_out)
-        per = self._norm_sets()[1]
+        per = self._norm_sets("norm_layout")[1]
         rows, f = x.rows, weight.n_out
         total = self._new(residual.shape)
         n_parts = -(-f // per)
@@ -119,7 +122,8 @@ class ProducerNormOps:
         self._check_norm_weight("linear_norm_add_rmsnorm", post_weight, f)
         self._check_norm_weight("linear_norm_add_rmsnorm", norm_weight, f)
         rows, total, branch = x.rows, self._new(residual.shape), self._new(residual.shape)
-        n_parts = -(-f // self._norm_sets()[1]) if self._sandwich_grid(f) else 1  # the grid's: one a workgroup
+        per = self._norm_sets("sandwich_layout")[1]
+        n_parts = -(-f // per) if self._sandwich_grid(f) else 1  # the grid's: one a workgroup
         folded = FoldedNorm(self._alloc(4 * rows * n_parts, "rms partials"), n_parts, float(eps), total, norm_weight,
                             bool(unit_offset))
         normed = VkAct(self, None, residual.shape, self._alloc(rows * 160 * -(-f // 128), "x8"), folded)
@@ -140,7 +144,7 @@ class ProducerNormOps:
     def _sandwich_spec(self, f: int) -> tuple[int, int] | None:
         """(TAIL_PER, X8_LEN) of the sandwich tail over rows of ``f``, or None where the row does not fit the
         tail's registers or the workgroup's shared memory beside the mat-vec's own arrays."""
-        wg, split, rows = self.norm_layout
+        wg, split, rows = self.sandwich_layout
         per = -(-f // wg)
         if per > self.sandwich_tail_max or 4 * (rows * wg + wg + f + f // 32) + 16 > self._shared_limit():
             return None
@@ -154,16 +158,18 @@ class ProducerNormOps:
         # workgroups, holds: GRID_GROUPS a row, MATVEC_MAX_M rows)
         chained = (self.dev.chain is not None and self.dev.chain.mode == "chain"
                    and (self.dev.spv_dir / "matvec_quant_idot_chain.spv").exists())
-        groups = -(-f // self._norm_sets()[1])
-        return chained and groups <= min(self.sandwich_grid_max, GRID_GROUPS, self.norm_layout[0])
+        groups = -(-f // self._norm_sets("sandwich_layout")[1])
+        return chained and groups <= min(self.sandwich_grid_max, GRID_GROUPS, self.sandwich_layout[0])
 
     def _norm_dispatch(self, norm: tuple, n_out: int) -> tuple:
         """``VulkanBackend._matmul``'s folding mat-vec for ``norm`` = (residual, norm weight, offset, normed, post
-        weight or None): its layout, sets, x8 buffer and (Q8, X8_LEN), partials a row, eps, NORM_OUT (3: a sandwich
-        norm's grid form, ``_sandwich_grid``), TAIL_PER and bindings 9-13 (partials, residual, norm weight, post
-        weight, the tail's arrival counters or the grid's slots)."""
+        weight or None): its layout (``sandwich_layout`` with a post weight, else ``norm_layout``), sets, x8 buffer
+        and (Q8, X8_LEN), partials a row, eps, NORM_OUT (3: a sandwich norm's grid form, ``_sandwich_grid``), TAIL_PER
+        and bindings 9-13 (partials, residual, norm weight, post weight, the tail's arrival counters or the grid's
+        slots)."""
         residual, norm_weight, _, normed, post = norm
-        sets, per = self._norm_sets()
+        name = "norm_layout" if post is None else "sandwich_layout"
+        sets, per = self._norm_sets(name)
         x8_out, norm_out, tail_per = (1, per + per // 32), 1, 1
         counters = self._arrivals
         if post is not None and self._sandwich_grid(n_out):  # Gemma's sandwich norm, each workgroup after a grid wait
@@ -173,16 +179,18 @@ class ProducerNormOps:
             x8_out = (1, x8_len)
         bindings = [self._whole(b) for b in (normed.rms.parts, residual.buf, norm_weight, post or self.dummy,
                                              counters)]
-        return (self.norm_layout, sets, normed.q8, x8_out, normed.rms.n_parts, normed.rms.eps, norm_out, tail_per,
+        return (getattr(self, name), sets, normed.q8, x8_out, normed.rms.n_parts, normed.rms.eps, norm_out, tail_per,
                 bindings)
 
-    def _norm_sets(self) -> tuple[int, int]:
-        """The folding mat-vec's row sets a workgroup and outputs a workgroup (``norm_layout``, checked)."""
-        wg, split, rows = self.norm_layout
+    def _norm_sets(self, name: str) -> tuple[int, int]:
+        """The folding mat-vec's row sets a workgroup and outputs a workgroup in the layout ``name``
+        (``norm_layout`` or ``sandwich_layout``, checked)."""
+        layout = getattr(self, name)
+        wg, split, rows = layout
         most = int(self.probe["device"]["max_workgroup_invocations"])
         sets = wg // split if split else 1
         if wg & (wg - 1) or wg > most or rows < 1 or (sets * rows) % 32 or sets * rows > wg:
-            raise LlmoptError(f"norm_layout {self.norm_layout}: expected (workgroup size, a power of two up to the "
+            raise LlmoptError(f"{name} {layout}: expected (workgroup size, a power of two up to the "
                               f"device's {most}; invocations a set; rows a set), with sets * rows a multiple of 32 "
                               "and at most the workgroup size (an invocation an output)")
         per = sets * rows
