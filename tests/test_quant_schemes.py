@@ -20,15 +20,15 @@ VOCAB_TABLES = ("model.embed_tokens.weight", "lm_head.weight")
 def test_presets_resolve_and_embedding_is_normalized():
     s = schemes.resolve("w4g128-gptq-emb8")
     assert (s["method"], s["bits"], s["group"], s["sym"]) == ("gptq", 4, 128, False)
-    assert s["embedding"] == {"bits": 8, "group": 0, "sym": True}
-    assert schemes.embedding_spec(s) == Spec(8, 0, True, "float16")
+    assert s["embedding"] == {"bits": 8, "group": 32, "sym": True}  # llama.cpp Q8_0's layout
+    assert schemes.embedding_spec(s) == Spec(8, 32, True, "float16")
     assert schemes.embedding_spec(schemes.resolve("w4g128-gptq")) is None
     assert schemes.spec(schemes.resolve("w4g32")) == Spec(4, 32, True, "float16")  # llama.cpp Q4_0's layout
     assert schemes.spec(schemes.resolve("w8g32")) == Spec(8, 32, True, "float16")  # llama.cpp Q8_0's layout
     # group defaults like the scheme's own: per channel at 8 bits, 128 below
     s = schemes.resolve({"name": "x", "method": "rtn", "bits": 2, "group": 32, "embedding": {"bits": 4}})
     assert s["embedding"] == {"bits": 4, "group": 128, "sym": True}
-    assert schemes.PRESETS["w4g128-gptq-emb8"]["embedding"] == {"bits": 8, "group": 0}  # presets are not mutated
+    assert schemes.PRESETS["w4g128-gptq-emb8"]["embedding"] == {"bits": 8, "group": 32}  # presets are not mutated
 
 
 def test_vocabulary_tables_are_named_not_sized():
@@ -131,7 +131,7 @@ def test_mixed_floor_counts_the_pinned_tables(tmp_path):
 
 def test_config_schema_checks_embedding():
     cfg = copy.deepcopy(load_yaml(DEFAULT_CONFIG))
-    assert load(cfg).config["schemes"]["w4g128-gptq-emb8"]["embedding"] == {"bits": 8, "group": 0}
+    assert load(cfg).config["schemes"]["w4g128-gptq-emb8"]["embedding"] == {"bits": 8, "group": 32}
     schemes.resolve({"name": "w4g128-gptq-emb8", **cfg["schemes"]["w4g128-gptq-emb8"]})
     for bad, message in (({"bits": 7}, r"embedding\.bits: 7 is not one of"),
                          ({"group": 0}, r"'bits' is a required property"),

@@ -4,7 +4,7 @@
     llmopt quantize SOURCE_DIR OUT_DIR --scheme '{"name": "q", "method": "gptq", "bits": 3, "group": 64, "sym": false}'
     llmopt quantize SOURCE_DIR OUT_DIR --scheme seed-size --model qwen2.5-7b-instruct
 
-Presets: bf16, w8, w8g32, w4g128, w4g128-mse, w4g128-gptq, w4g128-gptq-emb8 (token embedding / head int8),
+Presets: bf16, w8, w8g32, w4g128, w4g128-mse, w4g128-gptq, w4g128-gptq-emb8 (token embedding / head int8 g32),
 w4g32, w4g32-gptq, w3g64, w3g64-gptq, w2g32, seed-size. Scheme keys are documented in docs/FORMAT.md ("Schemes"). OUT_DIR receives config + tokenizer, packed safetensors, manifest.json and
 quant.json (size, bits per weight, per-tensor error, perplexity when the weights are real); it appears only when
 complete.

@@ -9,8 +9,11 @@ Each takes a float weight ``[out, in]`` and a ``Spec`` (bits, group, symmetric, 
   exactly; its codes are Q8_0's, ties included); asymmetric groups map min..max onto 0..2**bits-1 with a float
   zero point. Codes round half up, as llama.cpp's 4- and 5-bit types do (``round_half_up``).
 - ``mse``: per group, a grid search over clip ratios of the range followed by alternating least-squares refits of
-  scale (and zero) to the codes, minimizing the (optionally importance-weighted) squared error. With importance
-  weights ``E[x_j**2]`` of the layer's inputs (llama.cpp's "imatrix") it minimizes the expected output error.
+  scale (and zero) to the codes, minimizing the (optionally importance-weighted) squared error. Asymmetric groups
+  also try spanning their range with fewer code steps (llama.cpp ``make_qkx2_quants``' scan), each refitted: a
+  group already on a 4-bit lattice that does not use both end codes (a Q4_K block) is then found exactly. With
+  importance weights ``E[x_j**2]`` of the layer's inputs (llama.cpp's "imatrix") it minimizes the expected output
+  error.
 - ``gptq``: GPTQ (Frantar et al. 2022) with a calibration Hessian ``H = sum x x^T`` of the layer's inputs:
   columns are quantized one at a time and each column's error is spread over the columns not yet quantized
   (lazy batch updates, Cholesky of the damped inverse Hessian). Columns go in "act order" (largest ``H_jj``
@@ -38,6 +41,7 @@ from llmopt.quant.format import QuantizedTensor, check_layout, pack_bits
 METHODS = ("rtn", "mse", "gptq")
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _CLIP_GRID = torch.linspace(1.0, 0.5, 11)  # fractions of the group range tried by the mse search
+_SPAN_STEPS = 8  # asymmetric groups: spans of 2**bits - 1 down to 2**bits - 8 code steps tried by the mse search
 _ROW_CHUNK_ELEMS = 1 << 20  # rows per chunk chosen so one chunk holds about 1M weights (4 MB in float32)
 GPTQ_DAMP = 0.01  # dampening added to the Hessian's diagonal, as a fraction of its mean
 
@@ -158,6 +162,13 @@ def group_params(wg: torch.Tensor, spec: Spec, search: bool = False,
         err = _group_error(wg, s, z, spec.bits, w8)
         better = err < best_err
         best_s, best_z, best_err = best_s.where(~better, s), best_z.where(~better, z), best_err.where(~better, err)
+    if not spec.sym:  # llama.cpp make_qkx2's scan of how many code steps the group spans, each refitted
+        for steps in range(2 ** spec.bits - 1, max(0, 2 ** spec.bits - 1 - _SPAN_STEPS), -1):
+            s, z = _span_params(wg, steps, sdt)
+            s, z = _refit(wg, _codes(wg, s, z, spec.bits), spec, w8, sdt, s, z)
+            err = _group_error(wg, s, z, spec.bits, w8)
+            better = err < best_err
+            best_s, best_z, best_err = best_s.where(~better, s), best_z.where(~better, z), best_err.where(~better, err)
     for _ in range(2):  # least-squares refit of scale (and zero) to the chosen codes, kept where it helps
         s, z = _refit(wg, _codes(wg, best_s, best_z, spec.bits), spec, w8, sdt, best_s, best_z)
         err = _group_error(wg, s, z, spec.bits, w8)
@@ -184,6 +195,15 @@ def _range_params(wg: torch.Tensor, spec: Spec, ratio: float, sdt: torch.dtype) 
     s = torch.where(s == 0, torch.full_like(s, 1.0), s)
     z = (-lo / s).to(sdt).float()
     return s, z
+
+
+def _span_params(wg: torch.Tensor, steps: int, sdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric scale and zero putting the group's minimum on a code and its maximum ``steps`` codes above."""
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    s = (hi - lo) / steps
+    s = torch.where(s == 0, torch.full_like(s, 1.0), s).to(sdt).float()
+    s = torch.where(s == 0, torch.full_like(s, 1.0), s)
+    return s, (-lo / s).to(sdt).float()
 
 
 def _refit(wg, q, spec, w8, sdt, s_old, z_old):

@@ -49,10 +49,10 @@ PRESETS: dict[str, dict] = {
     # w4g128-gptq's codes, then every scale and zero trained on the float model's next-token distributions ("Round 4")
     "w4g128-gptq-tuned": {"method": "gptq", "bits": 4, "group": 128, "sym": False, "gptq": {"table_damp": 0.1},
                           "tune": {}},
-    "w4g128-gptq-emb8": {"method": "gptq", "bits": 4, "group": 128, "sym": False, "embedding": {"bits": 8, "group": 0}},
+    "w4g128-gptq-emb8": {"method": "gptq", "bits": 4, "group": 128, "sym": False, "embedding": {"bits": 8, "group": 32}},
     # its int4 layers' scales and zeros then tuned end to end, the int8 table kept as GPTQ left it ("Round 6")
     "w4g128-gptq-emb8-tuned": {"method": "gptq", "bits": 4, "group": 128, "sym": False,
-                               "embedding": {"bits": 8, "group": 0}, "tune": {"params": "layers"}},
+                               "embedding": {"bits": 8, "group": 32}, "tune": {"params": "layers"}},
     "w4g32": {"method": "rtn", "bits": 4, "group": 32},  # llama.cpp Q4_0's layout: 4.5 bits per weight
     "w4g32-gptq": {"method": "gptq", "bits": 4, "group": 32},
     "w3g64": {"method": "mse", "bits": 3, "group": 64, "sym": False},
