@@ -119,7 +119,7 @@ VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_s
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
                 "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch",
                 "attn_x8", "attn_clock", "gated_layout", "fuse_producer_norm", "norm_layout", "decode_chain",
-                "attn_stage_slots", "fuse_sandwich_norm", "sandwich_grid_max", "sandwich_layout")
+                "attn_stage_slots", "fuse_sandwich_norm", "sandwich_grid_max", "sandwich_layout", "argmax_groups")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:

@@ -42,6 +42,7 @@ from llmopt.backends.base import Backend
 from llmopt.backends.vulkan import compile as vk_compile
 from llmopt.backends.vulkan.attention import AttentionOps
 from llmopt.backends.vulkan.device import Buffer, Device, pack_push, probe
+from llmopt.backends.vulkan.greedy import GreedyOps
 from llmopt.backends.vulkan.norms import NormOps
 from llmopt.backends.vulkan.producer_norm import ProducerNormOps
 from llmopt.errors import LlmoptError
@@ -153,7 +154,7 @@ class VkWeight:
         return sum(r[2] for p in self.pieces for r in (p.w, p.s, p.z) if r) + (self.bias.nbytes if self.bias else 0)
 
 
-class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
+class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, GreedyOps, Backend):
     name = "vulkan"
 
     def __init__(self, kernel_dir: str | Path | None = None, profile: bool = False):
@@ -188,6 +189,7 @@ class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
         self.dev = Device(Path(kernel_dir), spec, profile=profile)
         self.probe = info
         self._init_producer_norm(spec)
+        self._init_greedy()
         self._pool: dict[int, list[Buffer]] = {}
         self._owner: dict[int, dict] = {}  # id(buffer) -> the private pool of the recording that uses it
         self._uploads: dict = {}  # host tensor identity -> (device buffer, tensor) for this submission
@@ -552,28 +554,11 @@ class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, Backend):
         out = self._new((B, head.n_out))
         self._matmul(x, head, [out], B, T, T - 1)
         if softcap:
-            n = B * head.n_out
-            self._run("logits_softcap", 1, (), [self._whole(out.buf)], pack_push("If", n, float(softcap)),
-                      self._grid(-(-n // self.wg)))
+            self._softcap(out, softcap)
         return out
 
     def logits(self, x, head, softcap=None):
         return self.to_host(self.logits_device(x, head, softcap))
-
-    def argmax(self, logits: VkAct) -> torch.Tensor:
-        """Greedy ids ``[B]`` (int64) of device logits ``[B, vocab]``: 4 bytes per sequence come back."""
-        idx = self._alloc(4 * logits.rows, "argmax")
-        self._argmax(logits, idx)
-        out = self.dev.download(idx, 4 * logits.rows, np.uint32)
-        self._release(idx)
-        self._submitted()
-        return torch.from_numpy(out.astype(np.int64))
-
-    def _argmax(self, logits: VkAct, idx: Buffer) -> None:
-        """Record the greedy ids of ``logits [rows, n]`` into ``idx`` (uint32 a row)."""
-        rows, n = logits.rows, logits.features
-        self._run("argmax", 2, (), [self._whole(logits.buf), self._whole(idx)], pack_push("II", n, rows),
-                  self._grid(rows))
 
     def replay_decoder(self, model, state):
         """The model's decode step recorded once on this device and replayed per token (``replay.VulkanDecoder``)."""

@@ -19,8 +19,8 @@ always valid) are uploaded once. In the body
 every residual add is fused with the norm after it (``add_rmsnorm``: the next layer's attention norm, or the final
 norm; with Gemma's sandwich norms the post norm before it too, ``norm_add_rmsnorm``), as in an eager
 ``Model._forward``, so the two run the same kernels. The body ends at the logits; one of two recorded tails
-follows in the same submission: the greedy tail (``argmax.comp``, 4 bytes a sequence back) or the logits tail (the
-whole ``[B, vocab]`` back, for sampling).
+follows in the same submission: the greedy tail (``argmax.comp``, 4 bytes a sequence back; Gemma's final softcap
+folded into it, ``greedy.py``) or the logits tail (the softcap, then the whole ``[B, vocab]`` back, for sampling).
 
     dec = VulkanDecoder(model, state)              # after model.prefill(..., max_len=...); records the step
     ids = dec.step(state, next_ids, greedy=True)   # int64 [B]; state advances like Model.decode_step
@@ -190,20 +190,23 @@ class VulkanDecoder:
             dev.begin_recording(self.profile)
             dev.chain = self.chain
             normed = m._stack(ops.embedding(None, m.embed, a.embed_scale), ops, self.tables, state, None, ops)
-            self.logits = be.logits_device(normed, m.head, a.final_softcap)
+            # the final softcap in the tails: folded into the greedy tail's argmax, its own dispatch in the logits tail
+            self.logits = be.logits_device(normed, m.head)
             del normed
             dev.chain = None
             self.ids_dev = be._alloc(4 * self.batch, "greedy ids")  # while recording: from the private pool
             self.body = dev.end_recording()
             for parity, ids_out in enumerate(self.ids_out):  # argmax, ids to the host and to the next embedding
                 dev.begin_recording(self.profile)
-                be._argmax(self.logits, self.ids_dev)
+                be._argmax(self.logits, self.ids_dev, a.final_softcap)
                 dev.copy(self.ids_dev, ids_out, 4 * self.batch)
                 dev.copy(self.ids_dev, self.step_dev, 4 * self.batch, dst_offset=self.offsets["ids"])
                 if self.chain is not None:
                     self.chain.record_readback(self.chain_out[parity])
                 self.greedy_tails.append(dev.end_recording())
             dev.begin_recording(self.profile)
+            if a.final_softcap:
+                be._softcap(self.logits, a.final_softcap)
             dev.copy(self.logits.buf, self.logits_out, 4 * self.batch * self.vocab)
             if self.chain is not None:
                 self.chain.record_readback(self.chain_out[0])
