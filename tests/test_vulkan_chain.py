@@ -34,7 +34,7 @@ from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.quantizers import Spec
 
-from vulkan_device import TINY_INT4_QWEN_SCRIPT, require_vulkan, run_under_validation_layer
+from vulkan_device import require_vulkan, run_under_validation_layer, tiny_int4_script
 vulkan = require_vulkan("integer_dot_product")
 from llmopt.backends.vulkan import chain as vk_chain  # noqa: E402
 from llmopt.backends.vulkan import compile as vk_compile  # noqa: E402
@@ -302,7 +302,7 @@ def test_chained_builds_listed_and_checked(tmp_path):
         vk_compile.check_manifest(out)
 
 
-CHAIN_RUN = TINY_INT4_QWEN_SCRIPT + r'''
+CHAIN_RUN = tiny_int4_script("qwen2") + r'''
 be.decode_chain = "chain"
 be.attn_wg, be.attn_chunk_min, be.attn_split_target = 64, 4, 64  # splits of 4, their values staged (8 teams)
 model = load_model(folder, backend=be)

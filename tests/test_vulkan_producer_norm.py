@@ -30,7 +30,7 @@ from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.quantizers import Spec
 
-from vulkan_device import TINY_INT4_QWEN_SCRIPT, require_vulkan, run_under_validation_layer
+from vulkan_device import require_vulkan, run_under_validation_layer, tiny_int4_script
 vulkan = require_vulkan("integer_dot_product")
 from llmopt.backends.vulkan.backend import MATVEC_MAX_M, int8_chunks  # noqa: E402
 from test_vulkan_ops import random_qt, rel_err  # noqa: E402
@@ -228,7 +228,7 @@ def test_tiny_model_fold(be, tmp_path, monkeypatch, family):
     assert rel_err(runs[True, True], ref) < MODEL_RTOL, name
 
 
-FOLD_RUN = TINY_INT4_QWEN_SCRIPT + r'''
+FOLD_RUN = tiny_int4_script("qwen2") + r'''
 model = load_model(folder, backend=be)
 folds = []
 fold = be.linear_add_rmsnorm

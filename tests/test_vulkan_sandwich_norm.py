@@ -32,7 +32,7 @@ from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.quantizers import Spec
 
-from vulkan_device import require_vulkan, run_under_validation_layer
+from vulkan_device import require_vulkan, run_under_validation_layer, tiny_int4_script
 vulkan = require_vulkan("integer_dot_product")
 from llmopt.backends.vulkan import chain as vk_chain  # noqa: E402
 from llmopt.backends.vulkan.backend import MATVEC_MAX_M, int8_chunks  # noqa: E402
@@ -264,20 +264,7 @@ def test_timed_out_step_resets_arrivals(be, tmp_path, monkeypatch):
         dec.close()
 
 
-SANDWICH_RUN = r'''
-import sys
-from pathlib import Path
-sys.path.insert(0, sys.argv[2])
-from tiny_models import FAMILIES, pack_folder, save_random
-from llmopt.backends.vulkan import VulkanBackend
-from llmopt.engine import load_model
-from llmopt.quant.quantizers import Spec
-
-folder = pack_folder(save_random(FAMILIES["gemma2"](), Path(sys.argv[1]) / "f", 0), Path(sys.argv[1]) / "q",
-                     [Spec(4, 32, sym=False)])
-be = VulkanBackend()
-for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_sandwich_norm"):
-    setattr(be, key, True)
+SANDWICH_RUN = tiny_int4_script("gemma2") + r'''
 model = load_model(folder, backend=be)
 folds = []
 fold = be.linear_norm_add_rmsnorm

@@ -33,10 +33,7 @@ def require_vulkan(*features: str):
     return vulkan
 
 
-# The head of a validation-layer script (argv: a scratch folder, the tests folder): `folder`, a tiny random Qwen2
-# packed at int4, and `be`, a VulkanBackend with the GPU's decode fusions on (int-dot mat-vecs on x8 rows, the gated
-# activation, the producer norm).
-TINY_INT4_QWEN_SCRIPT = r'''
+_TINY_INT4_SCRIPT = r'''
 import sys
 from pathlib import Path
 import torch
@@ -46,12 +43,19 @@ from llmopt.backends.vulkan import VulkanBackend
 from llmopt.engine import load_model
 from llmopt.quant.quantizers import Spec
 
-folder = pack_folder(save_random(FAMILIES["qwen2"](), Path(sys.argv[1]) / "f", 0), Path(sys.argv[1]) / "q",
+folder = pack_folder(save_random(FAMILIES["FAMILY"](), Path(sys.argv[1]) / "f", 0), Path(sys.argv[1]) / "q",
                      [Spec(4, 32, sym=False)])
 be = VulkanBackend()
-for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm"):
+for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_sandwich_norm"):
     setattr(be, key, True)
 '''
+
+
+def tiny_int4_script(family: str) -> str:
+    """The opening of a validation-layer script (``run_under_validation_layer(script, tmp_dir, tests_dir)``): a tiny
+    int4 model of ``family`` (tiny_models.FAMILIES) packed under argv[1] as ``folder``, and ``be``, a VulkanBackend
+    with the GPU configuration's int-dot mat-vecs and folds on."""
+    return _TINY_INT4_SCRIPT.replace("FAMILY", family)
 
 
 def run_under_validation_layer(script: str, *args: str, sync: bool = True) -> None:
