@@ -59,20 +59,22 @@ def arrivals(be) -> np.ndarray:
     return be.dev.download(be._arrivals, 4 * MATVEC_MAX_M, np.uint32)
 
 
-def check_sandwich(be, gen, f, k, m, unit_offset, case):
-    """One folded sandwich norm (f outputs over k inputs, m rows) and a reader, against float64."""
+def sandwich_case(be, gen, f, k, m) -> tuple:
+    """Random inputs of one sandwich fold: the o weight (packed, and float64), x, the residual, post and next gains."""
     wo, wo64, _ = weight(be, "o_proj", gen, f, k)
     x, res = torch.randn(1, m, k, generator=gen), torch.randn(1, m, f, generator=gen)
-    post, g = torch.randn(f, generator=gen), torch.randn(f, generator=gen)
+    return wo, wo64, x, res, torch.randn(f, generator=gen), torch.randn(f, generator=gen)
+
+
+def check_folded(be, gen, r, normed, x, wo64, res, post, g, unit_offset, case) -> None:
+    """A sandwich fold's outputs against float64: r, the x8 rows of r * (g + offset), the one partial sum of r^2 a
+    row, and an int4 reader of them."""
+    m, f = res.shape[1], res.shape[2]
     off = 1.0 if unit_offset else 0.0
-    r, normed = be.linear_norm_add_rmsnorm(be.from_host(x), wo, be.from_host(res), be.param("post", post),
-                                           be.param("norm", g), EPS, unit_offset)
-    assert normed.rms is not None and normed.rms.n_parts == 1 and normed._buf is None, case  # folded
     rh = be.to_host(r)
     d = int8_chunks(x) @ wo64.T
     want = res.double() + d * (d.pow(2).mean(-1, keepdim=True) + EPS).rsqrt() * (post.double() + off)
     assert rel_err(rh, want) < RTOL, case
-    assert not arrivals(be).any(), case
     values, scales, sums = read_x8(be, normed)
     want_codes, want_scales = x8_reference((rh * (g + off)).reshape(m, f))
     diff = (values - want_codes).abs()
@@ -84,6 +86,16 @@ def check_sandwich(be, gen, f, k, m, unit_offset, case):
     xq = (values.double() * scales.double()[..., None]).reshape(m, f) * (ss / f + EPS).rsqrt()[:, None]
     wq, wq64, bq = weight(be, "q_proj", gen, 48, f, bias=True)
     assert rel_err(be.to_host(be.linear(normed, wq)), xq @ wq64.T + bq.double()) < RTOL, case
+
+
+def check_sandwich(be, gen, f, k, m, unit_offset, case):
+    """One folded sandwich norm (f outputs over k inputs, m rows) and a reader, against float64."""
+    wo, wo64, x, res, post, g = sandwich_case(be, gen, f, k, m)
+    r, normed = be.linear_norm_add_rmsnorm(be.from_host(x), wo, be.from_host(res), be.param("post", post),
+                                           be.param("norm", g), EPS, unit_offset)
+    assert normed.rms is not None and normed.rms.n_parts == 1 and normed._buf is None, case  # folded
+    check_folded(be, gen, r, normed, x, wo64, res, post, g, unit_offset, case)
+    assert not arrivals(be).any(), case
     floats = be.to_host(normed)  # made on demand: the rmsnorm of r
     assert torch.equal(floats, be.to_host(be.rmsnorm(r, be.param("norm", g), EPS, unit_offset))), case
 
