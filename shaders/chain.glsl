@@ -18,9 +18,11 @@
 #ifndef CHAIN
 #define CHAIN 0
 #endif
+// the most loads a wait on another workgroup polls (the chain's, matvec_quant's sandwich grid): ~10-30 ms of L2
+// round trips on a GPU; under lavapipe's loop limiter (65535 turns)
+#define CHAIN_SPINS 32768u
 #if CHAIN
 #define CHAIN_BINDING 15
-#define CHAIN_SPINS 32768u  // ~10-30 ms of L2 round trips on a GPU; under lavapipe's loop limiter (65535 turns)
 #define CHAIN_TICKET_MEMBER layout(offset = 124) uint chain_ticket;
 layout(std430, binding = CHAIN_BINDING) coherent volatile buffer ChainBuf { uint chain_count; uint chain_error; };
 #define main chained_main  // the shader's main, called by chain_main.glsl's between the wait and the signal

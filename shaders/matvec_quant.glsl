@@ -181,7 +181,6 @@ void sandwich_tail(uint m) {
     x8_store(m, p.N, 0u, p.N / 32u);
 }
 
-#define GRID_SPINS 32768u  // as the chain's CHAIN_SPINS: ~10-30 ms of L2 round trips on a GPU
 #define GRID_ROWS 8u  // MATVEC_MAX_M (backend.py): input rows a slot region holds
 layout(std430, binding = 13) coherent volatile buffer SlotBuf { uint grid_slot[]; };  // NORM_OUT = 3: tagged partials
 shared uint grid_tag, grid_skip;
@@ -206,7 +205,7 @@ void sandwich_grid(uint m, float d, float sum_sq, float res, float post, float g
         uint spins = 0u;
         bits = grid_slot[slot];
         while ((bits & 1u) != tag) {
-            if (++spins == GRID_SPINS) {
+            if (++spins == CHAIN_SPINS) {
                 skip = 1u;
                 break;
             }

@@ -94,17 +94,19 @@ class Chain:
         has no chained build or more than ``MAX_GROUPS`` workgroups (it goes behind a barrier as usual)."""
         if self.mode == "no barriers":
             return pipe, key, push
-        dev = self.dev
-        name = f"{pipe.name}_chain"
         n = groups[0] * groups[1] * groups[2]
-        if not (dev.spv_dir / f"{name}.spv").exists() or len(key) > CHAIN_BINDING or n > MAX_GROUPS:
+        if not self.has_build(pipe.name) or len(key) > CHAIN_BINDING or n > MAX_GROUPS:
             return None
         self.links.append(Link(label, n, self.count))
         ticket, self.count = self.count, self.count + n
         whole = (self.buf, 0, self.buf.nbytes)
         key = key + (whole,) * (CHAIN_BINDING - len(key)) + (whole,)
         push = push.ljust(TICKET_OFFSET, b"\0") + struct.pack("<I", ticket)
-        return dev.pipeline(name, CHAIN_BINDING + 1, pipe.spec), key, push
+        return self.dev.pipeline(f"{pipe.name}_chain", CHAIN_BINDING + 1, pipe.spec), key, push
+
+    def has_build(self, shader: str) -> bool:
+        """Whether ``shader`` has a chained build (``{shader}_chain.spv``) to record its dispatches with."""
+        return (self.dev.spv_dir / f"{shader}_chain.spv").exists()
 
     def record_reset(self) -> None:
         """Record the counter and error word zeroed (in the step's prologue: ordered before the body by its

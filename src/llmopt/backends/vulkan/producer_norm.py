@@ -156,8 +156,8 @@ class ProducerNormOps:
         at most its invocations (each polls one workgroup's slot)."""
         # chained as Chain.variant records it: its chained build exists (its other condition, at most MAX_GROUPS
         # workgroups, holds: GRID_GROUPS a row, MATVEC_MAX_M rows)
-        chained = (self.dev.chain is not None and self.dev.chain.mode == "chain"
-                   and (self.dev.spv_dir / "matvec_quant_idot_chain.spv").exists())
+        chain = self.dev.chain
+        chained = chain is not None and chain.mode == "chain" and chain.has_build("matvec_quant_idot")
         groups = -(-f // self._norm_sets("sandwich_layout")[1])
         return chained and groups <= min(self.sandwich_grid_max, GRID_GROUPS, self.sandwich_layout[0])
 
