@@ -197,26 +197,34 @@ def test_attention_stage_fits_shared_memory(be, monkeypatch):
     assert be._attn_stage(128, 1) == 1  # 127 floats left: not one row of 128
 
 
+UNREACHABLE = 1 << 30  # a ticket past any step's workgroups
+
+
+def unreachable_ticket(monkeypatch, chosen) -> list:
+    """Record the first chained dispatch for which ``chosen(chain, pipe, label)`` holds with a ticket past every
+    workgroup of the step (its wait can only time out); returns the list its index goes into once recorded."""
+    variant, hit = vk_chain.Chain.variant, []
+
+    def late(self, pipe, key, push, groups, label):
+        out = variant(self, pipe, key, push, groups, label)
+        if out is not None and not hit and chosen(self, pipe, label):
+            hit.append(len(self.links) - 1)
+            self.links[-1].ticket = UNREACHABLE
+            out = (out[0], out[1], out[2][:vk_chain.TICKET_OFFSET] + struct.pack("<I", UNREACHABLE))
+        return out
+
+    monkeypatch.setattr(vk_chain.Chain, "variant", late)
+    return hit
+
+
 @pytest.mark.parametrize("target", ["dispatch 2", "rope_attention"])
 def test_unreachable_ticket_times_out(be, tmp_path, monkeypatch, target):
     """One dispatch's ticket past the step's workgroups (the body's 3rd, or its first decode attention, which loads
     ahead before that wait): its wait gives up, the step raises naming it."""
     model, name = int4_model(be, tmp_path, "qwen2")
     monkeypatch.setattr(be, "decode_chain", "chain")
-    variant = vk_chain.Chain.variant
-    unreachable = 1 << 30
-    hit = []
-
-    def late(self, pipe, key, push, groups, label):
-        out = variant(self, pipe, key, push, groups, label)
-        chosen = len(self.links) == 3 if target == "dispatch 2" else pipe.name == "rope_attention" and not hit
-        if out is not None and chosen:
-            hit.append(len(self.links) - 1)
-            self.links[-1].ticket = unreachable
-            out = (out[0], out[1], out[2][:vk_chain.TICKET_OFFSET] + struct.pack("<I", unreachable))
-        return out
-
-    monkeypatch.setattr(vk_chain.Chain, "variant", late)
+    hit = unreachable_ticket(monkeypatch, lambda chain, pipe, label: len(chain.links) == 3 if target == "dispatch 2"
+                             else pipe.name == "rope_attention")
     ids = torch.randint(0, COMMON["vocab_size"], (1, 5))
     logits, state = model.prefill(ids[:, :4], max_len=8)
     dec = VulkanDecoder(model, state)

@@ -20,7 +20,6 @@ Tolerances (fresh random inputs):
 from __future__ import annotations
 
 import copy
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +33,9 @@ from llmopt.quant.quantizers import Spec
 
 from vulkan_device import require_vulkan, run_under_validation_layer, tiny_int4_script
 vulkan = require_vulkan("integer_dot_product")
-from llmopt.backends.vulkan import chain as vk_chain  # noqa: E402
 from llmopt.backends.vulkan.backend import MATVEC_MAX_M, int8_chunks  # noqa: E402
 from llmopt.backends.vulkan.replay import VulkanDecoder  # noqa: E402
+from test_vulkan_chain import unreachable_ticket  # noqa: E402
 from test_vulkan_ops import rel_err  # noqa: E402
 from test_vulkan_producer_norm import weight  # noqa: E402
 from test_vulkan_x8_gated import read_x8, x8_reference  # noqa: E402
@@ -252,17 +251,7 @@ def test_timed_out_step_resets_arrivals(be, tmp_path, monkeypatch):
     for key in GPU_CONFIG:
         monkeypatch.setattr(be, key, True)
     monkeypatch.setattr(be, "decode_chain", "chain")
-    variant, hit = vk_chain.Chain.variant, []
-
-    def late(self, pipe, key, push, groups, label):
-        out = variant(self, pipe, key, push, groups, label)
-        if out is not None and not hit and label and label.endswith(" o"):
-            hit.append(len(self.links) - 1)
-            self.links[-1].ticket = 1 << 30
-            out = (out[0], out[1], out[2][:vk_chain.TICKET_OFFSET] + struct.pack("<I", 1 << 30))
-        return out
-
-    monkeypatch.setattr(vk_chain.Chain, "variant", late)
+    hit = unreachable_ticket(monkeypatch, lambda chain, pipe, label: bool(label) and label.endswith(" o"))
     ids = torch.randint(0, COMMON["vocab_size"], (1, 5))
     logits, state = model.prefill(ids[:, :4], max_len=8)
     dec = VulkanDecoder(model, state)
