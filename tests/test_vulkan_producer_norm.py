@@ -19,7 +19,6 @@ Tolerances (fresh random inputs; widths that are not multiples of a workgroup's 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.quantizers import Spec
 
-from vulkan_device import require_vulkan, run_under_validation_layer, tiny_int4_script
+from vulkan_device import folded_greedy_script, no_subgroup_backend, require_vulkan, run_under_validation_layer
 vulkan = require_vulkan("integer_dot_product")
 from llmopt.backends.vulkan.backend import MATVEC_MAX_M, int8_chunks  # noqa: E402
 from test_vulkan_ops import random_qt, rel_err  # noqa: E402
@@ -57,6 +56,20 @@ def weight(be, name, gen, n, k, bits=4, bias=False):
     qt = random_qt(n, k, bits, 32, bits != 4, torch.float16, gen)
     b = torch.randn(n, generator=gen) if bias else None
     return be.linear_weight(name, qt, b), qt.dequantize(torch.float64), b
+
+
+def record_folds(monkeypatch, be, op: str) -> list:
+    """Wrap the backend's fold ``op`` (``linear_add_rmsnorm`` or ``linear_norm_add_rmsnorm``): each call appends
+    whether it folded its norm to the list returned."""
+    folds, fold = [], getattr(be, op)
+
+    def counted(*args):
+        out = fold(*args)
+        folds.append(out[1].rms is not None)
+        return out
+
+    monkeypatch.setattr(be, op, counted)
+    return folds
 
 
 def parts_of(be, normed) -> torch.Tensor:
@@ -121,12 +134,7 @@ def test_fold_against_reference(fast, gen, monkeypatch, layout, unit_offset):
 
 def test_fold_without_subgroups(gen, tmp_path):
     """The build for devices without subgroup arithmetic (every sum through shared memory): the same checks."""
-    from llmopt.backends.vulkan import compile as vk_compile
-
-    probe = copy.deepcopy(vulkan.probe())
-    probe["features"]["subgroup_arithmetic"] = False
-    assert vk_compile.compile_shaders(vk_compile.REPO_SHADERS, tmp_path, probe)["defines"]["USE_SUBGROUP"] == 0
-    be = vulkan.VulkanBackend(kernel_dir=tmp_path)
+    be = no_subgroup_backend(tmp_path)
     try:
         for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm"):
             setattr(be, key, True)
@@ -193,15 +201,7 @@ def test_tiny_model_fold(be, tmp_path, monkeypatch, family):
     ids = torch.randint(0, COMMON["vocab_size"], (1, 10))
     for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act"):
         monkeypatch.setattr(be, key, True)
-    folds = []  # per linear_add_rmsnorm call: folded or not
-    fold = be.linear_add_rmsnorm
-
-    def counted(*args):
-        out = fold(*args)
-        folds.append(out[1].rms is not None)
-        return out
-
-    monkeypatch.setattr(be, "linear_add_rmsnorm", counted)
+    folds = record_folds(monkeypatch, be, "linear_add_rmsnorm")
     runs = {}
     layers = model.args.n_layers
     for on in (False, True):
@@ -228,17 +228,7 @@ def test_tiny_model_fold(be, tmp_path, monkeypatch, family):
     assert rel_err(runs[True, True], ref) < MODEL_RTOL, name
 
 
-FOLD_RUN = tiny_int4_script("qwen2") + r'''
-model = load_model(folder, backend=be)
-folds = []
-fold = be.linear_add_rmsnorm
-be.linear_add_rmsnorm = lambda *a: (lambda out: folds.append(out[1].rms is not None) or out)(fold(*a))
-gen = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=6, stop_ids=[])  # left padding, two steps in flight
-assert gen.timings["decode_path"] == "replayed", gen.timings["decode_path"]
-assert folds and all(folds), folds
-be.close()
-print("done")
-'''
+FOLD_RUN = folded_greedy_script("qwen2", "linear_add_rmsnorm")
 
 
 def test_fold_runs_clean_under_validation_layer(tmp_path):

@@ -19,7 +19,6 @@ Tolerances (fresh random inputs):
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +30,13 @@ from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.quantizers import Spec
 
-from vulkan_device import require_vulkan, run_under_validation_layer, tiny_int4_script
+from vulkan_device import folded_greedy_script, no_subgroup_backend, require_vulkan, run_under_validation_layer
 vulkan = require_vulkan("integer_dot_product")
 from llmopt.backends.vulkan.backend import MATVEC_MAX_M, int8_chunks  # noqa: E402
 from llmopt.backends.vulkan.replay import VulkanDecoder  # noqa: E402
 from test_vulkan_chain import unreachable_ticket  # noqa: E402
 from test_vulkan_ops import rel_err  # noqa: E402
-from test_vulkan_producer_norm import weight  # noqa: E402
+from test_vulkan_producer_norm import record_folds, weight  # noqa: E402
 from test_vulkan_x8_gated import read_x8, x8_reference  # noqa: E402
 from tiny_models import COMMON, FAMILIES, pack_folder, save_random  # noqa: E402
 
@@ -133,12 +132,7 @@ def test_each_fold_takes_its_own_layout(fast, gen, monkeypatch):
 
 def test_sandwich_without_subgroups(gen, tmp_path):
     """The build for devices without subgroup arithmetic (every sum through shared memory): the same checks."""
-    from llmopt.backends.vulkan import compile as vk_compile
-
-    probe = copy.deepcopy(vulkan.probe())
-    probe["features"]["subgroup_arithmetic"] = False
-    assert vk_compile.compile_shaders(vk_compile.REPO_SHADERS, tmp_path, probe)["defines"]["USE_SUBGROUP"] == 0
-    be = vulkan.VulkanBackend(kernel_dir=tmp_path)
+    be = no_subgroup_backend(tmp_path)
     try:
         for key in GPU_CONFIG:
             setattr(be, key, True)
@@ -204,15 +198,7 @@ def test_tiny_gemma_fold(be, tmp_path, monkeypatch, family):
     for key in GPU_CONFIG:
         monkeypatch.setattr(be, key, True)
     monkeypatch.setattr(be, "chain_early", 1)
-    folds = []
-    fold = be.linear_norm_add_rmsnorm
-
-    def counted(*args):
-        out = fold(*args)
-        folds.append(out[1].rms is not None)
-        return out
-
-    monkeypatch.setattr(be, "linear_norm_add_rmsnorm", counted)
+    folds = record_folds(monkeypatch, be, "linear_norm_add_rmsnorm")
     ids = torch.randint(0, COMMON["vocab_size"], (1, 10))
     layers, runs = model.args.n_layers, {}
     for on, replay, chain in [(False, False, "off"), (True, False, "off"), (True, True, "off"), (True, True, "chain")]:
@@ -265,17 +251,7 @@ def test_timed_out_step_resets_arrivals(be, tmp_path, monkeypatch):
         dec.close()
 
 
-SANDWICH_RUN = tiny_int4_script("gemma2") + r'''
-model = load_model(folder, backend=be)
-folds = []
-fold = be.linear_norm_add_rmsnorm
-be.linear_norm_add_rmsnorm = lambda *a: (lambda out: folds.append(out[1].rms is not None) or out)(fold(*a))
-gen = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=6, stop_ids=[])  # left padding, two steps in flight
-assert gen.timings["decode_path"] == "replayed", gen.timings["decode_path"]
-assert folds and all(folds), folds
-be.close()
-print("done")
-'''
+SANDWICH_RUN = folded_greedy_script("gemma2", "linear_norm_add_rmsnorm")
 
 
 def test_sandwich_runs_clean_under_validation_layer(tmp_path):

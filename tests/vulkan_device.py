@@ -51,11 +51,41 @@ for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_no
 '''
 
 
+def no_subgroup_backend(kernel_dir: Path):
+    """A VulkanBackend on this machine's device from shaders compiled into ``kernel_dir`` as for a device without
+    subgroup arithmetic (every sum through shared memory)."""
+    import copy
+
+    from llmopt.backends import vulkan
+    from llmopt.backends.vulkan import compile as vk_compile
+
+    probe = copy.deepcopy(vulkan.probe())
+    probe["features"]["subgroup_arithmetic"] = False
+    assert vk_compile.compile_shaders(vk_compile.REPO_SHADERS, kernel_dir, probe)["defines"]["USE_SUBGROUP"] == 0
+    return vulkan.VulkanBackend(kernel_dir=kernel_dir)
+
+
 def tiny_int4_script(family: str) -> str:
     """The opening of a validation-layer script (``run_under_validation_layer(script, tmp_dir, tests_dir)``): a tiny
     int4 model of ``family`` (tiny_models.FAMILIES) packed under argv[1] as ``folder``, and ``be``, a VulkanBackend
     with the GPU configuration's int-dot mat-vecs and folds on."""
     return _TINY_INT4_SCRIPT.replace("FAMILY", family)
+
+
+def folded_greedy_script(family: str, op: str) -> str:
+    """A validation-layer script: greedy decoding of a batch of two (left-padded, two replayed steps in flight) of a
+    tiny int4 ``family`` model, asserting that every call of the backend's fold ``op`` folded its norm."""
+    return tiny_int4_script(family) + f'''
+model = load_model(folder, backend=be)
+folds = []
+fold = be.{op}
+be.{op} = lambda *a: (lambda out: folds.append(out[1].rms is not None) or out)(fold(*a))
+gen = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=6, stop_ids=[])
+assert gen.timings["decode_path"] == "replayed", gen.timings["decode_path"]
+assert folds and all(folds), folds
+be.close()
+print("done")
+'''
 
 
 def run_under_validation_layer(script: str, *args: str, sync: bool = True) -> None:
