@@ -113,13 +113,19 @@ VARIANTS = [
     # chained, the decode attention loads its first keys and values before its wait (v20), and at short contexts more
     # of its chunk's cached values into shared memory ("stage"); "attn no stage": the registers' loads only
     {"name": "attn no stage", "attn_stage_slots": 0},
+    # the first block's norm its own rmsnorm dispatch after the embedding, not folded into it (v25)
+    {"name": "no embedding fold", "fuse_embedding_norm": False},
+    # the argmax in half or twice the device's SMs' workgroups a row (v24: one an SM)
+    {"name": "argmax half", "argmax_groups": 66},
+    {"name": "argmax double", "argmax_groups": 264},
     {"name": "default again"},  # the first variant repeated last: the run's drift (KV length, clocks)
 ]
 VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",
                 "matvec_wg_max", "fuse_rope_attention", "attn_chunk_min", "attn_split_target", "attn_wg",
                 "matvec_x_q8", "fuse_gated_act", "fuse_post_norm", "norm_regs_max", "attn_prefetch",
                 "attn_x8", "attn_clock", "gated_layout", "fuse_producer_norm", "norm_layout", "decode_chain",
-                "attn_stage_slots", "fuse_sandwich_norm", "sandwich_grid_max", "sandwich_layout", "argmax_groups")
+                "attn_stage_slots", "fuse_sandwich_norm", "sandwich_grid_max", "sandwich_layout", "argmax_groups",
+                "fuse_embedding_norm")
 
 
 def random_int4(shape, rng, group: int = 128) -> QuantizedTensor:
@@ -288,10 +294,11 @@ def clone(state):
     return dataclasses.replace(state, valid=state.valid.clone(), next_pos=state.next_pos.clone())
 
 
-def time_variant(be: VulkanBackend, model, state, replay_state, token, steps: int) -> tuple[dict, torch.Tensor]:
-    """One variant (set on ``be``): eager and replayed steps alternating from ``token``, the replayed step back to
-    back, greedy with two steps in flight, each checked against the eager path, then the replay profile; the
-    numbers and the last token."""
+def time_variant(be: VulkanBackend, model, state, replay_state, token, steps: int,
+                 flight_steps: int) -> tuple[dict, torch.Tensor]:
+    """One variant (set on ``be``): ``steps`` eager and replayed steps alternating from ``token``, the replayed step
+    back to back, ``flight_steps`` greedy steps with two in flight, each checked against the eager path, then the
+    replay profile; the numbers and the last token."""
     decoder = be.replay_decoder(model, replay_state)  # recorded with this variant's pipelines
     walls, gpus, replayed, same = [], [], [], []
     for _ in range(steps + 2):
@@ -316,10 +323,10 @@ def time_variant(be: VulkanBackend, model, state, replay_state, token, steps: in
     replay_ms = (time.perf_counter() - t) / n * 1e3
     # generate's greedy path: two replayed steps in flight; the eager state follows the same ids
     t = time.perf_counter()
-    flight = decoder.greedy_steps(replay_state, token, steps)[0]
-    flight_ms = (time.perf_counter() - t) / steps * 1e3
+    flight = decoder.greedy_steps(replay_state, token, flight_steps)[0]
+    flight_ms = (time.perf_counter() - t) / flight_steps * 1e3
     fed = torch.cat([token, flight[:-1]])
-    eager = torch.cat([model.decode_step(state, fed[i:i + 1]).argmax(-1) for i in range(steps)])
+    eager = torch.cat([model.decode_step(state, fed[i:i + 1]).argmax(-1) for i in range(flight_steps)])
     check["flight_same_tokens"] = bool(torch.equal(eager, flight))
     decoder.close()
     token = flight[-1:]
@@ -328,7 +335,7 @@ def time_variant(be: VulkanBackend, model, state, replay_state, token, steps: in
     return {"wall_ms": statistics.median(walls) * 1e3, "wall_ms_spread": [min(walls) * 1e3, max(walls) * 1e3],
             "replayed_wall_ms": statistics.median(replayed) * 1e3,
             "replayed_wall_ms_spread": [min(replayed) * 1e3, max(replayed) * 1e3],
-            "flight_wall_ms": flight_ms,
+            "flight_wall_ms": flight_ms, "flight_steps": flight_steps,
             "replay_ms": replay_ms, "replays_timed": n, "replay_vs_eager": check,
             "gpu_ms": statistics.median(gpus), "gpu_ms_spread": [min(gpus), max(gpus)],
             "last_step_kernels_ms": {k: round(v, 4) for k, (v, _) in be.kernel_times().items()},
@@ -336,7 +343,8 @@ def time_variant(be: VulkanBackend, model, state, replay_state, token, steps: in
 
 
 def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
-               prompt: int, steps: int, variants: list, seed: int = 0, same_context: bool = False) -> dict:
+               prompt: int, steps: int, flight_steps: int, variants: list, seed: int = 0,
+               same_context: bool = False) -> dict:
     from llmopt.engine.config import ModelArgs
     from llmopt.engine.model import Model
     from llmopt.engine.weights import expected_shapes
@@ -364,7 +372,8 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
         # two states fed the same tokens: eager and replayed steps alternate (the machine's speed drifts); with
         # same_context every variant decodes from the prompt (copies of the states), else each goes on from the last
         rounds = 1 if same_context else len(variants)
-        logits, state = model.prefill(ids, max_len=prompt + rounds * (2 * steps + 3) + 4)
+        per_round = steps + 3 + flight_steps  # tokens each state decodes in time_variant
+        logits, state = model.prefill(ids, max_len=prompt + rounds * per_round + 4)
         _, replay_state = model.prefill(ids, max_len=state.max_len)
         be.synchronize()
         token = logits.argmax(-1)
@@ -377,13 +386,14 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
             try:
                 if timing_only or same_context:  # on copies of the states: the cache slots they write lie past the
                     # originals' next slot, rewritten before anything reads them
-                    run, _ = time_variant(be, model, clone(state), clone(replay_state), token, steps)
+                    run, _ = time_variant(be, model, clone(state), clone(replay_state), token, steps,
+                                          flight_steps)
                     for cache in replay_state.caches if timing_only else ():  # wrong results: attention counters zeroed
                         if getattr(cache, "counters", None) is not None:
                             be.dev.upload(cache.counters, np.zeros(cache.counters.nbytes // 4, np.uint32))
                     be.synchronize()
                 else:
-                    run, token = time_variant(be, model, state, replay_state, token, steps)
+                    run, token = time_variant(be, model, state, replay_state, token, steps, flight_steps)
             except LlmoptError as err:  # e.g. a chain timing out on this device: the other variants still run
                 print(f"    variant {variant['name']}: failed: {err}")
                 runs.append({"name": variant["name"], "error": str(err)})
@@ -402,11 +412,14 @@ def decode_run(be: VulkanBackend, name: str, config: dict, overrides: dict,
         for key in VARIANT_KEYS:  # the next model starts from the device's defaults, not the last variant
             setattr(be, key, defaults[key])
         del model, state, replay_state
-    kv_bytes = 2 * args.n_layers * (prompt + rounds * (2 * steps + 3)) * args.n_kv_heads * args.head_dim * 4
+    # float32 keys and values read a token at the flight's middle context, averaged over the rounds
+    kv_tokens = prompt + (rounds - 1) * per_round / 2 + steps + 3 + flight_steps / 2
+    kv_bytes = round(2 * args.n_layers * kv_tokens * args.n_kv_heads * args.head_dim * 4)
     best = min((r for r in runs if "error" not in r and not r["timing_only"]), key=lambda r: r["replayed_wall_ms"])
     keys = ("wall_ms", "wall_ms_spread", "replayed_wall_ms", "replayed_wall_ms_spread", "flight_wall_ms", "gpu_ms",
             "gpu_ms_spread", "replay_ms", "last_step_kernels_ms")
     return {"model": name, "layers": args.n_layers, "vocab": args.vocab_size, "prompt": prompt, "steps": steps,
+            "flight_steps": flight_steps,
             "same_context": same_context,
             "load_s": load_s, "bytes_per_token": weight_bytes + kv_bytes, "variants": runs, **{k: best[k] for k in keys},
             "best_variant": {k: best[k] for k in VARIANT_KEYS}}
@@ -486,7 +499,10 @@ def main(argv=None) -> int:
                    "--intermediate, a narrow model whose step is bound by dispatches: the host overhead replay removes)")
     p.add_argument("--intermediate", type=int, help="override the FFN size")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding (context of the KV reads)")
-    p.add_argument("--steps", type=int, default=32, help="decode steps timed per model")
+    p.add_argument("--steps", type=int, default=32, help="eager and replayed decode steps timed per model and variant")
+    p.add_argument("--flight-steps", type=int, default=128,
+                   help="greedy steps timed with two in flight per variant (default 128: llama-bench's tg128, so the "
+                        "run's start and end weigh as they do in the peer's number)")
     p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy-bandwidth buffer")
     p.add_argument("--no-sweep", action="store_true", help="skip the mat-vec specialization sweep")
     p.add_argument("--sweep-reps", type=int, default=50, help="mat-vecs per weight copy, configuration and round")
@@ -513,6 +529,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error("--steps must be at least 2 (the first step records the replayed step and is not timed)")
+    if args.flight_steps < 1:
+        p.error("--flight-steps must be at least 1")
     if any(not 0 <= i < len(SWEEP) for i in args.sweep_configs or ()):
         p.error(f"--sweep-configs: indices into SWEEP run from 0 to {len(SWEEP) - 1}")
     for name in args.models if args.hidden else ():
@@ -554,7 +572,7 @@ def main(argv=None) -> int:
         for name in args.models:
             overrides = {key: value for key, value in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab),
                          ("hidden_size", args.hidden), ("intermediate_size", args.intermediate)) if value}
-            row = decode_run(be, name, MODELS[name], overrides, args.prompt, args.steps, variants,
+            row = decode_run(be, name, MODELS[name], overrides, args.prompt, args.steps, args.flight_steps, variants,
                              same_context=args.same_context)
             row["ceiling_tok_s"] = ceiling_bw * 1e9 / row["bytes_per_token"]
             for key in ("wall", "replayed_wall", "flight_wall", "gpu", "replay"):

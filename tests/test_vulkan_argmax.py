@@ -40,7 +40,7 @@ def device_ids(be, rows: torch.Tensor, softcap: float | None = None):
     """(ids, the logits left on the device) of ``_argmax`` over ``rows``."""
     act = be.from_host(rows)
     idx = be._alloc(4 * act.rows, "test ids")
-    be._argmax(act, idx, softcap)
+    be._argmax(act, be._whole(idx), softcap)
     ids = torch.from_numpy(be.dev.download(idx, 4 * act.rows, np.uint32).astype(np.int64))
     be._release(idx)
     return ids, be.to_host(act)

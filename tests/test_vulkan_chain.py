@@ -43,9 +43,10 @@ from tiny_models import COMMON, FAMILIES, pack_folder, save_random  # noqa: E402
 
 pytestmark = pytest.mark.vulkan
 
-GPU_CONFIG = ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_sandwich_norm")
-CHAINED = {"embedding", "rmsnorm", "add_rmsnorm", "gated_act", "logits_softcap", "rope", "kv_store", "attention",
-           "matvec_quant", "matvec_quant_idot", "rope_attention", "rope_attention_clock"}
+GPU_CONFIG = ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_sandwich_norm",
+              "fuse_embedding_norm")
+CHAINED = {"embedding", "embedding_norm", "rmsnorm", "add_rmsnorm", "gated_act", "logits_softcap", "rope", "kv_store",
+           "attention", "matvec_quant", "matvec_quant_idot", "rope_attention", "rope_attention_clock"}
 
 
 def int4_model(be, tmp_path, family):

@@ -6,6 +6,8 @@ Tolerances (fresh random inputs; widths that are not multiples of a workgroup's 
 * the x8 rows against a torch quantization of ``r * (w + offset)`` (r: the device's new residual): codes within 1,
   at most 1% off by one, scales within 1e-6 relative, each chunk's code sum equal to its codes' sum;
 * the partial sums of squares: their row sum within 1e-5 of ``sum(r^2)``;
+* the first block's norm folded into the embedding (``embedding_rmsnorm``): the same checks, its rows against float64
+  table rows within 1e-6;
 * readers (a plain int4 mat-vec, the gated gate+up mat-vec, and an int8 mat-vec that needs floats) against float64
   references built from those x8 rows scaled by 1 / rms: relative error below ``RTOL``; the floats made on demand
   equal the ``rmsnorm`` of the new residual bit for bit (also in the build without subgroup arithmetic);
@@ -47,7 +49,7 @@ EPS = 1e-6
 @pytest.fixture
 def fast(be, monkeypatch):
     """The GPU configuration: int-dot mat-vecs, x8 rows, the gated epilogue and the producer norm."""
-    for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm"):
+    for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_embedding_norm"):
         monkeypatch.setattr(be, key, True)
     return be
 
@@ -192,7 +194,7 @@ def test_bad_norm_layout_is_named(fast, gen, monkeypatch, layout, message):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_tiny_model_fold(be, tmp_path, monkeypatch, family):
     """Whole int4 models: every o and down projection folds its norm (Qwen2, with and without sliding windows;
-    Gemma's sandwich norms: none), the replayed step equals the eager one bit for bit, both agree with the unfolded
+    Gemma's sandwich norms: none) and the embedding the first block's, the replayed step equals the eager one bit for bit, both agree with the unfolded
     path and with the CPU backend."""
     seed = int(torch.randint(0, 2**31 - 1, ()))
     folder = pack_folder(save_random(FAMILIES[family](), tmp_path / "f", seed), tmp_path / "q",
@@ -202,12 +204,15 @@ def test_tiny_model_fold(be, tmp_path, monkeypatch, family):
     for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act"):
         monkeypatch.setattr(be, key, True)
     folds = record_folds(monkeypatch, be, "linear_add_rmsnorm")
+    embeds = record_folds(monkeypatch, be, "_embed_norm")  # eager steps and the replayed step's recording
     runs = {}
     layers = model.args.n_layers
     for on in (False, True):
         monkeypatch.setattr(be, "fuse_producer_norm", on)
+        monkeypatch.setattr(be, "fuse_embedding_norm", on)
         for replay in (False, True):
             folds.clear()
+            embeds.clear()
             model.static_decode = replay
             logits, state = model.prefill(ids[:, :4], max_len=ids.shape[1] + 1)
             steps = [model.decode_step(state, ids[:, t]) for t in range(4, ids.shape[1])]
@@ -217,6 +222,8 @@ def test_tiny_model_fold(be, tmp_path, monkeypatch, family):
             else:  # every o and down projection of the prefill (4 rows: mat-vecs) and of each step, the last
                 # down's with the final norm (the head reads it)
                 assert len(folds) >= 2 * (2 * layers) and all(f == on for f in folds), (on, replay, folds)
+            assert len(embeds) >= 2 and all(f == on for f in embeds), (on, replay, embeds)  # prefill, steps: the
+            # first norm folded into the embedding (4 prompt rows and 1: mat-vec rows)
             runs[on, replay] = torch.stack([logits, *steps])
     name = f"{family} seed={seed}"
     for on in (False, True):
@@ -226,6 +233,81 @@ def test_tiny_model_fold(be, tmp_path, monkeypatch, family):
     logits, state = cpu.prefill(ids[:, :4], max_len=ids.shape[1] + 1)
     ref = torch.stack([logits, *[cpu.decode_step(state, ids[:, t]) for t in range(4, ids.shape[1])]])
     assert rel_err(runs[True, True], ref) < MODEL_RTOL, name
+
+
+def embed_reference(qt, ids: torch.Tensor, scale: float) -> torch.Tensor:
+    table = qt if isinstance(qt, torch.Tensor) else qt.dequantize(torch.float64)
+    return table.double()[ids] * scale
+
+
+# tables: int4 g32 with zero points (bf16 scales), int8 g32 symmetric, float32; widths a multiple of the workgroup's
+# values (32 on lavapipe, 64 with workgroups of 64: 160 is not, so there it takes the unfolded path)
+@pytest.mark.parametrize("bits", [4, 8, 32])
+@pytest.mark.parametrize("wg", [8, 64])
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_embedding_fold_against_reference(fast, gen, monkeypatch, bits, wg, unit_offset):
+    """``embedding_rmsnorm`` (the first block's norm folded into the embedding): the rows against float64, the x8 rows
+    of rows * (w + offset), the partial sums of squares, a reader against float64 and the floats made on demand equal
+    the ``rmsnorm`` of the rows bit for bit."""
+    be = fast
+    monkeypatch.setattr(be, "wg", wg)
+    for f, m in [(128, 1), (160, 3), (64, MATVEC_MAX_M)]:
+        case = (bits, wg, unit_offset, f, m)
+        vocab, scale = 50, 1.7
+        if bits == 32:
+            qt = torch.randn(vocab, f, generator=gen)
+        else:
+            qt = random_qt(vocab, f, bits, 32, bits != 4, torch.bfloat16, gen)
+        table = be.embedding_table("embed_tokens", qt)
+        ids = torch.randint(0, vocab, (1, m), generator=gen)
+        g = torch.randn(f, generator=gen)
+        x, normed = be.embedding_rmsnorm(ids, table, scale, be.param("norm", g), EPS, unit_offset)
+        xh = be.to_host(x)
+        assert rel_err(xh, embed_reference(qt, ids, scale)) < 1e-6, case
+        want = be.rmsnorm(be.embedding(ids, table, scale), be.param("norm", g), EPS, unit_offset)
+        if f % max(32, wg):
+            assert normed.rms is None and torch.equal(be.to_host(normed), be.to_host(want)), case
+            continue
+        assert normed.rms is not None and normed._buf is None, case
+        assert normed.rms.n_parts == f // max(32, wg), case
+        values, scales, sums = read_x8(be, normed)
+        want_codes, want_scales = x8_reference((xh * (g + (1.0 if unit_offset else 0.0))).reshape(m, f))
+        diff = (values - want_codes).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, case
+        assert rel_err(scales, want_scales) < 1e-6 and torch.equal(sums, values.sum(-1).to(torch.int32)), case
+        ss = xh.reshape(m, f).double().pow(2).sum(-1)
+        assert rel_err(parts_of(be, normed).double().sum(-1), ss) < 1e-5, case
+        inv = (ss / f + EPS).rsqrt()
+        xq = (values.double() * scales.double()[..., None]).reshape(m, f) * inv[:, None]
+        wq, wq64, bq = weight(be, "q_proj", gen, 48, f, bias=True)
+        assert rel_err(be.to_host(be.linear(normed, wq)), xq @ wq64.T + bq.double()) < RTOL, case
+        assert torch.equal(be.to_host(normed), be.to_host(want)), case
+
+
+def test_no_embedding_fold_where_it_cannot_apply(fast, gen, monkeypatch):
+    """``embedding`` then ``rmsnorm`` (bit for bit) for prefill rows and with the fold's switches off; a bad id or
+    norm weight is named."""
+    be = fast
+    table = be.embedding_table("embed_tokens", random_qt(40, 64, 4, 32, False, torch.float16, gen))
+    g = be.param("norm", torch.randn(64, generator=gen))
+
+    def check(ids, folded, why):
+        x, normed = be.embedding_rmsnorm(ids, table, 2.0, g, EPS, True)
+        assert (normed.rms is not None) == folded, why
+        want = be.embedding(ids, table, 2.0)
+        assert torch.equal(be.to_host(x), be.to_host(want)), why
+        assert torch.equal(be.to_host(normed), be.to_host(be.rmsnorm(want, g, EPS, True))), why
+
+    check(torch.randint(0, 40, (1, 2), generator=gen), True, "two decode rows")
+    check(torch.randint(0, 40, (1, MATVEC_MAX_M + 1), generator=gen), False, "prefill rows")
+    for key in ("fuse_embedding_norm", "matvec_x_q8", "matvec_int_dot"):
+        monkeypatch.setattr(be, key, False)
+        check(torch.randint(0, 40, (1, 1), generator=gen), False, f"{key} off")
+        monkeypatch.setattr(be, key, True)
+    with pytest.raises(LlmoptError, match="embedding embed_tokens: token ids must lie in 0..39, got 3..40"):
+        be.embedding_rmsnorm(torch.tensor([[3, 40]]), table, 1.0, g, EPS, False)
+    with pytest.raises(LlmoptError, match="embedding_rmsnorm: the norm weight holds 8 values, 64 features"):
+        be.embedding_rmsnorm(torch.tensor([[3]]), table, 1.0, be.param("short", torch.ones(8)), EPS, False)
 
 
 FOLD_RUN = folded_greedy_script("qwen2", "linear_add_rmsnorm")

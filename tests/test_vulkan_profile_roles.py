@@ -149,14 +149,16 @@ def test_bench_rejects_a_hidden_size_the_heads_do_not_divide(capsys):
 
 def test_bench_same_context_variants(be):
     """--same-context: every variant decodes from the prompt on copies of the states (each checked against the eager
-    path), so two runs of one variant see the same KV length; the per-token bytes count one variant's context."""
+    path), so two runs of one variant see the same KV length; the per-token bytes count one variant's context, at the
+    middle of its flight."""
     bench = bench_module()
     overrides = {"num_hidden_layers": 1, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256}
-    prompt, steps = 6, 2
-    row = bench.decode_run(be, "gemma-2-9b", bench.MODELS["gemma-2-9b"], overrides, prompt, steps,
+    prompt, steps, flight_steps = 6, 2, 4
+    row = bench.decode_run(be, "gemma-2-9b", bench.MODELS["gemma-2-9b"], overrides, prompt, steps, flight_steps,
                            [{"name": "default"}, {"name": "chain", "decode_chain": "chain"}, {"name": "default"}],
                            same_context=True)
     assert row["same_context"] and [v["name"] for v in row["variants"]] == ["default", "chain", "default"]
+    assert row["flight_steps"] == flight_steps and all(v["flight_steps"] == flight_steps for v in row["variants"])
     for v in row["variants"]:
         assert v["replay_vs_eager"] == {"max_abs_diff": 0.0, "same_token": True, "flight_same_tokens": True}, v["name"]
     from llmopt.engine.config import ModelArgs
@@ -166,5 +168,5 @@ def test_bench_same_context_variants(be):
     rng = np.random.default_rng(0)
     weights = sum(bench.random_int4(shape, rng).nbytes if len(shape) == 2 else 4 * int(np.prod(shape))
                   for shape in expected_shapes(args).values())  # Gemma ties the embedding: every tensor read
-    kv = 2 * 1 * (prompt + 2 * steps + 3) * 8 * 256 * 4  # one layer, 8 KV heads of 256, float32 K and V
+    kv = 2 * 1 * (prompt + steps + 3 + flight_steps // 2) * 8 * 256 * 4  # one layer, 8 KV heads of 256, float32 K, V
     assert row["bytes_per_token"] == weights + kv

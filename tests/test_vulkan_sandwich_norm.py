@@ -43,7 +43,8 @@ from tiny_models import COMMON, FAMILIES, pack_folder, save_random  # noqa: E402
 pytestmark = pytest.mark.vulkan
 
 RTOL, RTOL_X8, MODEL_RTOL, EPS = 2e-5, 2e-2, 6e-2, 1e-6
-GPU_CONFIG = ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_sandwich_norm")
+GPU_CONFIG = ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_sandwich_norm",
+              "fuse_embedding_norm")
 
 
 @pytest.fixture

@@ -46,7 +46,8 @@ from llmopt.quant.quantizers import Spec
 folder = pack_folder(save_random(FAMILIES["FAMILY"](), Path(sys.argv[1]) / "f", 0), Path(sys.argv[1]) / "q",
                      [Spec(4, 32, sym=False)])
 be = VulkanBackend()
-for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_sandwich_norm"):
+for key in ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_sandwich_norm",
+            "fuse_embedding_norm"):
     setattr(be, key, True)
 '''
 

@@ -91,9 +91,9 @@ class StaticDecoder:
         """The whole step on device tensors only (what the graph captures); advances slot and position."""
         m, a, ops = self.model, self.model.args, self.ops
         self.global_mask = (self.all_slots <= self.slot)[None, None, None, :]
-        x = ops.embedding(self.ids, m.embed, a.embed_scale)
+        x, normed = m._embed(ops, self.ids, True)
         tables = {r: self._rope(r) for r in self.freqs}
-        x = m._stack(x, ops, tables, self.state, None, ops)
+        x = m._stack(x, ops, tables, self.state, None, ops, normed)
         y = ops.linear(x, m.head)[:, 0].float()
         if a.final_softcap:
             y = a.final_softcap * torch.tanh(y / a.final_softcap)

@@ -176,26 +176,38 @@ class Model:
         if state.start + T > state.max_len:
             raise LlmoptError(f"{state.start + T} tokens exceed the KV cache of {state.max_len} tokens")
         cur = self.backends[self.embed_dev]
-        x = cur.embedding(ids, self.embed, a.embed_scale)
-        if embeds is not None:  # image features replace the placeholder tokens' embeddings
-            host = cur.to_host(x)
-            host[embeds["mask"]] = embeds["features"].to(host.dtype)
-            x = cur.from_host(host)
+        x, normed = self._embed(cur, ids, self.layer_dev[0] == self.embed_dev, embeds)
         valid = state.valid[:, :state.start + T] if state.padded else None
         tables = {r: rope_tables(r, positions, a.head_dim) for r in set(a.rope_layers)}
-        x = self._stack(x, cur, tables, state, valid)
+        x = self._stack(x, cur, tables, state, valid, normed=normed)
         head = self.backends[self.head_dev]
         if not all_logits:
             return head.logits(x, self.head, a.final_softcap)
         y = head.to_host(head.linear(x, self.head))
         return a.final_softcap * torch.tanh(y / a.final_softcap) if a.final_softcap else y
 
-    def _stack(self, x, cur: Backend, tables: dict, state: State, valid, ops: Backend | None = None):
+    def _embed(self, be: Backend, ids, first_here: bool, embeds: dict | None = None) -> tuple:
+        """``(x, normed)``: the embeddings of ``ids`` on ``be`` (image ``embeds`` in place of their placeholder
+        tokens) and, where the first block runs on ``be`` too (``first_here``) and a backend offers
+        ``embedding_rmsnorm``, that block's attention norm of them from the same op (else None)."""
+        a = self.args
+        fused = getattr(be, "embedding_rmsnorm", None)
+        if first_here and embeds is None and fused is not None:
+            return fused(ids, self.embed, a.embed_scale, self.layers[0]["attn_norm"], a.norm_eps, a.norm_unit_offset)
+        x = be.embedding(ids, self.embed, a.embed_scale)
+        if embeds is not None:  # image features replace the placeholder tokens' embeddings
+            host = be.to_host(x)
+            host[embeds["mask"]] = embeds["features"].to(host.dtype)
+            x = be.from_host(host)
+        return x, None
+
+    def _stack(self, x, cur: Backend, tables: dict, state: State, valid, ops: Backend | None = None, normed=None):
         """Every block on ``x`` (held by backend ``cur``), then the final norm: the head's input, on the head's
         backend. Each residual add is fused with the norm after it where both run on one backend, so an eager pass
         and a recorded step (``ops``: one backend's recording view standing in for every device: the CUDA graph,
-        the replayed Vulkan step) run the same kernels. ``tables``: RoPE tables by RoPE kind."""
-        a, normed = self.args, None
+        the replayed Vulkan step) run the same kernels. ``tables``: RoPE tables by RoPE kind; ``normed``: the first
+        block's attention norm of ``x``, done (``_embed``)."""
+        a = self.args
         for i, layer in enumerate(self.layers):
             be = ops or self.backends[self.layer_dev[i]]
             if be is not cur:

@@ -15,6 +15,11 @@ bytes) and scale their sums by it (``X_RMS``). The normed handle has no floats u
 prefill reader, ``to_host``): then ``FoldedNorm.materialize`` records an ``rmsnorm`` of the new residual, so every
 reader stays correct. Elsewhere: ``linear`` then ``add_rmsnorm``, as before.
 
+The first block's norm has no mat-vec before it: ``embedding_rmsnorm`` folds it into the embedding lookup instead
+(``shaders/embedding_norm.comp``, the same outputs: each workgroup owns whole chunks of a row and writes their x8 rows
+and its partial sum of squares), where the int-dot mat-vec reads x8 rows (``matvec_x_q8``) and the table is one piece
+(``fuse_embedding_norm``).
+
 Gemma's sandwich norms (``linear_norm_add_rmsnorm``, ``fuse_sandwich_norm``): r = residual + rmsnorm(x W^T, post)
 needs the rms of the whole projection d = x W^T before the add, which no workgroup has alone. The same mat-vec, laid
 out by its own ``sandwich_layout`` (the two folds' fastest layouts differ, v23), with ``NORM_OUT = 2`` writes d, and
@@ -30,9 +35,11 @@ one partial of r^2 a workgroup.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from llmopt.backends.vulkan.device import Buffer, pack_push
 from llmopt.errors import LlmoptError
@@ -72,6 +79,7 @@ class ProducerNormOps:
         # the sandwich fold's (Gemma's post norms, NORM_OUT 2 / 3), the same form
         self.sandwich_layout = tuple(int(v) for v in spec.get("matvec_sandwich_layout", self.norm_layout))
         self.fuse_sandwich_norm = self.fuse_producer_norm  # Gemma's post norm too (the row's last workgroup)
+        self.fuse_embedding_norm = self.fuse_producer_norm  # the first block's norm into the embedding
         self.sandwich_tail_max = 16  # the tail holds up to this many values of the row an invocation in registers
         # the grid form's most workgroups (one an SM, surely resident at once; 0: the device does not say, no grid)
         self.sandwich_grid_max = int(self.dev.info.get("sm_count", 0))
@@ -108,6 +116,39 @@ class ProducerNormOps:
         self._matmul(x, weight, [total], rows, 1, 0,
                      norm=(residual, norm_weight, 1.0 if unit_offset else 0.0, normed, None))
         return total, normed
+
+    def embedding_rmsnorm(self, ids, table, scale, norm_weight, eps, unit_offset):
+        """``(x, rmsnorm(x))`` with ``x = embedding(ids, table, scale)``: the first block's input and its attention
+        norm, in one dispatch where the fold applies (module docstring), else ``embedding`` then ``rmsnorm``."""
+        ids = self._check_ids(ids, table)
+        return self._embed_norm(self._whole(self._upload_host(ids.to(torch.int64), np.uint32)), tuple(ids.shape),
+                                table, scale, norm_weight, eps, unit_offset)
+
+    def _embed_norm(self, ids: tuple, shape: tuple, table, scale, norm_weight, eps, unit_offset) -> tuple:
+        """``embedding_rmsnorm`` of the uint32 ids bound at ``ids`` (buffer, offset, range), ``shape`` of them."""
+        from llmopt.backends.vulkan.backend import MATVEC_MAX_M, VkAct  # imports this module
+
+        f, rows = table.k, math.prod(shape)
+        per = max(32, self.wg)  # values a workgroup: whole 32-value chunks, every invocation busy
+        if not (self.fuse_embedding_norm and self.matvec_int_dot and self.matvec_x_q8
+                and self.dev.features["integer_dot_product"] and len(table.pieces) == 1 and f % per == 0
+                and per % self.wg == 0 and 0 < rows <= MATVEC_MAX_M
+                and 4 * (per + per // 32 + self.wg) <= self._shared_limit()):
+            x = self._embed(ids, shape, table, scale)
+            return x, self.rmsnorm(x, norm_weight, eps, unit_offset)
+        self._check_norm_weight("embedding_rmsnorm", norm_weight, f)
+        x = self._new((*shape, f))
+        n_parts = f // per
+        folded = FoldedNorm(self._alloc(4 * rows * n_parts, "rms partials"), n_parts, float(eps), x, norm_weight,
+                            bool(unit_offset))
+        normed = VkAct(self, None, x.shape, self._alloc(rows * 160 * -(-f // 128), "x8"), folded)
+        pc = table.pieces[0]
+        push = pack_push("IIIIff", f, table.group, rows, per, float(scale), 1.0 if unit_offset else 0.0)
+        self._run("embedding_norm", 8, (table.bits, int(table.scale_bf16), int(table.has_zeros), 1, per + per // 32),
+                  [ids, pc.w, pc.s or self._whole(self.dummy), pc.z or self._whole(self.dummy), self._whole(x.buf),
+                   self._whole(norm_weight), self._whole(folded.parts), self._whole(normed.q8)], push,
+                  self._grid(rows * n_parts))
+        return x, normed
 
     def linear_norm_add_rmsnorm(self, x, weight, residual, post_weight, norm_weight, eps, unit_offset):
         """``(r, rmsnorm(r))`` with ``r = residual + rmsnorm(x weight^T, post_weight)`` (Gemma's sandwich norm after

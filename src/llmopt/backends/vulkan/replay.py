@@ -34,9 +34,9 @@ and weight role, "matvec_quant_idot gate+up": ``backend.weight_role``). A profil
 (two submissions of one recording in flight would share its query pool).
 
 ``greedy_steps`` keeps two steps in flight: step t+1 is queued before the host waits for step t, so the GPU never
-idles while the host reads ids and writes the next step. The greedy tail also copies its ids into the step
-buffer's ids, and step t+1's prologue copies only the slot and positions (the host knows them: each advances by
-one), so step t+1 embeds step t's ids straight from the device. Host step buffers and id readbacks come in pairs,
+idles while the host reads ids and writes the next step. The greedy tail's argmax writes its ids into the step
+buffer's ids (copied from there to the host), and step t+1's prologue copies only the slot and positions (the host
+knows them: each advances by one), so step t+1 embeds step t's ids straight from the device. Host step buffers and id readbacks come in pairs,
 used alternately, each rewritten only after the step that read it was waited for. A step queued past a stop is
 waited for and dropped: the state does not advance for it, and the cache slot it wrote is the next step's slot,
 rewritten by that step before its attention reads it.
@@ -67,7 +67,7 @@ from llmopt.errors import LlmoptError
 
 
 class _ReplayOps:
-    """The backend's ops while recording: embedding, rope and attention read the step buffer; the rest as is."""
+    """The backend's ops while recording: the embeddings, rope and attention read the step buffer; the rest as is."""
 
     def __init__(self, be: VulkanBackend, dec: "VulkanDecoder"):
         self._be, self._dec = be, dec
@@ -77,6 +77,10 @@ class _ReplayOps:
 
     def embedding(self, ids, table, scale=1.0):
         return self._be._embed(self._dec.region("ids"), (self._dec.batch, 1), table, scale)
+
+    def embedding_rmsnorm(self, ids, table, scale, norm_weight, eps, unit_offset):
+        return self._be._embed_norm(self._dec.region("ids"), (self._dec.batch, 1), table, scale, norm_weight, eps,
+                                    unit_offset)
 
     def rope(self, x, cos, sin, head_dim):  # cos, sin: the decoder's device tables of every position
         return self._be._rope(x, cos, sin, head_dim, pos=self._dec.region("pos"))
@@ -189,18 +193,18 @@ class VulkanDecoder:
                 self.advances.append(dev.end_recording())
             dev.begin_recording(self.profile)
             dev.chain = self.chain
-            normed = m._stack(ops.embedding(None, m.embed, a.embed_scale), ops, self.tables, state, None, ops)
+            x, first = m._embed(ops, None, True)
+            normed = m._stack(x, ops, self.tables, state, None, ops, first)
+            del x, first
             # the final softcap in the tails: folded into the greedy tail's argmax, its own dispatch in the logits tail
             self.logits = be.logits_device(normed, m.head)
             del normed
             dev.chain = None
-            self.ids_dev = be._alloc(4 * self.batch, "greedy ids")  # while recording: from the private pool
             self.body = dev.end_recording()
-            for parity, ids_out in enumerate(self.ids_out):  # argmax, ids to the host and to the next embedding
+            for parity, ids_out in enumerate(self.ids_out):  # argmax into the next embedding's ids, then to the host
                 dev.begin_recording(self.profile)
-                be._argmax(self.logits, self.ids_dev, a.final_softcap)
-                dev.copy(self.ids_dev, ids_out, 4 * self.batch)
-                dev.copy(self.ids_dev, self.step_dev, 4 * self.batch, dst_offset=self.offsets["ids"])
+                be._argmax(self.logits, self.region("ids"), a.final_softcap)
+                dev.copy(self.step_dev, ids_out, 4 * self.batch, src_offset=self.offsets["ids"])
                 if self.chain is not None:
                     self.chain.record_readback(self.chain_out[parity])
                 self.greedy_tails.append(dev.end_recording())
@@ -346,9 +350,6 @@ class VulkanDecoder:
                 dev.free_recording(rec)
         self.body, self.logits_tail, self.loads, self.advances, self.greedy_tails = None, None, [], [], []
         self.logits = None  # its buffer returns to the private pool
-        if getattr(self, "ids_dev", None) is not None:
-            self.be._release(self.ids_dev)
-            self.ids_dev = None
         self.be.free_pool(self._pool)
         if self.chain is not None:
             self.chain.free()
