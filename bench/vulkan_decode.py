@@ -118,6 +118,8 @@ VARIANTS = [
     # the argmax in half or twice the device's SMs' workgroups a row (v24: one an SM)
     {"name": "argmax half", "argmax_groups": 66},
     {"name": "argmax double", "argmax_groups": 264},
+    # the decode attention's splits of at least 32 slots (the default before v26: 16)
+    {"name": "attn chunk 32", "attn_chunk_min": 32},
     {"name": "default again"},  # the first variant repeated last: the run's drift (KV length, clocks)
 ]
 VARIANT_KEYS = ("wg", "rows_per_wg", "wg_reduce", "matvec_min_groups", "matvec_split", "matvec_int_dot", "fuse_linears",

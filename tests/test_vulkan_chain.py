@@ -34,7 +34,7 @@ from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.quantizers import Spec
 
-from vulkan_device import require_vulkan, run_under_validation_layer, tiny_int4_script
+from vulkan_device import CHAINED_SHADERS, require_vulkan, run_under_validation_layer, tiny_int4_script
 vulkan = require_vulkan("integer_dot_product")
 from llmopt.backends.vulkan import chain as vk_chain  # noqa: E402
 from llmopt.backends.vulkan import compile as vk_compile  # noqa: E402
@@ -45,8 +45,6 @@ pytestmark = pytest.mark.vulkan
 
 GPU_CONFIG = ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_sandwich_norm",
               "fuse_embedding_norm")
-CHAINED = {"embedding", "embedding_norm", "rmsnorm", "add_rmsnorm", "gated_act", "logits_softcap", "rope", "kv_store",
-           "attention", "matvec_quant", "matvec_quant_idot", "rope_attention", "rope_attention_clock"}
 
 
 def int4_model(be, tmp_path, family):
@@ -301,7 +299,7 @@ def test_chained_builds_listed_and_checked(tmp_path):
     """Every shader that includes chain.glsl gets a ``_chain`` build; check_manifest refuses one that is missing."""
     comps = sorted(vk_compile.REPO_SHADERS.glob("*.comp"))
     chained = {stem[:-len("_chain")] for _, stem, d in vk_compile.builds(comps, {}) if d.get("CHAIN") == 1}
-    assert chained == CHAINED
+    assert chained == CHAINED_SHADERS
     probe = vulkan.probe()
     out = tmp_path / "spv"
     vk_compile.compile_shaders(vk_compile.REPO_SHADERS, out, probe)

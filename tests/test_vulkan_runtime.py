@@ -18,7 +18,7 @@ import torch
 
 from llmopt.errors import LlmoptError
 
-from vulkan_device import require_vulkan, run_under_validation_layer
+from vulkan_device import CHAINED_SHADERS, require_vulkan, run_under_validation_layer
 vulkan = require_vulkan()
 from llmopt.backends.vulkan import compile as vk_compile  # noqa: E402
 
@@ -40,9 +40,7 @@ def compiled(tmp_path_factory):
 def test_one_spirv_per_shader_and_incremental_rebuild(compiled):
     src, out, manifest = compiled
     stems = sorted(p.stem for p in src.glob("*.comp"))
-    chained = {"embedding", "rmsnorm", "add_rmsnorm", "gated_act", "logits_softcap", "rope", "kv_store", "attention",
-               "matvec_quant", "matvec_quant_idot", "rope_attention", "rope_attention_clock"}  # include chain.glsl
-    stems = sorted(stems + [f"{s}_chain" for s in chained])
+    stems = sorted(stems + [f"{s}_chain" for s in CHAINED_SHADERS])
     assert sorted(manifest["shaders"]) == stems and all((out / f"{s}.spv").stat().st_size > 0 for s in stems)
     again = vk_compile.compile_shaders(src, out, PROBE)
     assert not any(e["rebuilt"] for e in again["shaders"].values())

@@ -20,6 +20,11 @@ VALIDATION_DIR = Path(os.environ.get("LLMOPT_VK_VALIDATION_DIR",
                                      Path.home() / ".cache" / "llmopt" / "vulkan-validationlayers"))
 
 
+# the shaders that include chain.glsl, each also built as {stem}_chain.spv
+CHAINED_SHADERS = {"embedding", "embedding_norm", "rmsnorm", "add_rmsnorm", "gated_act", "logits_softcap", "rope",
+                   "kv_store", "attention", "matvec_quant", "matvec_quant_idot", "rope_attention", "rope_attention_clock"}
+
+
 def require_vulkan(*features: str):
     """``llmopt.backends.vulkan`` once its probe finds a device with every probe feature in ``features``
     (e.g. ``integer_dot_product``); otherwise the calling module is skipped with the reason."""

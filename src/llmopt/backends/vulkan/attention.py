@@ -81,12 +81,13 @@ class AttentionOps:
     def _init_attention(self, probe: dict) -> None:
         """The fused decode attention's settings (attributes, so a benchmark may vary them): on or off, its
         workgroup size, the fewest slots a split takes, and the workgroups a dispatch aims at (splits over the KV
-        length). On an H200 (docs/benchmarks.md) 1024 invocations beat 512 and 256, and chunks of 32 slots (~64 at
-        2k slots, where the target of 128 workgroups caps the splits) beat 16, 64 and 256 at contexts ~130-270;
-        CPU devices run one workgroup a KV head up to 256 slots."""
+        length). On an H200 (docs/benchmarks.md) 1024 invocations beat 512 and 256; chunks of 16 slots (~64 at 2k
+        slots, where the target of 128 workgroups caps the splits) beat 8, 24, 32 and 64 at contexts ~150-280 on an
+        H100 in the chained step with its staged values (v26: 1.01-1.02x over 32, which the H200 preferred before
+        v20's early loads); CPU devices run one workgroup a KV head up to 256 slots."""
         self.fuse_rope_attention = True
         self.attn_wg = self.wg_reduce
-        self.attn_chunk_min = 32
+        self.attn_chunk_min = 16
         self.attn_prefetch = True  # rope_attention issues its first key and value loads beside q's (PREFETCH)
         self.attn_x8 = True  # rope_attention also writes its output as x8 rows for the o projection (with matvec_x_q8)
         # chained (chain.py), rope_attention issues its loads ahead before the wait for q+k+v, and at short contexts
