@@ -79,6 +79,24 @@ def parts_of(be, normed) -> torch.Tensor:
     return torch.from_numpy(be.dev.download(rms.parts, 4 * normed.rows * rms.n_parts)).view(normed.rows, -1)
 
 
+def check_folded_x8(be, gen, normed, rh, g, unit_offset, case) -> torch.Tensor:
+    """A folded norm of the new residual ``rh`` (host floats, ``normed.rows`` rows): its x8 rows against a torch
+    quantization of ``rh * (g + offset)``, its partial sums against float64 ``sum(rh^2)`` a row, and an int4 mat-vec
+    reading them against float64; returns x as the readers see it (x8 rows / rms, float64 ``[rows, features]``)."""
+    m, f = normed.rows, normed.features
+    values, scales, sums = read_x8(be, normed)
+    want_codes, want_scales = x8_reference((rh * (g + (1.0 if unit_offset else 0.0))).reshape(m, f))
+    diff = (values - want_codes).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, case
+    assert rel_err(scales, want_scales) < 1e-6 and torch.equal(sums, values.sum(-1).to(torch.int32)), case
+    ss = rh.reshape(m, f).double().pow(2).sum(-1)
+    assert rel_err(parts_of(be, normed).double().sum(-1), ss) < 1e-5, case
+    xq = (values.double() * scales.double()[..., None]).reshape(m, f) * (ss / f + EPS).rsqrt()[:, None]
+    wq, wq64, bq = weight(be, "q_proj", gen, 48, f, bias=True)
+    assert rel_err(be.to_host(be.linear(normed, wq)), xq @ wq64.T + bq.double()) < RTOL, case
+    return xq
+
+
 # layouts: 8 sets of 4 outputs (lavapipe's default), 8 sets of 8 (64 outputs: f = 96 and 160 leave the last workgroup
 # one or three chunks), one set of 32 rows (no subgroup sets), 16 sets of 2 in sets of 2 invocations (narrower than
 # lavapipe's subgroups: sums through shared memory), the GPU default (8 sets of 128 invocations, 4 rows) and the
@@ -92,22 +110,8 @@ def check_fold(be, gen, f, k, m, bias, unit_offset, case):
     rh = be.to_host(r)
     want = res.double() + int8_chunks(x) @ wo64.T + (bo.double() if bias else 0.0)
     assert rel_err(rh, want) < RTOL, case
-    # x8 rows of r * (w + offset) and the partials of sum(r^2)
-    gain = g + (1.0 if unit_offset else 0.0)
-    values, scales, sums = read_x8(be, normed)
-    want_codes, want_scales = x8_reference((rh * gain).reshape(m, f))
-    diff = (values - want_codes).abs()
-    assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, case
-    assert rel_err(scales, want_scales) < 1e-6 and torch.equal(sums, values.sum(-1).to(torch.int32)), case
-    ss = rh.reshape(m, f).double().pow(2).sum(-1)
     assert parts_of(be, normed).shape[1] == -(-f // be._norm_sets("norm_layout")[1])
-    assert rel_err(parts_of(be, normed).double().sum(-1), ss) < 1e-5, case
-    # readers: x as the reader sees it is x8 rows / rms
-    inv = (ss / f + EPS).rsqrt()
-    xq = (values.double() * scales.double()[..., None]).reshape(m, f) * inv[:, None]
-    wq, wq64, bq = weight(be, "q_proj", gen, 48, f, bias=True)
-    got = be.to_host(be.linear(normed, wq))
-    assert rel_err(got, xq @ wq64.T + bq.double()) < RTOL, case
+    xq = check_folded_x8(be, gen, normed, rh, g, unit_offset, case)
     gate, g64, _ = weight(be, "gate_proj", gen, 64, f)
     up, u64, _ = weight(be, "up_proj", gen, 64, f)
     y = be.to_host(be.gated_linears(normed, gate, up, "silu"))
@@ -270,17 +274,7 @@ def test_embedding_fold_against_reference(fast, gen, monkeypatch, bits, wg, unit
             continue
         assert normed.rms is not None and normed._buf is None, case
         assert normed.rms.n_parts == f // max(32, wg), case
-        values, scales, sums = read_x8(be, normed)
-        want_codes, want_scales = x8_reference((xh * (g + (1.0 if unit_offset else 0.0))).reshape(m, f))
-        diff = (values - want_codes).abs()
-        assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, case
-        assert rel_err(scales, want_scales) < 1e-6 and torch.equal(sums, values.sum(-1).to(torch.int32)), case
-        ss = xh.reshape(m, f).double().pow(2).sum(-1)
-        assert rel_err(parts_of(be, normed).double().sum(-1), ss) < 1e-5, case
-        inv = (ss / f + EPS).rsqrt()
-        xq = (values.double() * scales.double()[..., None]).reshape(m, f) * inv[:, None]
-        wq, wq64, bq = weight(be, "q_proj", gen, 48, f, bias=True)
-        assert rel_err(be.to_host(be.linear(normed, wq)), xq @ wq64.T + bq.double()) < RTOL, case
+        check_folded_x8(be, gen, normed, xh, g, unit_offset, case)
         assert torch.equal(be.to_host(normed), be.to_host(want)), case
 
 

@@ -36,8 +36,7 @@ from llmopt.backends.vulkan.backend import MATVEC_MAX_M, int8_chunks  # noqa: E4
 from llmopt.backends.vulkan.replay import VulkanDecoder  # noqa: E402
 from test_vulkan_chain import unreachable_ticket  # noqa: E402
 from test_vulkan_ops import rel_err  # noqa: E402
-from test_vulkan_producer_norm import record_folds, weight  # noqa: E402
-from test_vulkan_x8_gated import read_x8, x8_reference  # noqa: E402
+from test_vulkan_producer_norm import check_folded_x8, record_folds, weight  # noqa: E402
 from tiny_models import COMMON, FAMILIES, pack_folder, save_random  # noqa: E402
 
 pytestmark = pytest.mark.vulkan
@@ -68,23 +67,12 @@ def sandwich_case(be, gen, f, k, m) -> tuple:
 def check_folded(be, gen, r, normed, x, wo64, res, post, g, unit_offset, case) -> None:
     """A sandwich fold's outputs against float64: r, the x8 rows of r * (g + offset), the one partial sum of r^2 a
     row, and an int4 reader of them."""
-    m, f = res.shape[1], res.shape[2]
-    off = 1.0 if unit_offset else 0.0
     rh = be.to_host(r)
     d = int8_chunks(x) @ wo64.T
-    want = res.double() + d * (d.pow(2).mean(-1, keepdim=True) + EPS).rsqrt() * (post.double() + off)
+    gain = post.double() + (1.0 if unit_offset else 0.0)
+    want = res.double() + d * (d.pow(2).mean(-1, keepdim=True) + EPS).rsqrt() * gain
     assert rel_err(rh, want) < RTOL, case
-    values, scales, sums = read_x8(be, normed)
-    want_codes, want_scales = x8_reference((rh * (g + off)).reshape(m, f))
-    diff = (values - want_codes).abs()
-    assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, case
-    assert rel_err(scales, want_scales) < 1e-6 and torch.equal(sums, values.sum(-1).to(torch.int32)), case
-    ss = rh.reshape(m, f).double().pow(2).sum(-1)
-    part = torch.from_numpy(be.dev.download(normed.rms.parts, 4 * m)).double()
-    assert rel_err(part, ss) < 1e-5, case
-    xq = (values.double() * scales.double()[..., None]).reshape(m, f) * (ss / f + EPS).rsqrt()[:, None]
-    wq, wq64, bq = weight(be, "q_proj", gen, 48, f, bias=True)
-    assert rel_err(be.to_host(be.linear(normed, wq)), xq @ wq64.T + bq.double()) < RTOL, case
+    check_folded_x8(be, gen, normed, rh, g, unit_offset, case)
 
 
 def check_sandwich(be, gen, f, k, m, unit_offset, case):
