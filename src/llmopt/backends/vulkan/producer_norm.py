@@ -101,19 +101,13 @@ class ProducerNormOps:
     def linear_add_rmsnorm(self, x, weight, residual, norm_weight, eps, unit_offset):
         """``(r, rmsnorm(r))`` with ``r = residual + x weight^T``: the projection, the residual add and the next
         norm, in one mat-vec where the fold applies (module docstring), else ``linear`` then ``add_rmsnorm``."""
-        from llmopt.backends.vulkan.backend import VkAct  # imports this module
-
         if not (self.fuse_producer_norm and self._foldable("linear_add_rmsnorm", x, weight, residual)):
             return self.add_rmsnorm(residual, self.linear(x, weight), norm_weight, eps, unit_offset)
         self._check_norm_weight("linear_add_rmsnorm", norm_weight, weight.n_out)
-        per = self._norm_sets("norm_layout")[1]
-        rows, f = x.rows, weight.n_out
         total = self._new(residual.shape)
-        n_parts = -(-f // per)
-        folded = FoldedNorm(self._alloc(4 * rows * n_parts, "rms partials"), n_parts, float(eps), total, norm_weight,
-                            bool(unit_offset))
-        normed = VkAct(self, None, residual.shape, self._alloc(rows * 160 * -(-f // 128), "x8"), folded)
-        self._matmul(x, weight, [total], rows, 1, 0,
+        normed = self._folded(total, -(-weight.n_out // self._norm_sets("norm_layout")[1]), norm_weight, eps,
+                              unit_offset)
+        self._matmul(x, weight, [total], x.rows, 1, 0,
                      norm=(residual, norm_weight, 1.0 if unit_offset else 0.0, normed, None))
         return total, normed
 
@@ -126,27 +120,21 @@ class ProducerNormOps:
 
     def _embed_norm(self, ids: tuple, shape: tuple, table, scale, norm_weight, eps, unit_offset) -> tuple:
         """``embedding_rmsnorm`` of the uint32 ids bound at ``ids`` (buffer, offset, range), ``shape`` of them."""
-        from llmopt.backends.vulkan.backend import MATVEC_MAX_M, VkAct  # imports this module
-
         f, rows = table.k, math.prod(shape)
         per = max(32, self.wg)  # values a workgroup: whole 32-value chunks, every invocation busy
-        if not (self.fuse_embedding_norm and self.matvec_int_dot and self.matvec_x_q8
-                and self.dev.features["integer_dot_product"] and len(table.pieces) == 1 and f % per == 0
-                and per % self.wg == 0 and 0 < rows <= MATVEC_MAX_M
-                and 4 * (per + per // 32 + self.wg) <= self._shared_limit()):
+        if not (self.fuse_embedding_norm and self._rms_readers(rows) and rows > 0 and len(table.pieces) == 1
+                and f % per == 0 and per % self.wg == 0 and 4 * (per + per // 32 + self.wg) <= self._shared_limit()):
             x = self._embed(ids, shape, table, scale)
             return x, self.rmsnorm(x, norm_weight, eps, unit_offset)
         self._check_norm_weight("embedding_rmsnorm", norm_weight, f)
         x = self._new((*shape, f))
         n_parts = f // per
-        folded = FoldedNorm(self._alloc(4 * rows * n_parts, "rms partials"), n_parts, float(eps), x, norm_weight,
-                            bool(unit_offset))
-        normed = VkAct(self, None, x.shape, self._alloc(rows * 160 * -(-f // 128), "x8"), folded)
+        normed = self._folded(x, n_parts, norm_weight, eps, unit_offset)
         pc = table.pieces[0]
         push = pack_push("IIIIff", f, table.group, rows, per, float(scale), 1.0 if unit_offset else 0.0)
         self._run("embedding_norm", 8, (table.bits, int(table.scale_bf16), int(table.has_zeros), 1, per + per // 32),
                   [ids, pc.w, pc.s or self._whole(self.dummy), pc.z or self._whole(self.dummy), self._whole(x.buf),
-                   self._whole(norm_weight), self._whole(folded.parts), self._whole(normed.q8)], push,
+                   self._whole(norm_weight), self._whole(normed.rms.parts), self._whole(normed.q8)], push,
                   self._grid(rows * n_parts))
         return x, normed
 
@@ -154,33 +142,44 @@ class ProducerNormOps:
         """``(r, rmsnorm(r))`` with ``r = residual + rmsnorm(x weight^T, post_weight)`` (Gemma's sandwich norm after
         the o or down projection, the residual add, the next norm), in one mat-vec where the fold applies (module
         docstring), else ``linear`` then ``norm_add_rmsnorm``."""
-        from llmopt.backends.vulkan.backend import VkAct  # imports this module
-
         f = weight.n_out
         if not (self.fuse_sandwich_norm and self._foldable("linear_norm_add_rmsnorm", x, weight, residual)
                 and self._sandwich_spec(f) is not None):
             return self.norm_add_rmsnorm(residual, self.linear(x, weight), post_weight, norm_weight, eps, unit_offset)
         self._check_norm_weight("linear_norm_add_rmsnorm", post_weight, f)
         self._check_norm_weight("linear_norm_add_rmsnorm", norm_weight, f)
-        rows, total, branch = x.rows, self._new(residual.shape), self._new(residual.shape)
+        total, branch = self._new(residual.shape), self._new(residual.shape)
         per = self._norm_sets("sandwich_layout")[1]
         n_parts = -(-f // per) if self._sandwich_grid(f) else 1  # the grid's: one a workgroup
-        folded = FoldedNorm(self._alloc(4 * rows * n_parts, "rms partials"), n_parts, float(eps), total, norm_weight,
-                            bool(unit_offset))
-        normed = VkAct(self, None, residual.shape, self._alloc(rows * 160 * -(-f // 128), "x8"), folded)
-        self._matmul(x, weight, [branch, total], rows, 1, 0,
+        normed = self._folded(total, n_parts, norm_weight, eps, unit_offset)
+        self._matmul(x, weight, [branch, total], x.rows, 1, 0,
                      norm=(residual, norm_weight, 1.0 if unit_offset else 0.0, normed, post_weight))
         return total, normed
 
     def _foldable(self, op: str, x, weight, residual) -> bool:
         """Whether the o or down projection ``weight`` of ``x`` can fold the norm after it (``op``: either kind)."""
-        from llmopt.backends.vulkan.backend import MATVEC_MAX_M  # imports this module
-
         if x.features != weight.k:
             raise LlmoptError(f"{op} {weight.name}: input has {x.features} features, weight expects {weight.k}")
+        return (self._rms_readers(x.rows) and weight.bits == 4 and len(weight.pieces) == 1 and weight.n_out % 32 == 0
+                and x.rms is None and tuple(residual.shape) == (*x.shape[:-1], weight.n_out))
+
+    def _rms_readers(self, rows: int) -> bool:
+        """Whether the readers of ``rows`` normed rows can apply the norm's 1 / rms themselves: int-dot mat-vecs over
+        x8 rows (decode rows), the condition every fold here shares."""
+        from llmopt.backends.vulkan.backend import MATVEC_MAX_M  # imports this module
+
         return (self.matvec_int_dot and self.matvec_x_q8 and self.dev.features["integer_dot_product"]
-                and weight.bits == 4 and len(weight.pieces) == 1 and weight.n_out % 32 == 0
-                and x.rows <= MATVEC_MAX_M and x.rms is None and tuple(residual.shape) == (*x.shape[:-1], weight.n_out))
+                and rows <= MATVEC_MAX_M)
+
+    def _folded(self, residual, n_parts: int, norm_weight, eps, unit_offset):
+        """The normed handle of a fold over ``residual`` (``VkAct``): its x8 rows and ``n_parts`` partial sums of
+        squares a row to be written by the folding dispatch, no floats until a reader needs them (``FoldedNorm``)."""
+        from llmopt.backends.vulkan.backend import VkAct  # imports this module
+
+        rows, f = residual.rows, residual.features
+        folded = FoldedNorm(self._alloc(4 * rows * n_parts, "rms partials"), n_parts, float(eps), residual,
+                            norm_weight, bool(unit_offset))
+        return VkAct(self, None, residual.shape, self._alloc(rows * 160 * -(-f // 128), "x8"), folded)
 
     def _sandwich_spec(self, f: int) -> tuple[int, int] | None:
         """(TAIL_PER, X8_LEN) of the sandwich tail over rows of ``f``, or None where the row does not fit the
