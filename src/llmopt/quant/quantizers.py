@@ -155,26 +155,24 @@ def group_params(wg: torch.Tensor, spec: Spec, search: bool = False,
     if not search:
         return _range_params(wg, spec, 1.0, sdt)
     w8 = None if weights is None else weights.expand_as(wg)
-    best_s, best_z = _range_params(wg, spec, 1.0, sdt)
-    best_err = _group_error(wg, best_s, best_z, spec.bits, w8)
-    for ratio in _CLIP_GRID[1:].tolist():
-        s, z = _range_params(wg, spec, ratio, sdt)
+
+    def keep_better(best, s, z):  # (scale, zero, error) a group: the candidate (s, z) where its error is lower
         err = _group_error(wg, s, z, spec.bits, w8)
-        better = err < best_err
-        best_s, best_z, best_err = best_s.where(~better, s), best_z.where(~better, z), best_err.where(~better, err)
+        better = err < best[2]
+        return best[0].where(~better, s), best[1].where(~better, z), best[2].where(~better, err)
+
+    s, z = _range_params(wg, spec, 1.0, sdt)
+    best = (s, z, _group_error(wg, s, z, spec.bits, w8))
+    for ratio in _CLIP_GRID[1:].tolist():
+        best = keep_better(best, *_range_params(wg, spec, ratio, sdt))
     if not spec.sym:  # llama.cpp make_qkx2's scan of how many code steps the group spans, each refitted
         for steps in range(2 ** spec.bits - 1, max(0, 2 ** spec.bits - 1 - _SPAN_STEPS), -1):
             s, z = _span_params(wg, steps, sdt)
-            s, z = _refit(wg, _codes(wg, s, z, spec.bits), spec, w8, sdt, s, z)
-            err = _group_error(wg, s, z, spec.bits, w8)
-            better = err < best_err
-            best_s, best_z, best_err = best_s.where(~better, s), best_z.where(~better, z), best_err.where(~better, err)
+            best = keep_better(best, *_refit(wg, _codes(wg, s, z, spec.bits), spec, w8, sdt, s, z))
     for _ in range(2):  # least-squares refit of scale (and zero) to the chosen codes, kept where it helps
-        s, z = _refit(wg, _codes(wg, best_s, best_z, spec.bits), spec, w8, sdt, best_s, best_z)
-        err = _group_error(wg, s, z, spec.bits, w8)
-        better = err < best_err
-        best_s, best_z, best_err = best_s.where(~better, s), best_z.where(~better, z), best_err.where(~better, err)
-    return best_s, best_z
+        s, z = best[0], best[1]
+        best = keep_better(best, *_refit(wg, _codes(wg, s, z, spec.bits), spec, w8, sdt, s, z))
+    return best[0], best[1]
 
 
 def _range_params(wg: torch.Tensor, spec: Spec, ratio: float, sdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,25 +183,26 @@ def _range_params(wg: torch.Tensor, spec: Spec, ratio: float, sdt: torch.dtype) 
         else:
             hi, lo = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
             s = torch.where(-lo > hi, lo, hi) * (ratio / -half)
-        s = torch.where(s == 0, torch.full_like(s, 1.0), s).to(sdt).float()
-        s = torch.where(s == 0, torch.full_like(s, 1.0), s)  # an underflowed scale would divide by zero
+        s = _stored_scale(s, sdt)
         return s, torch.full_like(s, float(half))
     lo = wg.amin(-1, keepdim=True).clamp_max(0) * ratio
     hi = wg.amax(-1, keepdim=True).clamp_min(0) * ratio
-    s = ((hi - lo) / (2 ** spec.bits - 1))
-    s = torch.where(s == 0, torch.full_like(s, 1.0), s).to(sdt).float()
-    s = torch.where(s == 0, torch.full_like(s, 1.0), s)
-    z = (-lo / s).to(sdt).float()
-    return s, z
+    s = _stored_scale((hi - lo) / (2 ** spec.bits - 1), sdt)
+    return s, (-lo / s).to(sdt).float()
 
 
 def _span_params(wg: torch.Tensor, steps: int, sdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric scale and zero putting the group's minimum on a code and its maximum ``steps`` codes above."""
     lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    s = (hi - lo) / steps
-    s = torch.where(s == 0, torch.full_like(s, 1.0), s).to(sdt).float()
-    s = torch.where(s == 0, torch.full_like(s, 1.0), s)
+    s = _stored_scale((hi - lo) / steps, sdt)
     return s, (-lo / s).to(sdt).float()
+
+
+def _stored_scale(s: torch.Tensor, sdt: torch.dtype) -> torch.Tensor:
+    """Scales rounded to their storage dtype (float32 values), a zero one (a constant group) or one that underflows
+    in storage set to 1, which would otherwise divide by zero."""
+    s = torch.where(s == 0, torch.full_like(s, 1.0), s).to(sdt).float()
+    return torch.where(s == 0, torch.full_like(s, 1.0), s)
 
 
 def _refit(wg, q, spec, w8, sdt, s_old, z_old):
