@@ -34,7 +34,7 @@ from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.quantizers import Spec
 
-from vulkan_device import CHAINED_SHADERS, require_vulkan, run_under_validation_layer, tiny_int4_script
+from vulkan_device import CHAINED_SHADERS, GPU_CONFIG, require_vulkan, run_under_validation_layer, tiny_int4_script
 vulkan = require_vulkan("integer_dot_product")
 from llmopt.backends.vulkan import chain as vk_chain  # noqa: E402
 from llmopt.backends.vulkan import compile as vk_compile  # noqa: E402
@@ -43,8 +43,6 @@ from tiny_models import COMMON, FAMILIES, pack_folder, save_random  # noqa: E402
 
 pytestmark = pytest.mark.vulkan
 
-GPU_CONFIG = ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_sandwich_norm",
-              "fuse_embedding_norm")
 
 
 def int4_model(be, tmp_path, family):

@@ -34,7 +34,7 @@ import torch
 
 from llmopt.errors import LlmoptError
 
-from vulkan_device import require_vulkan, run_under_validation_layer, tiny_int4_script
+from vulkan_device import GPU_CONFIG, require_vulkan, run_under_validation_layer, tiny_int4_script
 vulkan = require_vulkan("integer_dot_product")
 from llmopt.backends.vulkan import chain as vk_chain  # noqa: E402
 from llmopt.backends.vulkan.backend import MATVEC_MAX_M  # noqa: E402
@@ -42,7 +42,7 @@ from llmopt.backends.vulkan.producer_norm import GRID_GROUPS  # noqa: E402
 from llmopt.backends.vulkan.replay import VulkanDecoder  # noqa: E402
 from test_vulkan_ops import rel_err  # noqa: E402
 from test_vulkan_producer_norm import weight  # noqa: E402
-from test_vulkan_sandwich_norm import EPS, GPU_CONFIG, check_folded, decode, gemma_model, sandwich_case  # noqa: E402
+from test_vulkan_sandwich_norm import EPS, check_folded, decode, gemma_model, sandwich_case  # noqa: E402
 from tiny_models import COMMON  # noqa: E402
 
 pytestmark = pytest.mark.vulkan

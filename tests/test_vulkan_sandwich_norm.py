@@ -30,7 +30,8 @@ from llmopt.engine import load_model
 from llmopt.errors import LlmoptError
 from llmopt.quant.quantizers import Spec
 
-from vulkan_device import folded_greedy_script, no_subgroup_backend, require_vulkan, run_under_validation_layer
+from vulkan_device import (GPU_CONFIG, folded_greedy_script, no_subgroup_backend, require_vulkan,
+                           run_under_validation_layer)
 vulkan = require_vulkan("integer_dot_product")
 from llmopt.backends.vulkan.backend import MATVEC_MAX_M, int8_chunks  # noqa: E402
 from llmopt.backends.vulkan.replay import VulkanDecoder  # noqa: E402
@@ -42,8 +43,6 @@ from tiny_models import COMMON, FAMILIES, pack_folder, save_random  # noqa: E402
 pytestmark = pytest.mark.vulkan
 
 RTOL, RTOL_X8, MODEL_RTOL, EPS = 2e-5, 2e-2, 6e-2, 1e-6
-GPU_CONFIG = ("matvec_int_dot", "matvec_x_q8", "fuse_gated_act", "fuse_producer_norm", "fuse_sandwich_norm",
-              "fuse_embedding_norm")
 
 
 @pytest.fixture
