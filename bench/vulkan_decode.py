@@ -25,12 +25,12 @@
    step: the sum of the eager step's kernel timestamps, and the replayed step
    resubmitted back to back (no host in between). Against the ceiling copy_bandwidth / bytes_read_per_token
    (weights + the KV cache read at the flight's middle context). Several specializations (VARIANTS) are timed on
-   the same loaded model (the first is the previous default: float mat-vec, separate q/k/v and gate/up; then fused linears, then
-   the int-dot mat-vec); the best (by the two-in-flight rate) is reported, all are kept in the JSON. Each variant's
-   replayed step is also profiled (a timestamp after every dispatch), its mat-vecs split by weight (q+k+v, o,
-   gate+up, down, head: ``matvec_by_weight``). Variants with
-   ``attn_clock`` ("attn clock") also print the fused attention's phase table from its shader clocks
-   (``attention_phases``; ``llmopt.backends.vulkan.phase_clock``).
+   the same loaded model (the first is the previous default: float mat-vec, separate q/k/v and gate/up; then fused
+   linears, then the int-dot mat-vec); the best (by the two-in-flight rate) is reported, all are kept in the JSON.
+   Each variant's replayed step is also profiled (a timestamp after every dispatch), its mat-vecs split by weight
+   (q+k+v, o, gate+up, down, head: ``matvec_by_weight``). Variants with ``attn_clock`` ("attn clock") also print
+   the fused attention's phase table from its shader clocks (``attention_phases``;
+   ``llmopt.backends.vulkan.phase_clock``).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ VARIANTS = [
     {"name": "attn no stage", "attn_stage_slots": 0},
     # the first block's norm its own rmsnorm dispatch after the embedding, not folded into it (v25)
     {"name": "no embedding fold", "fuse_embedding_norm": False},
-    # the argmax in half or twice the device's SMs' workgroups a row (v24: one an SM)
+    # the argmax in 66 or 264 workgroups a row, half and twice the H100's and H200's 132 SMs (v24: one an SM)
     {"name": "argmax half", "argmax_groups": 66},
     {"name": "argmax double", "argmax_groups": 264},
     # the decode attention's splits of at least 32 slots (the default before v26: 16)

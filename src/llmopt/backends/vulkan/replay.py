@@ -36,10 +36,10 @@ and weight role, "matvec_quant_idot gate+up": ``backend.weight_role``). A profil
 ``greedy_steps`` keeps two steps in flight: step t+1 is queued before the host waits for step t, so the GPU never
 idles while the host reads ids and writes the next step. The greedy tail's argmax writes its ids into the step
 buffer's ids (copied from there to the host), and step t+1's prologue copies only the slot and positions (the host
-knows them: each advances by one), so step t+1 embeds step t's ids straight from the device. Host step buffers and id readbacks come in pairs,
-used alternately, each rewritten only after the step that read it was waited for. A step queued past a stop is
-waited for and dropped: the state does not advance for it, and the cache slot it wrote is the next step's slot,
-rewritten by that step before its attention reads it.
+knows them: each advances by one), so step t+1 embeds step t's ids straight from the device. Host step buffers and
+id readbacks come in pairs, used alternately, each rewritten only after the step that read it was waited for. A
+step queued past a stop is waited for and dropped: the state does not advance for it, and the cache slot it wrote is
+the next step's slot, rewritten by that step before its attention reads it.
 
 Where ``VulkanBackend.decode_chain`` says so (``chain.chain_mode``: "auto" on GPUs chains every model but those with
 sandwich norms not folded into their producers), the body's dispatches are chained (``llmopt.backends.vulkan.chain``):
