@@ -165,9 +165,10 @@ def group_params(wg: torch.Tensor, spec: Spec, search: bool = False,
     best = (s, z, _group_error(wg, s, z, spec.bits, w8))
     for ratio in _CLIP_GRID[1:].tolist():
         best = keep_better(best, *_range_params(wg, spec, ratio, sdt))
-    if not spec.sym:  # llama.cpp make_qkx2's scan of how many code steps the group spans, each refitted
+    if not spec.sym:  # llama.cpp make_qkx2's scan of how many code steps the group's min..max spans, each refitted
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
         for steps in range(2 ** spec.bits - 1, max(0, 2 ** spec.bits - 1 - _SPAN_STEPS), -1):
-            s, z = _span_params(wg, steps, sdt)
+            s, z = _asym_params(lo, hi, steps, sdt)
             best = keep_better(best, *_refit(wg, _codes(wg, s, z, spec.bits), spec, w8, sdt, s, z))
     for _ in range(2):  # least-squares refit of scale (and zero) to the chosen codes, kept where it helps
         s, z = best[0], best[1]
@@ -187,13 +188,11 @@ def _range_params(wg: torch.Tensor, spec: Spec, ratio: float, sdt: torch.dtype) 
         return s, torch.full_like(s, float(half))
     lo = wg.amin(-1, keepdim=True).clamp_max(0) * ratio
     hi = wg.amax(-1, keepdim=True).clamp_min(0) * ratio
-    s = _stored_scale((hi - lo) / (2 ** spec.bits - 1), sdt)
-    return s, (-lo / s).to(sdt).float()
+    return _asym_params(lo, hi, 2 ** spec.bits - 1, sdt)
 
 
-def _span_params(wg: torch.Tensor, steps: int, sdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric scale and zero putting the group's minimum on a code and its maximum ``steps`` codes above."""
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+def _asym_params(lo: torch.Tensor, hi: torch.Tensor, steps: int, sdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric scale and zero (rounded to storage) putting ``lo`` on a code and ``hi`` ``steps`` codes above."""
     s = _stored_scale((hi - lo) / steps, sdt)
     return s, (-lo / s).to(sdt).float()
 
