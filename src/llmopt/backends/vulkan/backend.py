@@ -347,16 +347,16 @@ class VulkanBackend(AttentionOps, NormOps, ProducerNormOps, GreedyOps, Backend):
 
     # --- ops -------------------------------------------------------------------------------------------
     def embedding(self, ids, table: VkWeight, scale=1.0):
-        ids = self._check_ids(ids, table)
-        return self._embed(self._whole(self._upload_host(ids.to(torch.int64), np.uint32)), tuple(ids.shape), table, scale)
+        return self._embed(*self._bound_ids(ids, table), table, scale)
 
-    @staticmethod
-    def _check_ids(ids, table: VkWeight) -> torch.Tensor:
+    def _bound_ids(self, ids, table: VkWeight) -> tuple[tuple, tuple]:
+        """Host token ``ids`` checked against ``table``'s rows and uploaded as uint32: (their binding, their shape),
+        what ``_embed`` and ``_embed_norm`` take."""
         ids = torch.as_tensor(ids)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.n_out):
             raise LlmoptError(f"embedding {table.name}: token ids must lie in 0..{table.n_out - 1}, "
                               f"got {int(ids.min())}..{int(ids.max())}")
-        return ids
+        return self._whole(self._upload_host(ids.to(torch.int64), np.uint32)), tuple(ids.shape)
 
     def _embed(self, ids: tuple, shape: tuple, table: VkWeight, scale: float) -> VkAct:
         """Rows of ``table`` for the uint32 ids bound at ``ids`` (buffer, offset, range), ``shape`` of them."""

@@ -39,7 +39,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from llmopt.backends.vulkan.device import Buffer, pack_push
 from llmopt.errors import LlmoptError
@@ -114,9 +113,7 @@ class ProducerNormOps:
     def embedding_rmsnorm(self, ids, table, scale, norm_weight, eps, unit_offset):
         """``(x, rmsnorm(x))`` with ``x = embedding(ids, table, scale)``: the first block's input and its attention
         norm, in one dispatch where the fold applies (module docstring), else ``embedding`` then ``rmsnorm``."""
-        ids = self._check_ids(ids, table)
-        return self._embed_norm(self._whole(self._upload_host(ids.to(torch.int64), np.uint32)), tuple(ids.shape),
-                                table, scale, norm_weight, eps, unit_offset)
+        return self._embed_norm(*self._bound_ids(ids, table), table, scale, norm_weight, eps, unit_offset)
 
     def _embed_norm(self, ids: tuple, shape: tuple, table, scale, norm_weight, eps, unit_offset) -> tuple:
         """``embedding_rmsnorm`` of the uint32 ids bound at ``ids`` (buffer, offset, range), ``shape`` of them."""
